@@ -1,0 +1,248 @@
+"""Settings, read from the environment only (see README "Settings").
+
+Defaults run on one machine with no servers: SQLite under var/, kombu's filesystem broker
+under var/, and development secrets generated once into var/. With DJANGO_DEBUG off the
+secrets must come from the environment: production never runs on a generated key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import dj_database_url
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.utils import get_random_secret_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("DJANGO_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env_str(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a whole number") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    raw = env_str(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from exc
+
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+
+
+def dev_secret(env_name: str, filename: str, make: Callable[[], str]) -> str:
+    """The secret from the environment; in development only, one generated once into var/."""
+    value = env_str(env_name)
+    if value:
+        return value
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            f"{env_name} is required when DJANGO_DEBUG is off. Development secrets are generated "
+            f"into var/ only with DJANGO_DEBUG=1."
+        )
+    path = VAR_DIR / filename
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = dev_secret("DJANGO_SECRET_KEY", "secret_key", get_random_secret_key)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_celery_beat",
+    "portals",
+    "install",
+    "api",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    # Pages shown inside a portal opt out with xframe_options_exempt and send a
+    # Content-Security-Policy frame-ancestors naming that portal instead.
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}",
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # SQLite has no row locks: IMMEDIATE transactions take the database's write lock at BEGIN,
+    # which serialises token rotation across the web, worker and beat processes of one machine.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Bitrix24 posts forms of modest size; anything larger is refused with a 400 before parsing.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DJANGO_MAX_BODY_BYTES", 256 * 1024)
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 1000
+
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)
+    CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- Bitrix24 -------------------------------------------------------------------------------
+BITRIX24_CLIENT_ID = env_str("BITRIX24_CLIENT_ID")
+BITRIX24_CLIENT_SECRET = env_str("BITRIX24_CLIENT_SECRET")
+BITRIX24_OAUTH_SERVERS = [
+    url.rstrip("/") for url in env_list("BITRIX24_OAUTH_SERVERS", "https://oauth.bitrix.info,https://oauth.bitrix24.tech")
+]
+BITRIX24_PORTAL_DOMAINS = env_list(
+    "BITRIX24_PORTAL_DOMAINS",
+    "*.bitrix24.com,*.bitrix24.ru,*.bitrix24.de,*.bitrix24.eu,*.bitrix24.es,*.bitrix24.fr,*.bitrix24.it,"
+    "*.bitrix24.pl,*.bitrix24.uk,*.bitrix24.in,*.bitrix24.cn,*.bitrix24.jp,*.bitrix24.kz,*.bitrix24.by,"
+    "*.bitrix24.ua,*.bitrix24.com.br,*.bitrix24.com.tr,*.bitrix24.id,*.bitrix24.vn,*.bitrix24.site,"
+    "*.bitrix24.shop,*.bitrix24.tech",
+)
+BITRIX24_ALLOW_HTTP = env_bool("BITRIX24_ALLOW_HTTP", False)
+BITRIX24_PUBLIC_URL = env_str("BITRIX24_PUBLIC_URL").rstrip("/")
+BITRIX24_TOKEN_KEYS = env_list("BITRIX24_TOKEN_KEYS") or [
+    dev_secret("BITRIX24_TOKEN_KEYS", "token_keys", lambda: Fernet.generate_key().decode())
+]
+BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = env_int("BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS", 28)
+BITRIX24_RENEW_MARGIN_DAYS = env_int("BITRIX24_RENEW_MARGIN_DAYS", 7)
+# Outbound HTTP: seconds to connect / to read, and the OAuth client's retry policy.
+BITRIX24_HTTP_TIMEOUT = (env_float("BITRIX24_CONNECT_TIMEOUT", 5.0), env_float("BITRIX24_READ_TIMEOUT", 20.0))
+BITRIX24_OAUTH_ATTEMPTS = env_int("BITRIX24_OAUTH_ATTEMPTS", 4)
+BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
+# Proactive sweep: renewals are spread over this many seconds so that thousands of portals
+# due at once do not reach the OAuth server in the same second.
+BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
+# A pair whose access token has less than this left is renewed before it is handed out.
+BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
+
+# --- Celery ---------------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+CELERY_FS_BROKER_DIR = VAR_DIR / "celery-broker"
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
+else:
+    # The filesystem transport works across the web, worker and beat processes of one machine
+    # (memory:// would not): the product runs with no broker server at all.
+    for sub in ("out", "processed"):
+        (CELERY_FS_BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_FS_BROKER_DIR / "out"),
+        "data_folder_out": str(CELERY_FS_BROKER_DIR / "out"),
+        "processed_folder": str(CELERY_FS_BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+
+# --- REST framework -------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+}
+
+# --- Logging --------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "portals.logging.RedactTokensFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},
+    },
+    "root": {"handlers": ["console"], "level": env_str("DJANGO_LOG_LEVEL", "INFO")},
+    "loggers": {
+        # urllib3 logs full URLs at DEBUG; refresh calls carry tokens in the query string.
+        "urllib3": {"level": "WARNING"},
+    },
+}

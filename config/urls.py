@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+from portals.views import healthz
+
+urlpatterns = [
+    path("", include("install.urls")),
+    path("api/", include("api.urls")),
+    path("admin/", admin.site.urls),
+    path("healthz", healthz, name="healthz"),
+]

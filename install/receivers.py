@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.dispatch import receiver
+
+from portals.services import portal_purged
+
+from .models import InboundRequest
+
+
+@receiver(portal_purged)
+def forget_inbound_requests(sender: Any, portal: Any, **kwargs: Any) -> None:
+    """CLEAN=1 asks for the portal's data to go: that includes what it sent us."""
+    InboundRequest.objects.filter(member_id=portal.member_id).delete()

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from .fields import EncryptedTextField
+
+
+class AppStatus(models.TextChoices):
+    LOCAL = "L", "Local"
+    FREE = "F", "Free"
+    DEMO = "D", "Demo"
+    TRIAL = "T", "Trial"
+    PAID = "P", "Paid"
+    SUBSCRIPTION = "S", "Subscription"
+
+
+class PortalState(models.TextChoices):
+    INSTALLED = "installed", "Installed"
+    NEEDS_REINSTALL = "needs_reinstall", "Needs reinstall"
+    UNINSTALLED = "uninstalled", "Uninstalled"
+
+
+class Portal(models.Model):
+    member_id = models.CharField(
+        max_length=64,
+        unique=True,
+        help_text="Bitrix24's stable identifier of the portal; never changes, even when the portal is renamed.",
+    )
+    domain = models.CharField(
+        max_length=255,
+        help_text="The portal's current host (and port, if any), as confirmed by app.info; updated on rename.",
+    )
+    protocol = models.CharField(
+        max_length=5,
+        default="https",
+        help_text="Scheme of the portal's address: https, or http for local and some on-premise portals.",
+    )
+    oauth_server = models.URLField(
+        help_text="Base URL of the OAuth server this portal's tokens belong to (one of BITRIX24_OAUTH_SERVERS).",
+    )
+    app_status = models.CharField(
+        max_length=1,
+        choices=AppStatus.choices,
+        blank=True,
+        help_text="The app's licence status on this portal (L/F/D/T/P/S), as last reported by app.info.",
+    )
+    state = models.CharField(
+        max_length=20,
+        choices=PortalState.choices,
+        default=PortalState.INSTALLED,
+        db_index=True,
+        help_text="Where the installation stands: installed, needs a reinstall by the customer, or uninstalled.",
+    )
+    state_reason = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Why the portal is in its state when that is not 'installed' (for example the OAuth error).",
+    )
+    application_token = EncryptedTextField(
+        blank=True,
+        default="",
+        help_text="Secret Bitrix24 sends with events to prove they come from it (encrypted at rest).",
+    )
+    scope = models.CharField(
+        max_length=1000, blank=True, help_text="Scopes granted to the app on this portal, comma-separated."
+    )
+    app_version = models.CharField(
+        max_length=32, blank=True, help_text="Version of the app installed on the portal, from install/update events."
+    )
+    payment_expired = models.BooleanField(
+        null=True, blank=True, help_text="Whether the app's paid period has run out, per the last payment check."
+    )
+    installed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the app was (last) installed on the portal."
+    )
+    last_launch_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a user last opened the app in the portal."
+    )
+    uninstalled_at = models.DateTimeField(null=True, blank=True, help_text="When the app was uninstalled.")
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When this backend first heard of the portal.")
+    updated_at = models.DateTimeField(auto_now=True, help_text="When this row last changed.")
+
+    class Meta:
+        ordering = ["domain"]
+
+    def __str__(self) -> str:
+        return f"{self.domain} ({self.member_id})"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.protocol}://{self.domain}"
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+
+class PairState(models.TextChoices):
+    ACTIVE = "active", "Active"
+    # The OAuth server refused the refresh token for good (invalid_grant, PAYMENT_REQUIRED,
+    # portal deleted): only a reinstall or a fresh launch by that user brings the pair back.
+    DEAD = "dead", "Dead (needs reinstall)"
+    # invalid_client: the app's credentials were refused. The refresh token was not consumed,
+    # so fixing BITRIX24_CLIENT_SECRET and renewing again brings the pair back.
+    CREDENTIALS_REJECTED = "credentials_rejected", "App credentials rejected"
+
+
+class TokenPair(models.Model):
+    portal = models.ForeignKey(
+        Portal, on_delete=models.CASCADE, related_name="token_pairs", help_text="Portal the pair belongs to."
+    )
+    user_id = models.PositiveBigIntegerField(
+        help_text="Bitrix24 user the tokens act as (from app.info or the OAuth server's answer)."
+    )
+    is_background = models.BooleanField(
+        default=False,
+        help_text=(
+            "The pair background work uses (the installer's or one an admin chose). "
+            "A launch by another user never takes this mark."
+        ),
+    )
+    access_token = EncryptedTextField(help_text="Access token (encrypted at rest); lives about an hour.")
+    refresh_token = EncryptedTextField(help_text="Refresh token (encrypted at rest); single-use.")
+    access_expires_at = models.DateTimeField(help_text="When the access token expires.")
+    refresh_issued_at = models.DateTimeField(
+        help_text="When the current refresh token was issued; it lapses BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS later."
+    )
+    scope = models.CharField(max_length=1000, blank=True, help_text="Scopes of the tokens, comma-separated.")
+    state = models.CharField(
+        max_length=24,
+        choices=PairState.choices,
+        default=PairState.ACTIVE,
+        db_index=True,
+        help_text="Active, or refused for good by the OAuth server (then renewals stop).",
+    )
+    last_renewed_at = models.DateTimeField(null=True, blank=True, help_text="When the pair was last renewed.")
+    last_error = models.CharField(max_length=500, blank=True, help_text="The last renewal error, if any.")
+    consecutive_failures = models.PositiveIntegerField(
+        default=0, help_text="Renewal attempts that failed in a row; reset by a success."
+    )
+    next_attempt_at = models.DateTimeField(
+        null=True, blank=True, help_text="After a transient failure, the earliest time to try again."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When the pair was first stored.")
+    updated_at = models.DateTimeField(auto_now=True, help_text="When this row last changed.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["portal", "user_id"], name="one_pair_per_portal_user"),
+            models.UniqueConstraint(
+                fields=["portal"], condition=models.Q(is_background=True), name="one_background_pair_per_portal"
+            ),
+        ]
+        indexes = [models.Index(fields=["state", "refresh_issued_at"], name="pair_due_idx")]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} on {self.portal_id}"
+
+    @property
+    def refresh_expires_at(self):  # type: ignore[no-untyped-def]
+        return self.refresh_issued_at + timedelta(days=settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS)
+
+    @property
+    def refresh_days_left(self) -> float:
+        return (self.refresh_expires_at - timezone.now()).total_seconds() / 86400
+
+
+class RenewalTrigger(models.TextChoices):
+    BEAT = "beat", "Scheduled sweep"
+    ON_DEMAND = "on_demand", "On demand"
+    STAFF = "staff", "Staff"
+    COMMAND = "command", "Command"
+
+
+class RenewalOutcome(models.TextChoices):
+    RENEWED = "renewed", "Renewed"
+    SKIPPED = "skipped", "Not needed (already renewed)"
+    TRANSIENT = "transient", "Failed, will retry"
+    REFUSED = "refused", "Refused for good"
+
+
+class RenewalLog(models.Model):
+    pair = models.ForeignKey(
+        TokenPair,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="renewals",
+        help_text="The pair renewed (empty once the pair is deleted).",
+    )
+    portal = models.ForeignKey(
+        Portal, on_delete=models.CASCADE, related_name="renewals", help_text="Portal of the pair."
+    )
+    user_id = models.PositiveBigIntegerField(help_text="Bitrix24 user of the pair.")
+    trigger = models.CharField(max_length=16, choices=RenewalTrigger.choices, help_text="What asked for the renewal.")
+    outcome = models.CharField(max_length=16, choices=RenewalOutcome.choices, help_text="How the attempt ended.")
+    error = models.CharField(max_length=500, blank=True, help_text="The error, when the attempt failed.")
+    duration_ms = models.PositiveIntegerField(default=0, help_text="Time spent on the attempt, in milliseconds.")
+    old_fingerprint = models.CharField(
+        max_length=16, blank=True, help_text="Fingerprint of the refresh token before (never the token)."
+    )
+    new_fingerprint = models.CharField(
+        max_length=16, blank=True, help_text="Fingerprint of the refresh token after (never the token)."
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True, help_text="When the attempt was made.")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.outcome} {self.created_at:%Y-%m-%d %H:%M:%S}"
