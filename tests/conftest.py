@@ -1,0 +1,67 @@
+"""Fixtures: the Bitrix24 stand-in on loopback, settings pointing at it, and helpers to post to
+the backend over real sockets (pytest-django's live_server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from portals.standin import FakePortal, StandIn
+from portals.standin import payloads as bx
+
+
+@pytest.fixture(scope="session")
+def standin() -> Iterator[StandIn]:
+    with StandIn(client_id="app.standin", client_secret="standin-secret") as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def bitrix24_settings(settings: Any, standin: StandIn) -> StandIn:
+    """Trust the stand-in's OAuth server and its loopback portals, and nothing else."""
+    settings.BITRIX24_OAUTH_SERVERS = [standin.oauth_url]
+    settings.BITRIX24_PORTAL_DOMAINS = ["127.0.0.1:*"]
+    settings.BITRIX24_ALLOW_HTTP = True
+    settings.BITRIX24_CLIENT_ID = standin.client_id
+    settings.BITRIX24_CLIENT_SECRET = standin.client_secret
+    standin.oauth_mode = "ok"
+    standin.oauth_latency = 0.0
+    return standin
+
+
+@pytest.fixture
+def b24(standin: StandIn) -> FakePortal:
+    """A fresh portal on the stand-in, with the app installed."""
+    return standin.add_portal()
+
+
+class Backend:
+    """The backend as Bitrix24 sees it: a base URL to post forms to."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = requests.Session()
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 30)
+        kwargs.setdefault("allow_redirects", False)
+        return self.http.post(self.url + path, **kwargs)
+
+    def install_event(self, portal: FakePortal, tokens: dict[str, Any] | None = None) -> requests.Response:
+        return self.post("/events/", data=bx.onappinstall(portal, tokens or portal.issue_tokens(1, admin=True)))
+
+    def launch(self, portal: FakePortal, tokens: dict[str, Any], **kwargs: Any) -> requests.Response:
+        query, body = bx.launch(portal, tokens, **kwargs)
+        return self.post("/app/", params=query, data=body)
+
+    def install_frame(self, portal: FakePortal, tokens: dict[str, Any]) -> requests.Response:
+        query, body = bx.launch(portal, tokens)
+        return self.post("/install/", params=query, data=body)
+
+
+@pytest.fixture
+def backend(live_server: Any, transactional_db: None) -> Backend:
+    return Backend(live_server.url)

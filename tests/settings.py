@@ -1,0 +1,29 @@
+"""Settings for the test suite: the product's settings with fixed test secrets.
+
+DATABASE_URL and REDIS_URL come from the environment as in production (CI points them at
+PostgreSQL and Redis); without them the suite runs on SQLite and the filesystem broker.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("DJANGO_DEBUG", "0")
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-0123456789abcdef")
+# A fixed Fernet key: tests read raw rows and must be able to tell ciphertext from clear text.
+os.environ.setdefault("BITRIX24_TOKEN_KEYS", "q2hzsxbhUbMIlPOnDWHHbvR_TNAocF_4oY3VqE8FZv0=")
+os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
+os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
+os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
+
+from config.settings import *  # noqa: E402,F403
+
+# Tests do not wait for production backoffs.
+BITRIX24_OAUTH_BACKOFF = 0.01
+BITRIX24_HTTP_TIMEOUT = (2.0, 5.0)
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+SESSION_COOKIE_SECURE = False
+CSRF_COOKIE_SECURE = False
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # A file, not shared memory: the live server and worker threads each open their own connection.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(os.environ["DJANGO_VAR_DIR"], "test.sqlite3")}  # noqa: F405

@@ -1,0 +1,316 @@
+"""Install event, install frame and launch, over real sockets against the Bitrix24 stand-in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from install.models import InboundRequest, InboundStatus
+from portals.models import Portal, PortalState, TokenPair
+from portals.standin import payloads as bx
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_install_event_from_the_docs_is_verified_and_stored(backend, b24, standin):
+    tokens = b24.issue_tokens(1, admin=True)
+    before = standin.stats["app_info"]
+
+    response = backend.install_event(b24, tokens)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["member_id"] == b24.member_id
+    assert standin.stats["app_info"] == before + 1  # verified through app.info first
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.domain == b24.domain
+    assert portal.state == PortalState.INSTALLED
+    assert portal.application_token == b24.application_token
+    assert portal.oauth_server == standin.oauth_url
+    assert portal.app_status == "F"
+    pair = TokenPair.objects.get(portal=portal)
+    assert (pair.user_id, pair.is_background) == (1, True)
+    assert pair.access_token == tokens["access_token"]
+    assert pair.refresh_token == tokens["refresh_token"]
+    row = InboundRequest.objects.get(member_id=b24.member_id)
+    assert (row.event, row.status, row.http_status) == ("ONAPPINSTALL", InboundStatus.ACCEPTED, 200)
+
+
+def test_install_event_is_idempotent_on_member_id(backend, b24):
+    assert backend.install_event(b24).status_code == 200
+    second = b24.issue_tokens(1, admin=True)
+    assert backend.install_event(b24, second).status_code == 200
+    assert Portal.objects.filter(member_id=b24.member_id).count() == 1
+    pair = TokenPair.objects.get(portal__member_id=b24.member_id)
+    assert pair.refresh_token == second["refresh_token"]
+
+
+def test_install_frame_stores_and_renders_install_finish(backend, b24, standin):
+    before = standin.stats["app_info"]
+    response = backend.install_frame(b24, b24.issue_tokens(1, admin=True))
+    assert response.status_code == 200, response.text
+    assert standin.stats["app_info"] == before + 1
+    assert "BX24.installFinish()" in response.text
+    assert "//api.bitrix24.com/api/v1/" in response.text
+    assert TokenPair.objects.get(portal__member_id=b24.member_id).is_background
+
+
+def test_launch_renders_the_portal_user_and_placement(backend, b24):
+    backend.install_event(b24)
+    employee = b24.issue_tokens(7, admin=False)
+    options = {"ID": "8061", "URI": "/crm/deal/details/8061/"}
+
+    response = backend.launch(b24, employee, placement="CRM_DEAL_DETAIL_TAB", options=options)
+
+    assert response.status_code == 200, response.text
+    assert b24.domain in response.text
+    assert "CRM_DEAL_DETAIL_TAB" in response.text
+    assert "8061" in response.text and "/crm/deal/details/8061/" in response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.last_launch_at is not None
+    assert TokenPair.objects.get(portal=portal, user_id=7).access_token == employee["access_token"]
+
+
+def test_launch_by_an_employee_never_takes_the_background_pair(backend, b24):
+    installer = b24.issue_tokens(1, admin=True)
+    backend.install_event(b24, installer)
+    backend.launch(b24, b24.issue_tokens(7, admin=False))
+    # Even a forged install frame with the employee's genuine token cannot take it.
+    backend.install_frame(b24, b24.issue_tokens(7, admin=False))
+    background = TokenPair.objects.get(portal__member_id=b24.member_id, is_background=True)
+    assert background.user_id == 1
+    assert background.refresh_token == installer["refresh_token"]
+
+
+def test_launch_by_an_admin_of_a_portal_without_background_pair_takes_it(backend, b24):
+    response = backend.launch(b24, b24.issue_tokens(3, admin=True))
+    assert response.status_code == 200, response.text
+    assert TokenPair.objects.get(portal__member_id=b24.member_id).is_background
+
+
+def test_launch_reads_everything_from_the_body_as_older_portals_send_it(backend, b24):
+    query, body = bx.launch(b24, b24.issue_tokens(1))
+    response = backend.post("/app/", data={**query, **body})
+    assert response.status_code == 200, response.text
+
+
+def test_renamed_portal_updates_the_domain(backend, b24):
+    backend.install_event(b24)
+    old = b24.domain
+    b24.rename()
+    response = backend.launch(b24, b24.issue_tokens(1))
+    assert response.status_code == 200, response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.domain == b24.domain != old
+
+
+# --- forged requests ----------------------------------------------------------------------------
+
+
+def _nothing_stored(member_id: str) -> bool:
+    return not Portal.objects.filter(member_id=member_id).exists() and not TokenPair.objects.exists()
+
+
+def test_install_event_with_tokens_bitrix24_never_issued_is_refused(backend, b24):
+    forged = {"access_token": "f" * 32, "refresh_token": "e" * 32}
+    response = backend.install_event(b24, forged)
+    assert response.status_code == 401
+    assert response.json()["error"] == "verification_failed"
+    assert _nothing_stored(b24.member_id)
+    row = InboundRequest.objects.get()
+    assert row.status == InboundStatus.REJECTED and "did not accept" in row.error
+
+
+def test_token_of_another_portal_with_this_member_id_is_refused(backend, b24, standin):
+    other = standin.add_portal()
+    their_tokens = other.issue_tokens(1, admin=True)
+    query, body = bx.launch(b24, their_tokens)  # this portal's member_id and domain, their token
+    for path in ("/app/", "/install/"):
+        response = backend.post(path, params=query, data=body)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"] == "wrong_portal"
+    pairs = bx.onappinstall(b24, their_tokens)
+    assert backend.post("/events/", data=pairs).status_code == 403
+    assert _nothing_stored(b24.member_id)
+
+
+@pytest.mark.parametrize("domain", ["169.254.169.254", "localhost", "evil.example.com", "10.0.0.1:80", "x.bitrix24.com.evil.io"])
+def test_domain_that_is_not_a_portal_is_refused_before_any_outbound_call(backend, b24, standin, domain):
+    before = standin.stats["app_info"]
+    query, body = bx.launch(b24, b24.issue_tokens(1))
+    query["DOMAIN"] = domain
+    response = backend.post("/app/", params=query, data=body)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == "domain_not_allowed"
+    pairs = [(k, domain if k == "auth[domain]" else v) for k, v in bx.onappinstall(b24, b24.issue_tokens(1))]
+    assert backend.post("/events/", data=pairs).status_code == 403
+    assert standin.stats["app_info"] == before  # nothing was sent anywhere
+    assert _nothing_stored(b24.member_id)
+
+
+def test_server_endpoint_outside_the_allowlist_is_never_called(backend, b24, standin):
+    """A payload naming another OAuth server is verified on the configured one instead."""
+    before = standin.stats["app_info"]
+    pairs = [
+        (k, "http://169.254.169.254/rest/" if k == "auth[server_endpoint]" else v)
+        for k, v in bx.onappinstall(b24, b24.issue_tokens(1))
+    ]
+    assert backend.post("/events/", data=pairs).status_code == 200
+    assert standin.stats["app_info"] == before + 1
+
+
+def test_oauth_server_down_answers_503_and_stores_nothing(backend, b24, standin):
+    standin.oauth_mode = "500"
+    response = backend.install_event(b24)
+    assert response.status_code == 503
+    assert response.json()["error"] == "bitrix24_unavailable"
+    assert _nothing_stored(b24.member_id)
+    assert InboundRequest.objects.get().status == InboundStatus.FAILED
+
+
+# --- uninstall -----------------------------------------------------------------------------------
+
+
+def test_uninstall_with_a_wrong_application_token_changes_nothing(backend, b24):
+    backend.install_event(b24)
+    pairs = [(k, "0" * 32 if k == "auth[application_token]" else v) for k, v in bx.onappuninstall(b24)]
+    response = backend.post("/events/", data=pairs)
+    assert response.status_code == 401
+    assert response.json()["error"] == "bad_application_token"
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.INSTALLED
+    assert TokenPair.objects.filter(portal=portal).count() == 1
+
+
+def test_uninstall_of_an_unknown_portal_is_refused(backend, b24):
+    response = backend.post("/events/", data=bx.onappuninstall(b24))
+    assert response.status_code == 401
+    assert not Portal.objects.exists()
+
+
+def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, standin):
+    backend.install_event(b24)
+    b24.uninstall()
+    response = backend.post("/events/", data=bx.onappuninstall(b24, clean=False))
+    assert response.status_code == 200, response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.UNINSTALLED and portal.uninstalled_at is not None
+    assert portal.application_token == ""
+    assert not TokenPair.objects.filter(portal=portal).exists()
+    # The inbound log is kept without CLEAN.
+    assert InboundRequest.objects.filter(member_id=b24.member_id).count() == 2
+    # A replayed uninstall no longer matches any application token.
+    assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 401
+    refreshes = standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"]
+    from django.core.management import call_command
+
+    call_command("renew_tokens", "--force")
+    assert standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"] == refreshes
+
+
+def test_uninstall_with_clean_purges_the_portals_data(backend, b24):
+    backend.install_event(b24)
+    backend.launch(b24, b24.issue_tokens(5, admin=False))
+    response = backend.post("/events/", data=bx.onappuninstall(b24, clean=True))
+    assert response.status_code == 200, response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.UNINSTALLED
+    assert not TokenPair.objects.filter(portal=portal).exists()
+    # Only the uninstall request itself is kept, as the record of the purge.
+    assert list(InboundRequest.objects.filter(member_id=b24.member_id).values_list("event", flat=True)) == [
+        "ONAPPUNINSTALL"
+    ]
+
+
+def test_reinstall_after_uninstall_brings_the_portal_back(backend, b24):
+    backend.install_event(b24)
+    backend.post("/events/", data=bx.onappuninstall(b24))
+    b24.rotate_application_token()
+    assert backend.install_event(b24).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.INSTALLED and portal.uninstalled_at is None
+    assert portal.application_token == b24.application_token
+
+
+# --- update, payment, other events --------------------------------------------------------------
+
+
+def test_update_event_replaces_the_application_token_and_pair(backend, b24):
+    backend.install_event(b24)
+    tokens = b24.issue_tokens(1, admin=True)
+    response = backend.post("/events/", data=bx.onappupdate(b24, tokens))
+    assert response.status_code == 200, response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.application_token == b24.application_token
+    assert portal.app_version == str(b24.app_version)
+    assert TokenPair.objects.get(portal=portal, is_background=True).refresh_token == tokens["refresh_token"]
+
+
+def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend, b24, standin):
+    backend.install_event(b24)
+    b24.status = "P"
+    pairs = [(k, "T" if k == "data[STATUS]" else v) for k, v in bx.onapppayment(b24)]
+    before = standin.stats["app_info"]
+    response = backend.post("/events/", data=pairs)
+    assert response.status_code == 200, response.text
+    assert standin.stats["app_info"] == before + 1
+    assert Portal.objects.get(member_id=b24.member_id).app_status == "P"
+
+
+def test_payment_event_for_an_unknown_portal_is_refused(backend, b24):
+    assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 401
+
+
+def test_other_events_are_logged_and_acknowledged_when_their_application_token_matches(backend, b24):
+    backend.install_event(b24)
+    event = [
+        ("event", "ONCRMCONTACTADD"),
+        ("event_handler_id", "11"),
+        ("data[FIELDS][ID]", "89"),
+        ("ts", "1724695689"),
+        ("auth[domain]", b24.domain),
+        ("auth[member_id]", b24.member_id),
+        ("auth[application_token]", b24.application_token),
+    ]
+    response = backend.post("/events/", data=event)
+    assert response.status_code == 200, response.text
+    row = InboundRequest.objects.get(event="ONCRMCONTACTADD")
+    assert row.status == InboundStatus.ACCEPTED
+    assert row.body["data"] == {"FIELDS": {"ID": "89"}}
+    forged = [(k, "1" * 32 if k == "auth[application_token]" else v) for k, v in event]
+    assert backend.post("/events/", data=forged).status_code == 401
+
+
+# --- framing, CSRF -------------------------------------------------------------------------------
+
+
+def test_launch_page_can_be_framed_by_its_portal_only(backend, b24):
+    response = backend.launch(b24, b24.issue_tokens(1))
+    assert response.status_code == 200
+    assert "X-Frame-Options" not in response.headers
+    assert response.headers["Content-Security-Policy"] == f"frame-ancestors http://{b24.domain}"
+
+
+def test_error_page_for_a_foreign_domain_cannot_be_framed(backend, b24):
+    query, body = bx.launch(b24, b24.issue_tokens(1))
+    query["DOMAIN"] = "evil.example.com"
+    response = backend.post("/app/", params=query, data=body, headers={"Accept": "text/html"})
+    assert response.status_code == 403
+    assert "could not open" in response.text
+    assert response.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+
+
+def test_other_pages_keep_x_frame_options(backend):
+    response = requests.get(backend.url + "/admin/login/", timeout=10)
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_inbound_log_never_holds_a_token_in_clear(backend, b24):
+    tokens = b24.issue_tokens(1, admin=True)
+    backend.install_event(b24, tokens)
+    backend.launch(b24, tokens)
+    dumped = json.dumps(list(InboundRequest.objects.values("query", "body", "headers", "error")))
+    for secret in (tokens["access_token"], tokens["refresh_token"], b24.application_token):
+        assert secret not in dumped
+    assert "<redacted fp:" in dumped
