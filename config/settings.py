@@ -166,7 +166,8 @@ if not DEBUG:
 BITRIX24_CLIENT_ID = env_str("BITRIX24_CLIENT_ID")
 BITRIX24_CLIENT_SECRET = env_str("BITRIX24_CLIENT_SECRET")
 BITRIX24_OAUTH_SERVERS = [
-    url.rstrip("/") for url in env_list("BITRIX24_OAUTH_SERVERS", "https://oauth.bitrix.info,https://oauth.bitrix24.tech")
+    url.rstrip("/")
+    for url in env_list("BITRIX24_OAUTH_SERVERS", "https://oauth.bitrix.info,https://oauth.bitrix24.tech")
 ]
 BITRIX24_PORTAL_DOMAINS = env_list(
     "BITRIX24_PORTAL_DOMAINS",
@@ -184,6 +185,12 @@ BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = env_int("BITRIX24_REFRESH_TOKEN_LIFETIME_
 BITRIX24_RENEW_MARGIN_DAYS = env_int("BITRIX24_RENEW_MARGIN_DAYS", 7)
 # Outbound HTTP: seconds to connect / to read, and the OAuth client's retry policy.
 BITRIX24_HTTP_TIMEOUT = (env_float("BITRIX24_CONNECT_TIMEOUT", 5.0), env_float("BITRIX24_READ_TIMEOUT", 20.0))
+# The token endpoint gets a long read timeout: a refresh whose answer is lost has usually been
+# carried out by the server, and the single-use refresh token is gone with it.
+BITRIX24_OAUTH_TIMEOUT = (
+    env_float("BITRIX24_CONNECT_TIMEOUT", 5.0),
+    env_float("BITRIX24_OAUTH_READ_TIMEOUT", 60.0),
+)
 BITRIX24_OAUTH_ATTEMPTS = env_int("BITRIX24_OAUTH_ATTEMPTS", 4)
 BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 # Proactive sweep: renewals are spread over this many seconds so that thousands of portals

@@ -27,7 +27,11 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
     query, body = parsing.read_params(request)
     merged = {**query, **body}
     describe(
-        row, query=query, body=body, member_id=_claimed(merged, "member_id"), domain=_claimed(merged, "DOMAIN")
+        row,
+        query=query,
+        body=body,
+        member_id=_claimed(merged, "member_id"),
+        domain=_claimed(merged, "DOMAIN"),
     )
     auth = parsing.frame_auth(query, body)
     if http.portal_domain_allowed(auth.domain):

@@ -119,13 +119,19 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         response = error_response(request, status=409, code="no_usable_tokens", message=str(exc), html=html)
     except UpstreamUnavailable as exc:
         status, error = InboundStatus.FAILED, str(exc)
-        response = error_response(request, status=503, code="bitrix24_unavailable", message=str(exc), html=html)
+        response = error_response(
+            request, status=503, code="bitrix24_unavailable", message=str(exc), html=html
+        )
         response["Retry-After"] = "30"
     except Exception as exc:
         logger.exception("Unexpected failure handling inbound %s #%s", kind, row.pk)
         status, error = InboundStatus.FAILED, f"{type(exc).__name__}: {redact(str(exc))}"
         response = error_response(
-            request, status=500, code="internal_error", message="internal error; it has been logged", html=html
+            request,
+            status=500,
+            code="internal_error",
+            message="internal error; it has been logged",
+            html=html,
         )
     row.status = status
     row.error = error[:500]

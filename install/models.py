@@ -23,13 +23,20 @@ class InboundRequest(models.Model):
     with the outcome: staff see what came in and why it was refused.
     """
 
-    kind = models.CharField(max_length=16, choices=InboundKind.choices, help_text="Which endpoint received it.")
+    kind = models.CharField(
+        max_length=16, choices=InboundKind.choices, help_text="Which endpoint received it."
+    )
     event = models.CharField(max_length=64, blank=True, db_index=True, help_text="Event name, for events.")
     member_id = models.CharField(
-        max_length=64, blank=True, db_index=True, help_text="Portal the request claims to come from (unverified)."
+        max_length=64,
+        blank=True,
+        db_index=True,
+        help_text="Portal the request claims to come from (unverified).",
     )
     domain = models.CharField(max_length=255, blank=True, help_text="Domain the request claims (unverified).")
-    remote_addr = models.GenericIPAddressField(null=True, blank=True, help_text="Client address as seen by Django.")
+    remote_addr = models.GenericIPAddressField(
+        null=True, blank=True, help_text="Client address as seen by Django."
+    )
     headers = models.JSONField(default=dict, blank=True, help_text="Selected request headers.")
     query = models.JSONField(default=dict, blank=True, help_text="Query string, parsed, tokens redacted.")
     body = models.JSONField(default=dict, blank=True, help_text="Body, parsed, tokens redacted.")

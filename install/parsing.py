@@ -108,7 +108,9 @@ def _pairs(text: str, what: str) -> list[tuple[str, str]]:
 
 def read_params(request: HttpRequest) -> tuple[Nested, Nested]:
     """(query, body) of a request, each decoded into nested dicts. Form and JSON bodies are read."""
-    query = decode_php_form(_pairs(_decode(request.META.get("QUERY_STRING", "").encode("latin-1"), "query"), "query"))
+    query = decode_php_form(
+        _pairs(_decode(request.META.get("QUERY_STRING", "").encode("latin-1"), "query"), "query")
+    )
     try:
         raw = request.body
     except RequestDataTooBig as exc:

@@ -69,10 +69,14 @@ class Portal(models.Model):
         max_length=1000, blank=True, help_text="Scopes granted to the app on this portal, comma-separated."
     )
     app_version = models.CharField(
-        max_length=32, blank=True, help_text="Version of the app installed on the portal, from install/update events."
+        max_length=32,
+        blank=True,
+        help_text="Version of the app installed on the portal, from install/update events.",
     )
     payment_expired = models.BooleanField(
-        null=True, blank=True, help_text="Whether the app's paid period has run out, per the last payment check."
+        null=True,
+        blank=True,
+        help_text="Whether the app's paid period has run out, per the last payment check.",
     )
     installed_at = models.DateTimeField(
         null=True, blank=True, help_text="When the app was (last) installed on the portal."
@@ -81,7 +85,9 @@ class Portal(models.Model):
         null=True, blank=True, help_text="When a user last opened the app in the portal."
     )
     uninstalled_at = models.DateTimeField(null=True, blank=True, help_text="When the app was uninstalled.")
-    created_at = models.DateTimeField(auto_now_add=True, help_text="When this backend first heard of the portal.")
+    created_at = models.DateTimeField(
+        auto_now_add=True, help_text="When this backend first heard of the portal."
+    )
     updated_at = models.DateTimeField(auto_now=True, help_text="When this row last changed.")
 
     class Meta:
@@ -152,7 +158,9 @@ class TokenPair(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["portal", "user_id"], name="one_pair_per_portal_user"),
             models.UniqueConstraint(
-                fields=["portal"], condition=models.Q(is_background=True), name="one_background_pair_per_portal"
+                fields=["portal"],
+                condition=models.Q(is_background=True),
+                name="one_background_pair_per_portal",
             ),
         ]
         indexes = [models.Index(fields=["state", "refresh_issued_at"], name="pair_due_idx")]
@@ -195,17 +203,25 @@ class RenewalLog(models.Model):
         Portal, on_delete=models.CASCADE, related_name="renewals", help_text="Portal of the pair."
     )
     user_id = models.PositiveBigIntegerField(help_text="Bitrix24 user of the pair.")
-    trigger = models.CharField(max_length=16, choices=RenewalTrigger.choices, help_text="What asked for the renewal.")
-    outcome = models.CharField(max_length=16, choices=RenewalOutcome.choices, help_text="How the attempt ended.")
+    trigger = models.CharField(
+        max_length=16, choices=RenewalTrigger.choices, help_text="What asked for the renewal."
+    )
+    outcome = models.CharField(
+        max_length=16, choices=RenewalOutcome.choices, help_text="How the attempt ended."
+    )
     error = models.CharField(max_length=500, blank=True, help_text="The error, when the attempt failed.")
-    duration_ms = models.PositiveIntegerField(default=0, help_text="Time spent on the attempt, in milliseconds.")
+    duration_ms = models.PositiveIntegerField(
+        default=0, help_text="Time spent on the attempt, in milliseconds."
+    )
     old_fingerprint = models.CharField(
         max_length=16, blank=True, help_text="Fingerprint of the refresh token before (never the token)."
     )
     new_fingerprint = models.CharField(
         max_length=16, blank=True, help_text="Fingerprint of the refresh token after (never the token)."
     )
-    created_at = models.DateTimeField(default=timezone.now, db_index=True, help_text="When the attempt was made.")
+    created_at = models.DateTimeField(
+        default=timezone.now, db_index=True, help_text="When the attempt was made."
+    )
 
     class Meta:
         ordering = ["-created_at"]

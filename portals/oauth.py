@@ -141,15 +141,19 @@ def _request(url: str, params: dict[str, str]) -> dict[str, Any]:
     attempts = max(1, settings.BITRIX24_OAUTH_ATTEMPTS)
     backoff = settings.BITRIX24_OAUTH_BACKOFF
     last: Exception | None = None
+    # Set once a request may have reached the server without its answer reaching us: a refresh
+    # token refused after that was most likely consumed by the lost request.
+    maybe_consumed = False
     for attempt in range(attempts):
         if attempt:
             # Full jitter: many workers that failed together do not come back together.
             time.sleep(random.uniform(0, backoff * 2 ** (attempt - 1)))
         try:
-            response = http.send("GET", url, params=params)
+            response = http.send("GET", url, params=params, timeout=settings.BITRIX24_OAUTH_TIMEOUT)
         except http.HostNotAllowed as exc:
             raise OAuthError(str(exc), code="host_not_allowed") from exc
         except requests.RequestException as exc:
+            maybe_consumed = maybe_consumed or not isinstance(exc, requests.ConnectTimeout)
             last = OAuthUnavailable(f"{type(exc).__name__} talking to the OAuth server")
             continue
         try:
@@ -161,6 +165,10 @@ def _request(url: str, params: dict[str, str]) -> dict[str, Any]:
             description = str(data.get("error_description") or "")[:200]
             refusal = _REFUSALS.get(code.lower())
             if refusal is not None:
+                if refusal is InvalidGrant and maybe_consumed:
+                    description += (
+                        " (an earlier attempt got no answer: the server most likely used the token then)"
+                    )
                 raise refusal(f"{code}: {description}".strip(": "), code=code)
             if response.status_code < 500:
                 raise OAuthRefused(f"{code}: {description}".strip(": "), code=code)

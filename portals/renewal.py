@@ -74,7 +74,9 @@ def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime) -> boo
     return pair.refresh_issued_at <= due_before(now)
 
 
-def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "", new: str = "") -> None:
+def _log(
+    pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "", new: str = ""
+) -> None:
     RenewalLog.objects.create(
         pair=pair,
         portal_id=pair.portal_id,
@@ -105,8 +107,11 @@ def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> Non
 
 def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
     was_active = pair.state == PairState.ACTIVE
+    reason = str(exc)
+    if isinstance(exc, oauth.InvalidGrant) and pair.consecutive_failures and "Timeout" in pair.last_error:
+        reason += " (the previous attempt timed out: the server most likely used the token then)"
     pair.state = PairState.CREDENTIALS_REJECTED if isinstance(exc, oauth.InvalidClient) else PairState.DEAD
-    pair.last_error = str(exc)[:500]
+    pair.last_error = reason[:500]
     pair.consecutive_failures += 1
     pair.next_attempt_at = None
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
@@ -154,7 +159,13 @@ def renew_pair(pair_id: int, *, trigger: str, force: bool = False) -> Renewal:
             current = TokenPair.objects.filter(pk=pair.pk).first()
             if current is not None and current.refresh_token != old_refresh:
                 # Someone stored a newer pair meanwhile (a launch, a reinstall): that one is live.
-                _log(current, trigger, RenewalOutcome.SKIPPED, started, error=f"stale token refused: {exc.code}")
+                _log(
+                    current,
+                    trigger,
+                    RenewalOutcome.SKIPPED,
+                    started,
+                    error=f"stale token refused: {exc.code}",
+                )
                 return Renewal(current, renewed=False)
             _mark_refused(pair, exc)
             _log(pair, trigger, RenewalOutcome.REFUSED, started, error=str(exc))
@@ -185,7 +196,11 @@ def renew_pair(pair_id: int, *, trigger: str, force: bool = False) -> Renewal:
 def pair_for(portal: Portal, user_id: int | None = None) -> TokenPair:
     """The active pair to act with: the portal's background pair, or a given user's."""
     pairs = TokenPair.objects.filter(portal=portal, state=PairState.ACTIVE)
-    pair = pairs.filter(user_id=user_id).first() if user_id is not None else pairs.filter(is_background=True).first()
+    pair = (
+        pairs.filter(user_id=user_id).first()
+        if user_id is not None
+        else pairs.filter(is_background=True).first()
+    )
     if pair is None:
         who = f"user {user_id}" if user_id is not None else "the background user"
         raise NoUsablePair(f"portal {portal.member_id} has no active token pair for {who}")

@@ -32,10 +32,14 @@ def call(*, portal: Portal, method: str, access_token: str, params: dict[str, An
     try:
         data = response.json()
     except ValueError:
-        raise RestError(f"{method}: non-JSON answer (HTTP {response.status_code})", status=response.status_code)
+        raise RestError(
+            f"{method}: non-JSON answer (HTTP {response.status_code})", status=response.status_code
+        ) from None
     if not isinstance(data, dict) or "error" in data or response.status_code >= 400:
         code = str(data.get("error", "")) if isinstance(data, dict) else ""
-        raise RestError(f"{method}: {code or 'HTTP ' + str(response.status_code)}", code=code, status=response.status_code)
+        raise RestError(
+            f"{method}: {code or 'HTTP ' + str(response.status_code)}", code=code, status=response.status_code
+        )
     return data.get("result")
 
 

@@ -48,7 +48,9 @@ def check_portal_domain(domain: str) -> str:
     try:
         normalized = http.normalize_domain(domain)
     except ValueError as exc:
-        raise VerificationError(f"DOMAIN is not a host name: {exc}", status=403, code="domain_not_allowed") from exc
+        raise VerificationError(
+            f"DOMAIN is not a host name: {exc}", status=403, code="domain_not_allowed"
+        ) from exc
     if not http.portal_domain_allowed(normalized):
         raise VerificationError(
             f"{normalized!r} is not a Bitrix24 portal this backend serves (BITRIX24_PORTAL_DOMAINS)",
@@ -58,7 +60,9 @@ def check_portal_domain(domain: str) -> str:
     return normalized
 
 
-def verify_access_token(*, access_token: str, member_id: str, domain: str, server_endpoint: str = "") -> Verified:
+def verify_access_token(
+    *, access_token: str, member_id: str, domain: str, server_endpoint: str = ""
+) -> Verified:
     """Confirm with app.info on a trusted OAuth server that the token is ours, for that portal.
 
     The claimed domain must be a portal domain before anything is sent anywhere, and app.info
@@ -103,7 +107,9 @@ def _upsert_portal(*, verified: Verified, scope: str = "") -> Portal:
     }
     try:
         with transaction.atomic():
-            portal, created = Portal.objects.select_for_update().get_or_create(member_id=info.member_id, defaults=defaults)
+            portal, created = Portal.objects.select_for_update().get_or_create(
+                member_id=info.member_id, defaults=defaults
+            )
     except IntegrityError:
         # A concurrent request created it first: the unique member_id is the natural key.
         portal, created = Portal.objects.select_for_update().get(member_id=info.member_id), False
@@ -128,7 +134,9 @@ def _store_pair(
 ) -> TokenPair:
     now = timezone.now()
     if background:
-        TokenPair.objects.filter(portal=portal, is_background=True).exclude(user_id=user_id).update(is_background=False)
+        TokenPair.objects.filter(portal=portal, is_background=True).exclude(user_id=user_id).update(
+            is_background=False
+        )
     pair = TokenPair.objects.select_for_update().filter(portal=portal, user_id=user_id).first()
     if pair is None:
         pair = TokenPair(portal=portal, user_id=user_id)

@@ -51,7 +51,9 @@ class Backend:
         return self.http.post(self.url + path, **kwargs)
 
     def install_event(self, portal: FakePortal, tokens: dict[str, Any] | None = None) -> requests.Response:
-        return self.post("/events/", data=bx.onappinstall(portal, tokens or portal.issue_tokens(1, admin=True)))
+        return self.post(
+            "/events/", data=bx.onappinstall(portal, tokens or portal.issue_tokens(1, admin=True))
+        )
 
     def launch(self, portal: FakePortal, tokens: dict[str, Any], **kwargs: Any) -> requests.Response:
         query, body = bx.launch(portal, tokens, **kwargs)

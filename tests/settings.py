@@ -15,11 +15,12 @@ os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
 os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
 os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
 
-from config.settings import *  # noqa: E402,F403
+from config.settings import *  # noqa: F403
 
 # Tests do not wait for production backoffs.
 BITRIX24_OAUTH_BACKOFF = 0.01
 BITRIX24_HTTP_TIMEOUT = (2.0, 5.0)
+BITRIX24_OAUTH_TIMEOUT = (2.0, 5.0)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False

@@ -135,7 +135,9 @@ def test_token_of_another_portal_with_this_member_id_is_refused(backend, b24, st
     assert _nothing_stored(b24.member_id)
 
 
-@pytest.mark.parametrize("domain", ["169.254.169.254", "localhost", "evil.example.com", "10.0.0.1:80", "x.bitrix24.com.evil.io"])
+@pytest.mark.parametrize(
+    "domain", ["169.254.169.254", "localhost", "evil.example.com", "10.0.0.1:80", "x.bitrix24.com.evil.io"]
+)
 def test_domain_that_is_not_a_portal_is_refused_before_any_outbound_call(backend, b24, standin, domain):
     before = standin.stats["app_info"]
     query, body = bx.launch(b24, b24.issue_tokens(1))

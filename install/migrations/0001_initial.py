@@ -4,34 +4,106 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='InboundRequest',
+            name="InboundRequest",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('install', 'Install frame'), ('launch', 'App launch'), ('event', 'Event')], help_text='Which endpoint received it.', max_length=16)),
-                ('event', models.CharField(blank=True, db_index=True, help_text='Event name, for events.', max_length=64)),
-                ('member_id', models.CharField(blank=True, db_index=True, help_text='Portal the request claims to come from (unverified).', max_length=64)),
-                ('domain', models.CharField(blank=True, help_text='Domain the request claims (unverified).', max_length=255)),
-                ('remote_addr', models.GenericIPAddressField(blank=True, help_text='Client address as seen by Django.', null=True)),
-                ('headers', models.JSONField(blank=True, default=dict, help_text='Selected request headers.')),
-                ('query', models.JSONField(blank=True, default=dict, help_text='Query string, parsed, tokens redacted.')),
-                ('body', models.JSONField(blank=True, default=dict, help_text='Body, parsed, tokens redacted.')),
-                ('status', models.CharField(choices=[('received', 'Received (processing)'), ('accepted', 'Accepted'), ('rejected', 'Rejected'), ('failed', 'Failed')], db_index=True, default='received', help_text='Outcome of processing.', max_length=16)),
-                ('http_status', models.PositiveSmallIntegerField(blank=True, help_text='HTTP status answered.', null=True)),
-                ('error', models.CharField(blank=True, help_text='Why it was rejected or failed.', max_length=500)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True, help_text='When it arrived.')),
-                ('finished_at', models.DateTimeField(blank=True, help_text='When processing ended.', null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("install", "Install frame"), ("launch", "App launch"), ("event", "Event")],
+                        help_text="Which endpoint received it.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "event",
+                    models.CharField(
+                        blank=True, db_index=True, help_text="Event name, for events.", max_length=64
+                    ),
+                ),
+                (
+                    "member_id",
+                    models.CharField(
+                        blank=True,
+                        db_index=True,
+                        help_text="Portal the request claims to come from (unverified).",
+                        max_length=64,
+                    ),
+                ),
+                (
+                    "domain",
+                    models.CharField(
+                        blank=True, help_text="Domain the request claims (unverified).", max_length=255
+                    ),
+                ),
+                (
+                    "remote_addr",
+                    models.GenericIPAddressField(
+                        blank=True, help_text="Client address as seen by Django.", null=True
+                    ),
+                ),
+                (
+                    "headers",
+                    models.JSONField(blank=True, default=dict, help_text="Selected request headers."),
+                ),
+                (
+                    "query",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Query string, parsed, tokens redacted."
+                    ),
+                ),
+                (
+                    "body",
+                    models.JSONField(blank=True, default=dict, help_text="Body, parsed, tokens redacted."),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("received", "Received (processing)"),
+                            ("accepted", "Accepted"),
+                            ("rejected", "Rejected"),
+                            ("failed", "Failed"),
+                        ],
+                        db_index=True,
+                        default="received",
+                        help_text="Outcome of processing.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "http_status",
+                    models.PositiveSmallIntegerField(
+                        blank=True, help_text="HTTP status answered.", null=True
+                    ),
+                ),
+                (
+                    "error",
+                    models.CharField(blank=True, help_text="Why it was rejected or failed.", max_length=500),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(auto_now_add=True, db_index=True, help_text="When it arrived."),
+                ),
+                (
+                    "finished_at",
+                    models.DateTimeField(blank=True, help_text="When processing ended.", null=True),
+                ),
             ],
             options={
-                'verbose_name': 'inbound request',
-                'ordering': ['-created_at'],
+                "verbose_name": "inbound request",
+                "ordering": ["-created_at"],
             },
         ),
     ]

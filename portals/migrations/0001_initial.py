@@ -2,93 +2,362 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import portals.fields
 from django.db import migrations, models
+
+import portals.fields
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Portal',
+            name="Portal",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('member_id', models.CharField(help_text="Bitrix24's stable identifier of the portal; never changes, even when the portal is renamed.", max_length=64, unique=True)),
-                ('domain', models.CharField(help_text="The portal's current host (and port, if any), as confirmed by app.info; updated on rename.", max_length=255)),
-                ('protocol', models.CharField(default='https', help_text="Scheme of the portal's address: https, or http for local and some on-premise portals.", max_length=5)),
-                ('oauth_server', models.URLField(help_text="Base URL of the OAuth server this portal's tokens belong to (one of BITRIX24_OAUTH_SERVERS).")),
-                ('app_status', models.CharField(blank=True, choices=[('L', 'Local'), ('F', 'Free'), ('D', 'Demo'), ('T', 'Trial'), ('P', 'Paid'), ('S', 'Subscription')], help_text="The app's licence status on this portal (L/F/D/T/P/S), as last reported by app.info.", max_length=1)),
-                ('state', models.CharField(choices=[('installed', 'Installed'), ('needs_reinstall', 'Needs reinstall'), ('uninstalled', 'Uninstalled')], db_index=True, default='installed', help_text='Where the installation stands: installed, needs a reinstall by the customer, or uninstalled.', max_length=20)),
-                ('state_reason', models.CharField(blank=True, help_text="Why the portal is in its state when that is not 'installed' (for example the OAuth error).", max_length=255)),
-                ('application_token', portals.fields.EncryptedTextField(blank=True, default='', help_text='Secret Bitrix24 sends with events to prove they come from it (encrypted at rest).')),
-                ('scope', models.CharField(blank=True, help_text='Scopes granted to the app on this portal, comma-separated.', max_length=1000)),
-                ('app_version', models.CharField(blank=True, help_text='Version of the app installed on the portal, from install/update events.', max_length=32)),
-                ('payment_expired', models.BooleanField(blank=True, help_text="Whether the app's paid period has run out, per the last payment check.", null=True)),
-                ('installed_at', models.DateTimeField(blank=True, help_text='When the app was (last) installed on the portal.', null=True)),
-                ('last_launch_at', models.DateTimeField(blank=True, help_text='When a user last opened the app in the portal.', null=True)),
-                ('uninstalled_at', models.DateTimeField(blank=True, help_text='When the app was uninstalled.', null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True, help_text='When this backend first heard of the portal.')),
-                ('updated_at', models.DateTimeField(auto_now=True, help_text='When this row last changed.')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "member_id",
+                    models.CharField(
+                        help_text="Bitrix24's stable identifier of the portal; never changes, even when the portal is renamed.",
+                        max_length=64,
+                        unique=True,
+                    ),
+                ),
+                (
+                    "domain",
+                    models.CharField(
+                        help_text="The portal's current host (and port, if any), as confirmed by app.info; updated on rename.",
+                        max_length=255,
+                    ),
+                ),
+                (
+                    "protocol",
+                    models.CharField(
+                        default="https",
+                        help_text="Scheme of the portal's address: https, or http for local and some on-premise portals.",
+                        max_length=5,
+                    ),
+                ),
+                (
+                    "oauth_server",
+                    models.URLField(
+                        help_text="Base URL of the OAuth server this portal's tokens belong to (one of BITRIX24_OAUTH_SERVERS)."
+                    ),
+                ),
+                (
+                    "app_status",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("L", "Local"),
+                            ("F", "Free"),
+                            ("D", "Demo"),
+                            ("T", "Trial"),
+                            ("P", "Paid"),
+                            ("S", "Subscription"),
+                        ],
+                        help_text="The app's licence status on this portal (L/F/D/T/P/S), as last reported by app.info.",
+                        max_length=1,
+                    ),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("installed", "Installed"),
+                            ("needs_reinstall", "Needs reinstall"),
+                            ("uninstalled", "Uninstalled"),
+                        ],
+                        db_index=True,
+                        default="installed",
+                        help_text="Where the installation stands: installed, needs a reinstall by the customer, or uninstalled.",
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "state_reason",
+                    models.CharField(
+                        blank=True,
+                        help_text="Why the portal is in its state when that is not 'installed' (for example the OAuth error).",
+                        max_length=255,
+                    ),
+                ),
+                (
+                    "application_token",
+                    portals.fields.EncryptedTextField(
+                        blank=True,
+                        default="",
+                        help_text="Secret Bitrix24 sends with events to prove they come from it (encrypted at rest).",
+                    ),
+                ),
+                (
+                    "scope",
+                    models.CharField(
+                        blank=True,
+                        help_text="Scopes granted to the app on this portal, comma-separated.",
+                        max_length=1000,
+                    ),
+                ),
+                (
+                    "app_version",
+                    models.CharField(
+                        blank=True,
+                        help_text="Version of the app installed on the portal, from install/update events.",
+                        max_length=32,
+                    ),
+                ),
+                (
+                    "payment_expired",
+                    models.BooleanField(
+                        blank=True,
+                        help_text="Whether the app's paid period has run out, per the last payment check.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "installed_at",
+                    models.DateTimeField(
+                        blank=True, help_text="When the app was (last) installed on the portal.", null=True
+                    ),
+                ),
+                (
+                    "last_launch_at",
+                    models.DateTimeField(
+                        blank=True, help_text="When a user last opened the app in the portal.", null=True
+                    ),
+                ),
+                (
+                    "uninstalled_at",
+                    models.DateTimeField(blank=True, help_text="When the app was uninstalled.", null=True),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(
+                        auto_now_add=True, help_text="When this backend first heard of the portal."
+                    ),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True, help_text="When this row last changed.")),
             ],
             options={
-                'ordering': ['domain'],
+                "ordering": ["domain"],
             },
         ),
         migrations.CreateModel(
-            name='TokenPair',
+            name="TokenPair",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('user_id', models.PositiveBigIntegerField(help_text="Bitrix24 user the tokens act as (from app.info or the OAuth server's answer).")),
-                ('is_background', models.BooleanField(default=False, help_text="The pair background work uses (the installer's or one an admin chose). A launch by another user never takes this mark.")),
-                ('access_token', portals.fields.EncryptedTextField(help_text='Access token (encrypted at rest); lives about an hour.')),
-                ('refresh_token', portals.fields.EncryptedTextField(help_text='Refresh token (encrypted at rest); single-use.')),
-                ('access_expires_at', models.DateTimeField(help_text='When the access token expires.')),
-                ('refresh_issued_at', models.DateTimeField(help_text='When the current refresh token was issued; it lapses BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS later.')),
-                ('scope', models.CharField(blank=True, help_text='Scopes of the tokens, comma-separated.', max_length=1000)),
-                ('state', models.CharField(choices=[('active', 'Active'), ('dead', 'Dead (needs reinstall)'), ('credentials_rejected', 'App credentials rejected')], db_index=True, default='active', help_text='Active, or refused for good by the OAuth server (then renewals stop).', max_length=24)),
-                ('last_renewed_at', models.DateTimeField(blank=True, help_text='When the pair was last renewed.', null=True)),
-                ('last_error', models.CharField(blank=True, help_text='The last renewal error, if any.', max_length=500)),
-                ('consecutive_failures', models.PositiveIntegerField(default=0, help_text='Renewal attempts that failed in a row; reset by a success.')),
-                ('next_attempt_at', models.DateTimeField(blank=True, help_text='After a transient failure, the earliest time to try again.', null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True, help_text='When the pair was first stored.')),
-                ('updated_at', models.DateTimeField(auto_now=True, help_text='When this row last changed.')),
-                ('portal', models.ForeignKey(help_text='Portal the pair belongs to.', on_delete=django.db.models.deletion.CASCADE, related_name='token_pairs', to='portals.portal')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "user_id",
+                    models.PositiveBigIntegerField(
+                        help_text="Bitrix24 user the tokens act as (from app.info or the OAuth server's answer)."
+                    ),
+                ),
+                (
+                    "is_background",
+                    models.BooleanField(
+                        default=False,
+                        help_text="The pair background work uses (the installer's or one an admin chose). A launch by another user never takes this mark.",
+                    ),
+                ),
+                (
+                    "access_token",
+                    portals.fields.EncryptedTextField(
+                        help_text="Access token (encrypted at rest); lives about an hour."
+                    ),
+                ),
+                (
+                    "refresh_token",
+                    portals.fields.EncryptedTextField(
+                        help_text="Refresh token (encrypted at rest); single-use."
+                    ),
+                ),
+                ("access_expires_at", models.DateTimeField(help_text="When the access token expires.")),
+                (
+                    "refresh_issued_at",
+                    models.DateTimeField(
+                        help_text="When the current refresh token was issued; it lapses BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS later."
+                    ),
+                ),
+                (
+                    "scope",
+                    models.CharField(
+                        blank=True, help_text="Scopes of the tokens, comma-separated.", max_length=1000
+                    ),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("active", "Active"),
+                            ("dead", "Dead (needs reinstall)"),
+                            ("credentials_rejected", "App credentials rejected"),
+                        ],
+                        db_index=True,
+                        default="active",
+                        help_text="Active, or refused for good by the OAuth server (then renewals stop).",
+                        max_length=24,
+                    ),
+                ),
+                (
+                    "last_renewed_at",
+                    models.DateTimeField(blank=True, help_text="When the pair was last renewed.", null=True),
+                ),
+                (
+                    "last_error",
+                    models.CharField(blank=True, help_text="The last renewal error, if any.", max_length=500),
+                ),
+                (
+                    "consecutive_failures",
+                    models.PositiveIntegerField(
+                        default=0, help_text="Renewal attempts that failed in a row; reset by a success."
+                    ),
+                ),
+                (
+                    "next_attempt_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="After a transient failure, the earliest time to try again.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(auto_now_add=True, help_text="When the pair was first stored."),
+                ),
+                ("updated_at", models.DateTimeField(auto_now=True, help_text="When this row last changed.")),
+                (
+                    "portal",
+                    models.ForeignKey(
+                        help_text="Portal the pair belongs to.",
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="token_pairs",
+                        to="portals.portal",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='RenewalLog',
+            name="RenewalLog",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('user_id', models.PositiveBigIntegerField(help_text='Bitrix24 user of the pair.')),
-                ('trigger', models.CharField(choices=[('beat', 'Scheduled sweep'), ('on_demand', 'On demand'), ('staff', 'Staff'), ('command', 'Command')], help_text='What asked for the renewal.', max_length=16)),
-                ('outcome', models.CharField(choices=[('renewed', 'Renewed'), ('skipped', 'Not needed (already renewed)'), ('transient', 'Failed, will retry'), ('refused', 'Refused for good')], help_text='How the attempt ended.', max_length=16)),
-                ('error', models.CharField(blank=True, help_text='The error, when the attempt failed.', max_length=500)),
-                ('duration_ms', models.PositiveIntegerField(default=0, help_text='Time spent on the attempt, in milliseconds.')),
-                ('old_fingerprint', models.CharField(blank=True, help_text='Fingerprint of the refresh token before (never the token).', max_length=16)),
-                ('new_fingerprint', models.CharField(blank=True, help_text='Fingerprint of the refresh token after (never the token).', max_length=16)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now, help_text='When the attempt was made.')),
-                ('portal', models.ForeignKey(help_text='Portal of the pair.', on_delete=django.db.models.deletion.CASCADE, related_name='renewals', to='portals.portal')),
-                ('pair', models.ForeignKey(help_text='The pair renewed (empty once the pair is deleted).', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='renewals', to='portals.tokenpair')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("user_id", models.PositiveBigIntegerField(help_text="Bitrix24 user of the pair.")),
+                (
+                    "trigger",
+                    models.CharField(
+                        choices=[
+                            ("beat", "Scheduled sweep"),
+                            ("on_demand", "On demand"),
+                            ("staff", "Staff"),
+                            ("command", "Command"),
+                        ],
+                        help_text="What asked for the renewal.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("renewed", "Renewed"),
+                            ("skipped", "Not needed (already renewed)"),
+                            ("transient", "Failed, will retry"),
+                            ("refused", "Refused for good"),
+                        ],
+                        help_text="How the attempt ended.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "error",
+                    models.CharField(
+                        blank=True, help_text="The error, when the attempt failed.", max_length=500
+                    ),
+                ),
+                (
+                    "duration_ms",
+                    models.PositiveIntegerField(
+                        default=0, help_text="Time spent on the attempt, in milliseconds."
+                    ),
+                ),
+                (
+                    "old_fingerprint",
+                    models.CharField(
+                        blank=True,
+                        help_text="Fingerprint of the refresh token before (never the token).",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "new_fingerprint",
+                    models.CharField(
+                        blank=True,
+                        help_text="Fingerprint of the refresh token after (never the token).",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(
+                        db_index=True,
+                        default=django.utils.timezone.now,
+                        help_text="When the attempt was made.",
+                    ),
+                ),
+                (
+                    "portal",
+                    models.ForeignKey(
+                        help_text="Portal of the pair.",
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="renewals",
+                        to="portals.portal",
+                    ),
+                ),
+                (
+                    "pair",
+                    models.ForeignKey(
+                        help_text="The pair renewed (empty once the pair is deleted).",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="renewals",
+                        to="portals.tokenpair",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddIndex(
-            model_name='tokenpair',
-            index=models.Index(fields=['state', 'refresh_issued_at'], name='pair_due_idx'),
+            model_name="tokenpair",
+            index=models.Index(fields=["state", "refresh_issued_at"], name="pair_due_idx"),
         ),
         migrations.AddConstraint(
-            model_name='tokenpair',
-            constraint=models.UniqueConstraint(fields=('portal', 'user_id'), name='one_pair_per_portal_user'),
+            model_name="tokenpair",
+            constraint=models.UniqueConstraint(fields=("portal", "user_id"), name="one_pair_per_portal_user"),
         ),
         migrations.AddConstraint(
-            model_name='tokenpair',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_background', True)), fields=('portal',), name='one_background_pair_per_portal'),
+            model_name="tokenpair",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_background", True)),
+                fields=("portal",),
+                name="one_background_pair_per_portal",
+            ),
         ),
     ]

@@ -11,7 +11,9 @@ from portals.models import Portal, RenewalTrigger, TokenPair
 
 
 class Command(BaseCommand):
-    help = "Renew due token pairs now: all due ones, or one portal's (--portal); --force renews even if not due."
+    help = (
+        "Renew due token pairs now: all due ones, or one portal's (--portal); --force renews even if not due."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--portal", metavar="MEMBER_ID", help="only this portal's pairs")
@@ -29,7 +31,9 @@ class Command(BaseCommand):
             pairs = TokenPair.objects.all() if force else renewal.due_pairs()
         ids = list(pairs.order_by("pk").values_list("pk", flat=True))
         if not ids:
-            self.stdout.write("Nothing to renew" + ("" if force else " (no pair is due; --force renews anyway)") + ".")
+            self.stdout.write(
+                "Nothing to renew" + ("" if force else " (no pair is due; --force renews anyway)") + "."
+            )
             return
         renewed = skipped = failed = 0
         total = len(ids)
@@ -49,7 +53,9 @@ class Command(BaseCommand):
             pair = result.pair
             if not result.renewed:
                 skipped += 1
-                self.stdout.write(f"[{index}/{total}] {pair.portal.domain} user {pair.user_id}: not needed any more")
+                self.stdout.write(
+                    f"[{index}/{total}] {pair.portal.domain} user {pair.user_id}: not needed any more"
+                )
                 continue
             renewed += 1
             self.stdout.write(

@@ -19,7 +19,10 @@ class Command(BaseCommand):
         # Raw ciphertext is read and written with .values()/.update() so that nothing is decrypted
         # into model instances and re-saved with unrelated side effects (auto_now, signals).
         done = 0
-        for model, fields in ((TokenPair, ("access_token", "refresh_token")), (Portal, ("application_token",))):
+        for model, fields in (
+            (TokenPair, ("access_token", "refresh_token")),
+            (Portal, ("application_token",)),
+        ):
             table = model._meta.db_table
             ids = list(model.objects.values_list("pk", flat=True))
             for start in range(0, len(ids), 500):
@@ -30,9 +33,12 @@ class Command(BaseCommand):
                     with connection.cursor() as cursor:
                         cols = ", ".join(fields)
                         placeholders = ", ".join(["%s"] * len(batch))
-                        cursor.execute(f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders}) FOR UPDATE"
-                                       if connection.vendor == "postgresql" else
-                                       f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders})", batch)
+                        cursor.execute(
+                            f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders}) FOR UPDATE"
+                            if connection.vendor == "postgresql"
+                            else f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders})",
+                            batch,
+                        )
                         rows = cursor.fetchall()
                         for row in rows:
                             values = [crypto.rotate(v) if v else v for v in row[1:]]

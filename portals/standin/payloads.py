@@ -1,0 +1,167 @@
+"""The requests Bitrix24 sends to an app, built for a :class:`~portals.standin.server.FakePortal`.
+
+Events are ``application/x-www-form-urlencoded`` POSTs with PHP-style nested keys, so the event builders
+return form pairs (post them with ``requests.post(url, data=pairs)``). The launch / install frame is a POST
+whose query string and body carry different fields, so :func:`launch` returns both as dicts.
+
+Each builder mirrors a page of ``bitrix24/b24restdocs`` (named in its docstring); the samples are in
+``/work/shared/payloads/``. Endpoints point at the stand-in: ``server_endpoint`` is the stand-in's
+``oauth_url + "/rest/"``, ``client_endpoint`` the portal's ``url + "/rest/"``, ``domain`` the portal's.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from . import phpform
+from .server import FakePortal
+
+__all__ = ["launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]
+
+Pairs = list[tuple[str, str]]
+
+
+def _ts(portal: FakePortal) -> str:
+    return str(int(portal.standin.now()))
+
+
+def _token_auth(portal: FakePortal, tokens: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``auth`` block of an event that carries tokens, in the order of the docs' install example."""
+    return {
+        "access_token": tokens["access_token"],
+        "expires_in": str(tokens.get("expires_in", portal.standin.access_ttl)),
+        "scope": tokens.get("scope", portal.scope),
+        "domain": portal.domain,
+        "server_endpoint": portal.standin.server_endpoint,
+        "status": portal.status,
+        "client_endpoint": portal.client_endpoint,
+        "member_id": portal.member_id,
+        "refresh_token": tokens["refresh_token"],
+        "application_token": portal.application_token,
+    }
+
+
+def onappinstall(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
+    """ONAPPINSTALL for an API-only app (settings/oauth/simple-way.md, "Application Installation Event";
+    api-reference/common/events/on-app-install.md). The only routine event carrying a refresh token."""
+    return phpform.encode(
+        {
+            "event": "ONAPPINSTALL",
+            "data": {"VERSION": str(portal.app_version), "LANGUAGE_ID": portal.language_id},
+            "ts": _ts(portal),
+            "auth": _token_auth(portal, tokens),
+        }
+    )
+
+
+def onappuninstall(portal: FakePortal, clean: bool = False) -> Pairs:
+    """ONAPPUNINSTALL (api-reference/common/events/on-app-uninstall.md): no tokens in ``auth``, only the
+    domain, endpoints, member_id and the application token — the one thing that verifies it.
+
+    Builds the request only; call ``portal.uninstall()`` to make the portal's tokens die as well.
+    """
+    return phpform.encode(
+        {
+            "event": "ONAPPUNINSTALL",
+            "data": {"LANGUAGE_ID": portal.language_id, "CLEAN": "1" if clean else "0"},
+            "ts": _ts(portal),
+            "auth": {
+                "domain": portal.domain,
+                "server_endpoint": portal.standin.server_endpoint,
+                "client_endpoint": portal.client_endpoint,
+                "member_id": portal.member_id,
+                "application_token": portal.application_token,
+            },
+        }
+    )
+
+
+def onappupdate(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
+    """ONAPPUPDATE (api-reference/common/events/on-app-update.md): tokens and a NEW application token.
+
+    Side effect, as on a real portal: the app version goes up, the application token rotates and event
+    bindings are dropped (``portal.update_app()``) before the event is built.
+    """
+    previous, version = portal.update_app()
+    return phpform.encode(
+        {
+            "event": "ONAPPUPDATE",
+            "data": {
+                "VERSION": str(version),
+                "PREVIOUS_VERSION": str(previous),
+                "LANGUAGE_ID": portal.language_id,
+            },
+            "ts": _ts(portal),
+            "auth": _token_auth(portal, tokens),
+        }
+    )
+
+
+def onapppayment(portal: FakePortal) -> Pairs:
+    """ONAPPPAYMENT (api-reference/common/events/on-app-payment.md): ``auth`` holds only the domain,
+    endpoints and member_id — nothing to verify it with; the app must ask ``app.info``."""
+    return phpform.encode(
+        {
+            "event": "ONAPPPAYMENT",
+            "data": {
+                "CODE": portal.standin.client_id,
+                "VERSION": str(portal.app_version),
+                "STATUS": portal.status,
+                "PAYMENT_EXPIRED": "Y" if portal.payment_required else "N",
+                "DAYS": "28",
+                "LANGUAGE_ID": portal.language_id,
+            },
+            "ts": _ts(portal),
+            "auth": {
+                "domain": portal.domain,
+                "server_endpoint": portal.standin.server_endpoint,
+                "client_endpoint": portal.client_endpoint,
+                "member_id": portal.member_id,
+            },
+        }
+    )
+
+
+def _php_json(value: Any) -> str:
+    # PHP's json_encode escapes "/" as "\/" (see PLACEMENT_OPTIONS in api-reference/widgets/crm/detail-tab.md).
+    # Escaping every "/" is safe: it only occurs inside strings, and "\/" is a valid JSON escape.
+    return json.dumps(value).replace("/", "\\/")
+
+
+def launch(
+    portal: FakePortal,
+    tokens: Mapping[str, Any],
+    placement: str = "DEFAULT",
+    options: Mapping[str, Any] | None = None,
+    lang: str = "en",
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The POST that opens the app in the portal's frame (settings/oauth/simple-way.md, "What the
+    Application Receives on Opening"; launch-default-docs.txt): ``DOMAIN``, ``PROTOCOL``, ``LANG``,
+    ``APP_SID`` in the query string, the rest in the form body. Also the install frame's request.
+
+    Returns ``(query, body)``: ``requests.post(handler_url, params=query, data=body)``.
+    """
+    query = {
+        "DOMAIN": portal.domain,
+        "PROTOCOL": "1" if portal.url.startswith("https://") else "0",
+        "LANG": lang,
+        "APP_SID": secrets.token_hex(16),  # a per-render id for the JS library, not the application token
+    }
+    body = {
+        "AUTH_ID": str(tokens["access_token"]),
+        "AUTH_EXPIRES": str(tokens.get("expires_in", portal.standin.access_ttl)),
+        "REFRESH_ID": str(tokens["refresh_token"]),
+        "SERVER_ENDPOINT": portal.standin.server_endpoint,
+        "APPLICATION_TOKEN": portal.application_token,
+        "APPLICATION_SCOPE": str(tokens.get("scope", portal.scope)),
+        "member_id": portal.member_id,
+        "status": portal.status,
+        "PLACEMENT": placement,
+    }
+    if options is not None:
+        body["PLACEMENT_OPTIONS"] = _php_json(dict(options))
+    return query, body
