@@ -155,7 +155,8 @@ EVENT_HANDLERS = {
 def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     query, body = parsing.read_params(request)
     params = {**query, **body}
-    raw_auth = params.get("auth") if isinstance(params.get("auth"), dict) else {}
+    maybe_auth = params.get("auth")
+    raw_auth: dict[str, Any] = maybe_auth if isinstance(maybe_auth, dict) else {}
     describe(
         row,
         query=query,

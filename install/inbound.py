@@ -148,5 +148,7 @@ def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any]
     if len(json.dumps(row.body)) > 50_000:
         row.body = {"_truncated": "body too large to keep", "keys": sorted(map(str, body))[:100]}
     for name, value in fields.items():
-        setattr(row, name, str(value)[: row._meta.get_field(name).max_length or 255])
+        field = InboundRequest._meta.get_field(name)
+        limit = getattr(field, "max_length", None) or 255
+        setattr(row, name, str(value)[:limit])
     row.save()

@@ -191,6 +191,11 @@ def _expires_at(data: dict[str, Any]) -> datetime:
         return timezone.now() + timedelta(hours=1)
 
 
+def _int_or_none(value: Any) -> int | None:
+    text = str(value if value is not None else "").strip()
+    return int(text) if text.isdigit() else None
+
+
 def _host(endpoint: str) -> str:
     return urlsplit(endpoint).netloc.lower() if endpoint else ""
 
@@ -211,14 +216,13 @@ def refresh(server: str, refresh_token: str) -> TokenGrant:
         access, new_refresh = str(data["access_token"]), str(data["refresh_token"])
     except KeyError as exc:
         raise OAuthUnavailable(f"OAuth server answer lacks {exc.args[0]}") from exc
-    user_id = data.get("user_id")
     return TokenGrant(
         access_token=access,
         refresh_token=new_refresh,
         expires_at=_expires_at(data),
         scope=str(data.get("scope") or ""),
         member_id=str(data.get("member_id") or ""),
-        user_id=int(user_id) if user_id not in (None, "") else None,
+        user_id=_int_or_none(data.get("user_id")),
         domain=_host(str(data.get("client_endpoint") or "")),
         status=str(data.get("status") or ""),
         server_endpoint=str(data.get("server_endpoint") or ""),
@@ -231,11 +235,11 @@ def app_info(server: str, access_token: str) -> AppInfo:
     result = data.get("result")
     if not isinstance(result, dict):
         raise OAuthUnavailable("app.info answer has no result object")
-    install = result.get("install") if isinstance(result.get("install"), dict) else {}
-    user_id = result.get("user_id")
+    raw_install = result.get("install")
+    install: dict[str, Any] = raw_install if isinstance(raw_install, dict) else {}
     return AppInfo(
         client_id=str(result.get("client_id") or ""),
-        user_id=int(user_id) if str(user_id or "").isdigit() else None,
+        user_id=_int_or_none(result.get("user_id")),
         scope=str(result.get("scope") or install.get("scope") or ""),
         member_id=str(install.get("member_id") or ""),
         domain=str(install.get("domain") or _host(str(install.get("client_endpoint") or ""))).lower(),
