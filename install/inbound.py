@@ -39,15 +39,22 @@ KEPT_HEADERS = ("User-Agent", "Content-Type", "Content-Length", "X-Forwarded-For
 MAX_VALUE = 500
 
 
+def printable(text: str) -> str:
+    """PostgreSQL refuses NUL in text and JSON: keep it visible instead of losing the row."""
+    return text.replace("\x00", "\\x00")
+
+
 def redact_params(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
-        return {str(k)[:100]: redact_params(v, str(k)) for k, v in list(value.items())[:200]}
+        return {printable(str(k)[:100]): redact_params(v, str(k)) for k, v in list(value.items())[:200]}
     if isinstance(value, list):
         return [redact_params(v, key) for v in value[:200]]
     if key.lower() in SECRET_KEYS and isinstance(value, (str, int)) and value != "":
         return f"<redacted fp:{crypto.fingerprint(str(value))}>"
-    if isinstance(value, str) and len(value) > MAX_VALUE:
-        return value[:MAX_VALUE] + f"…(+{len(value) - MAX_VALUE} chars)"
+    if isinstance(value, str):
+        if len(value) > MAX_VALUE:
+            value = value[:MAX_VALUE] + f"…(+{len(value) - MAX_VALUE} chars)"
+        return printable(value)
     return value
 
 
@@ -57,7 +64,7 @@ def _raw_preview(request: HttpRequest) -> dict[str, str]:
         raw = request.body[:2000]
     except Exception:  # RequestDataTooBig and friends: the body is not readable at all
         return {"_unreadable": "body too large or unreadable"}
-    return {"_raw": redact(raw.decode("utf-8", errors="replace"))}
+    return {"_raw": printable(redact(raw.decode("utf-8", errors="replace")))}
 
 
 def wants_html(request: HttpRequest) -> bool:
@@ -134,10 +141,14 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             html=html,
         )
     row.status = status
-    row.error = error[:500]
+    row.error = printable(error)[:500]
     row.http_status = response.status_code
     row.finished_at = timezone.now()
-    row.save()
+    try:
+        row.save()
+    except Exception:
+        # The answer is decided; losing the outcome on the log row must not turn it into a 500.
+        logger.exception("Could not record the outcome of inbound %s #%s", kind, row.pk)
     return response
 
 
@@ -150,5 +161,5 @@ def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any]
     for name, value in fields.items():
         field = InboundRequest._meta.get_field(name)
         limit = getattr(field, "max_length", None) or 255
-        setattr(row, name, str(value)[:limit])
+        setattr(row, name, printable(str(value))[:limit])
     row.save()

@@ -25,6 +25,7 @@ _SEGMENT = re.compile(r"\[([^\[\]]*)\]")
 MEMBER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{1,512}$")
 EVENT = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PLACEMENT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -157,6 +158,8 @@ def text(
         raise BadRequest(f"{name} must be a string, not a {type(value).__name__}")
     if len(value) > max_length:
         raise BadRequest(f"{name} is longer than {max_length} characters")
+    if _CONTROL.search(value):
+        raise BadRequest(f"{name} contains control characters")
     if pattern is not None and not pattern.match(value):
         raise BadRequest(f"{name} has characters it cannot have")
     return value

@@ -3,11 +3,14 @@ the backend over real sockets (pytest-django's live_server)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
+from django.conf import settings as django_settings
+from django.db import connection
 
 from portals.standin import FakePortal, StandIn
 from portals.standin import payloads as bx
@@ -62,6 +65,37 @@ class Backend:
     def install_frame(self, portal: FakePortal, tokens: dict[str, Any]) -> requests.Response:
         query, body = bx.launch(portal, tokens)
         return self.post("/install/", params=query, data=body)
+
+
+def _child_env(standin: StandIn) -> dict[str, str]:
+    """Environment for a child process (a worker, a second renewer) that uses the test database and
+    trusts the stand-in, as the test process does."""
+    settings_dict = connection.settings_dict
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        BITRIX24_OAUTH_SERVERS=standin.oauth_url,
+        BITRIX24_PORTAL_DOMAINS="127.0.0.1:*",
+        BITRIX24_ALLOW_HTTP="1",
+        BITRIX24_CLIENT_ID=standin.client_id,
+        BITRIX24_CLIENT_SECRET=standin.client_secret,
+        BITRIX24_OAUTH_ATTEMPTS="2",
+        BITRIX24_OAUTH_BACKOFF="0.01",
+        DJANGO_VAR_DIR=str(django_settings.VAR_DIR),
+    )
+    if connection.vendor == "postgresql":
+        env["DATABASE_URL"] = (
+            f"postgres://{settings_dict['USER']}:{settings_dict.get('PASSWORD') or ''}@{settings_dict['HOST']}:"
+            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
+        )
+    else:
+        env["DATABASE_URL"] = f"sqlite:///{settings_dict['NAME']}"
+    return env
+
+
+@pytest.fixture
+def child_env() -> Callable[[StandIn], dict[str, str]]:
+    return _child_env
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from django.core.management import CommandError, call_command
-from django.db import connection, connections
+from django.db import connections
 from django.utils import timezone
 
 from portals import oauth, renewal
@@ -102,13 +101,13 @@ def test_renew_tokens_unknown_portal_is_a_clear_error(db):
         call_command("renew_tokens", "--portal", "nope")
 
 
-def test_renew_tokens_exits_non_zero_when_a_renewal_fails(backend, b24, standin):
+def test_renew_tokens_exits_non_zero_when_a_renewal_fails(backend, b24, standin, child_env):
     _installed(backend, b24)
     standin.oauth_mode = "500"
     result = subprocess.run(
         [sys.executable, "manage.py", "renew_tokens", "--force"],
         cwd=ROOT,
-        env=_child_env(standin),
+        env=child_env(standin),
         capture_output=True,
         text=True,
         timeout=60,
@@ -177,29 +176,6 @@ def test_the_same_race_without_the_lock_burns_refresh_tokens(backend, b24, stand
     assert standin.stats["refresh_invalid_grant"] > before_bad
 
 
-def _child_env(standin) -> dict[str, str]:
-    settings_dict = connection.settings_dict
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        BITRIX24_OAUTH_SERVERS=standin.oauth_url,
-        BITRIX24_PORTAL_DOMAINS="127.0.0.1:*",
-        BITRIX24_ALLOW_HTTP="1",
-        BITRIX24_CLIENT_ID=standin.client_id,
-        BITRIX24_CLIENT_SECRET=standin.client_secret,
-        BITRIX24_OAUTH_ATTEMPTS="2",
-        BITRIX24_OAUTH_BACKOFF="0.01",
-    )
-    if connection.vendor == "postgresql":
-        env["DATABASE_URL"] = (
-            f"postgres://{settings_dict['USER']}:{settings_dict.get('PASSWORD') or ''}@{settings_dict['HOST']}:"
-            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
-        )
-    else:
-        env["DATABASE_URL"] = f"sqlite:///{settings_dict['NAME']}"
-    return env
-
-
 RACE_SCRIPT = """
 import os, sys, time
 import django
@@ -214,7 +190,7 @@ print("ok")
 """
 
 
-def test_many_processes_renewing_the_same_pair_renew_it_once(backend, b24, standin):
+def test_many_processes_renewing_the_same_pair_renew_it_once(backend, b24, standin, child_env):
     pair = _installed(backend, b24)
     _expire_access(pair)
     standin.oauth_latency = 0.2
@@ -226,7 +202,7 @@ def test_many_processes_renewing_the_same_pair_renew_it_once(backend, b24, stand
         subprocess.Popen(
             [sys.executable, "-c", RACE_SCRIPT, str(pair.pk), str(start_at)],
             cwd=ROOT,
-            env=_child_env(standin),
+            env=child_env(standin),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
