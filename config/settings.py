@@ -199,6 +199,15 @@ BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
 
+# REST calls to portals: Bitrix24's leaky bucket per portal (2/s, burst 50; Enterprise 5/s, 250,
+# set per portal in the admin), and how long a call may wait for the operating-time limit to reset.
+BITRIX24_RATE_LIMIT = env_float("BITRIX24_RATE_LIMIT", 2.0)
+BITRIX24_RATE_BURST = env_int("BITRIX24_RATE_BURST", 50)
+BITRIX24_QUERY_LIMIT_RETRIES = env_int("BITRIX24_QUERY_LIMIT_RETRIES", 5)
+BITRIX24_OPERATING_WAIT_MAX = env_int("BITRIX24_OPERATING_WAIT_MAX", 600)
+# Events bound with event.bind after install and update (ONAPPUNINSTALL always).
+BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
+
 # --- Celery ---------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
 CELERY_FS_BROKER_DIR = VAR_DIR / "celery-broker"

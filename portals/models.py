@@ -78,6 +78,16 @@ class Portal(models.Model):
         blank=True,
         help_text="Whether the app's paid period has run out, per the last payment check.",
     )
+    rate_limit = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="REST requests per second this portal allows (Enterprise: 5); empty: BITRIX24_RATE_LIMIT.",
+    )
+    rate_burst = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="REST requests this portal's bucket holds (Enterprise: 250); empty: BITRIX24_RATE_BURST.",
+    )
     installed_at = models.DateTimeField(
         null=True, blank=True, help_text="When the app was (last) installed on the portal."
     )

@@ -64,9 +64,12 @@ def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
     )
 
 
-def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime) -> bool:
+def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, rejected: str = "") -> bool:
     if force:
         return True
+    if rejected:
+        # A portal answered expired_token for this access token: renew unless it was already replaced.
+        return pair.state == PairState.ACTIVE and pair.access_token == rejected
     if pair.state != PairState.ACTIVE:
         return False
     if trigger == RenewalTrigger.ON_DEMAND:
@@ -137,8 +140,13 @@ def _mark_transient(pair: TokenPair, exc: oauth.OAuthError, now: datetime) -> No
     pair.save(update_fields=["consecutive_failures", "last_error", "next_attempt_at", "updated_at"])
 
 
-def renew_pair(pair_id: int, *, trigger: str, force: bool = False) -> Renewal:
+def renew_pair(
+    pair_id: int, *, trigger: str, force: bool = False, rejected_access_token: str = ""
+) -> Renewal:
     """Rotate one pair under its row lock, if it still needs it once the lock is held.
+
+    `rejected_access_token`: the token a portal just answered `expired_token` for; the pair is
+    renewed only if it still holds that token (two callers meeting it renew once between them).
 
     Raises TokenPair.DoesNotExist when the pair is gone (portal uninstalled) and RenewalFailed
     when the OAuth server did not hand out a new pair; the pair's state says why.
@@ -148,7 +156,7 @@ def renew_pair(pair_id: int, *, trigger: str, force: bool = False) -> Renewal:
     with transaction.atomic():
         pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
         now = timezone.now()
-        if not _is_needed(pair, trigger, force, now):
+        if not _is_needed(pair, trigger, force, now, rejected_access_token):
             # Another worker renewed it while this one waited for the lock (or it is not due).
             _log(pair, trigger, RenewalOutcome.SKIPPED, started)
             return Renewal(pair, renewed=False)
@@ -207,12 +215,17 @@ def pair_for(portal: Portal, user_id: int | None = None) -> TokenPair:
     return pair
 
 
-def access_token_for(portal: Portal, user_id: int | None = None) -> str:
-    """A valid access token for the portal, renewed first if it has expired or is about to."""
+def valid_pair(portal: Portal, user_id: int | None = None) -> TokenPair:
+    """The pair to act with, its access token renewed first if it has expired or is about to."""
     pair = pair_for(portal, user_id)
     if _is_needed(pair, RenewalTrigger.ON_DEMAND, False, timezone.now()):
         pair = renew_pair(pair.pk, trigger=RenewalTrigger.ON_DEMAND).pair
-    return pair.access_token
+    return pair
+
+
+def access_token_for(portal: Portal, user_id: int | None = None) -> str:
+    """A valid access token for the portal (its background pair's, or a given user's)."""
+    return valid_pair(portal, user_id).access_token
 
 
 def schedule_due_renewals(now: datetime | None = None) -> int:

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
@@ -219,6 +220,11 @@ def install_portal(
             scope=scope or verified.info.scope,
             background=trusted,
         )
+    if trusted and settings.BITRIX24_PUBLIC_URL:
+        # Bindings are dropped on update and uninstall: bind again, off the request path.
+        from .tasks import bind_events_task
+
+        transaction.on_commit(lambda: bind_events_task.delay(portal.pk))
     return portal
 
 

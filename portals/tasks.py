@@ -6,8 +6,8 @@ import logging
 
 from celery import shared_task
 
-from . import renewal
-from .models import RenewalTrigger, TokenPair
+from . import bindings, renewal
+from .models import Portal, PortalState, RenewalTrigger, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -46,3 +46,20 @@ def sweep_due_pairs() -> int:
     count = renewal.schedule_due_renewals()
     logger.info("Renewal sweep queued %d pair(s)", count)
     return count
+
+
+@shared_task(
+    autoretry_for=(Exception,),
+    dont_autoretry_for=(Portal.DoesNotExist,),
+    retry_backoff=30,
+    retry_backoff_max=1800,
+    retry_jitter=True,
+    max_retries=6,
+    acks_late=True,
+    soft_time_limit=90,
+    time_limit=120,
+)
+def bind_events_task(portal_id: int) -> list[str]:
+    """After install or update: bind ONAPPUNINSTALL and BITRIX24_EVENTS (idempotent)."""
+    portal = Portal.objects.get(pk=portal_id, state=PortalState.INSTALLED)
+    return bindings.bind_events(portal=portal)

@@ -201,7 +201,7 @@ nested = st.recursive(
 @given(st.dictionaries(st.text(alphabet=string.ascii_letters, min_size=1, max_size=8), nested, max_size=5))
 @settings(max_examples=300, deadline=None)
 def test_php_form_round_trip(data):
-    from portals.standin import phpform
+    from portals import phpform
 
     def without_empty_groups(value):
         if isinstance(value, dict):

@@ -13,7 +13,8 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portals.standin import FakePortal, StandIn, payloads, phpform
+from portals import phpform
+from portals.standin import FakePortal, StandIn, payloads
 
 SAMPLES = Path("/work/shared/payloads")
 TIMEOUT = 5

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from . import phpform
+from .. import phpform
 from .server import FakePortal
 
 __all__ = ["launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]

@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-from . import phpform
+from .. import phpform
 
 __all__ = ["FakePortal", "StandIn"]
 

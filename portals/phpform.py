@@ -6,7 +6,7 @@ the same way (``cmd[key]=…`` for ``batch``, ``fields[NAME]=…``). See b24rest
 ``settings/oauth/simple-way.md`` (install event as a PHP array) and ``settings/how-to-call-rest-api/batch.md``.
 
 ``encode`` flattens a nested ``dict`` into such pairs, ``decode`` rebuilds the nesting with PHP semantics.
-Standard library only: this module is part of the stand-in and must not import Django.
+Standard library only: the REST client and the Django-free stand-in both use it.
 
 Round trip: ``decode(encode(d)) == d`` for dicts whose leaves are strings, whose keys contain no ``[`` or
 ``]``, whose containers are not empty (PHP, like ``http_build_query``, sends nothing for an empty array)

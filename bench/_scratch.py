@@ -1,0 +1,93 @@
+"""What both benchmarks need: a scratch PostgreSQL database, the stand-in, and the environment that
+points the product (and the processes it starts) at them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@contextlib.contextmanager
+def scratch(oauth_latency: float = 0.0) -> Iterator[object]:
+    """Yields the started StandIn with Django set up on a fresh database; drops it afterwards."""
+    from cryptography.fernet import Fernet
+
+    from portals.standin import StandIn
+
+    base = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    parts = urlsplit(base)
+    db_name = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = ["psql", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)]
+    admin += ["-U", parts.username or "postgres", "-q", "-c"]
+    subprocess.run([*admin, f"CREATE DATABASE {db_name}"], check=True)
+    standin = StandIn(client_id="app.bench", client_secret="bench-secret").start()
+    standin.oauth_latency = oauth_latency
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(40),
+        DJANGO_VAR_DIR=tempfile.mkdtemp(prefix="b24-bench-"),
+        DATABASE_URL=parts._replace(path=f"/{db_name}").geturl(),
+        BITRIX24_TOKEN_KEYS=Fernet.generate_key().decode(),
+        BITRIX24_CLIENT_ID=standin.client_id,
+        BITRIX24_CLIENT_SECRET=standin.client_secret,
+        BITRIX24_OAUTH_SERVERS=standin.oauth_url,
+        BITRIX24_PORTAL_DOMAINS="127.0.0.1:*",
+        BITRIX24_ALLOW_HTTP="1",
+        CELERY_QUEUE=f"bench_{db_name}",
+        DJANGO_LOG_LEVEL="WARNING",
+    )
+    try:
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        yield standin
+    finally:
+        standin.stop()
+        from django.db import connections
+
+        connections.close_all()
+        subprocess.run([*admin, f"DROP DATABASE IF EXISTS {db_name}"], check=False)
+
+
+def store_portal(
+    standin: object, fake: object, *, refresh_age_days: float = 0, **portal_fields: object
+) -> object:
+    """A Portal row with the fake portal's background pair, as an install would leave it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portals.models import Portal, TokenPair
+
+    tokens = fake.issue_tokens(1)  # type: ignore[attr-defined]
+    portal = Portal.objects.create(
+        member_id=fake.member_id,  # type: ignore[attr-defined]
+        domain=fake.domain,  # type: ignore[attr-defined]
+        protocol="http",
+        oauth_server=standin.oauth_url,  # type: ignore[attr-defined]
+        **portal_fields,
+    )
+    TokenPair.objects.create(
+        portal=portal,
+        user_id=1,
+        is_background=True,
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
+        access_expires_at=timezone.now() + timedelta(hours=1),
+        refresh_issued_at=timezone.now() - timedelta(days=refresh_age_days),
+    )
+    return portal

@@ -1,0 +1,426 @@
+"""Calling a portal's REST API: tokens, the shared rate governor, retries that never duplicate a write,
+renamed portals, batches and paged lists.
+
+    client = PortalClient(portal)               # acts with the portal's background pair
+    client.call("crm.contact.get", {"id": 7})   # → result
+    for contact in client.list("crm.contact.list", {"select": ["ID", "NAME"]}): ...
+    client.batch({"me": ("profile", {}), "n": ("crm.contact.list", {"start": 0})})
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import requests
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from . import governor, http, phpform, renewal
+from .models import Portal, RenewalTrigger, TokenPair
+
+logger = logging.getLogger(__name__)
+
+BATCH_LIMIT = 50
+PAGE_SIZE = 50
+
+# Method names that only read. Everything else is treated as a write: not re-sent after a timeout
+# unless the caller marks the call idempotent, because Bitrix24 may have carried it out already.
+READ_METHODS = {
+    "profile",
+    "app.info",
+    "server.time",
+    "scope",
+    "methods",
+    "method.get",
+    "user.current",
+    "event.get",
+}
+READ_SUFFIXES = (".get", ".list", ".fields", ".getlist", ".search", ".count", ".current", ".info", ".status")
+
+
+def is_read(method: str) -> bool:
+    method = method.lower()
+    return method in READ_METHODS or method.endswith(READ_SUFFIXES)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class RestError(Exception):
+    """A REST call failed. `code` is Bitrix24's error code (or ours), `status` the HTTP status."""
+
+    def __init__(self, message: str, *, code: str = "", status: int = 0, description: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.description = description
+
+
+class TransportError(RestError):
+    """No answer: connection failed or timed out. `maybe_sent`: the portal may have received it."""
+
+    def __init__(self, message: str, *, maybe_sent: bool) -> None:
+        super().__init__(message, code="transport_error")
+        self.maybe_sent = maybe_sent
+
+
+class NotJSON(RestError):
+    """The portal answered with something that is not JSON (often an HTML error page)."""
+
+
+class ExpiredToken(RestError):
+    pass
+
+
+class InvalidToken(RestError):
+    """The portal refuses the token for good (invalid_token, NO_AUTH_FOUND): reinstall needed."""
+
+
+class InsufficientScope(RestError):
+    pass
+
+
+class AccessDenied(RestError):
+    pass
+
+
+class QueryLimitExceeded(RestError):
+    pass
+
+
+class OverloadLimit(RestError):
+    pass
+
+
+class OperationTimeLimit(RestError):
+    def __init__(self, message: str, *, reset_at: float | None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reset_at = reset_at
+
+
+class PortalDeleted(RestError):
+    pass
+
+
+class MethodNotFound(RestError):
+    pass
+
+
+class BatchLengthExceeded(RestError):
+    pass
+
+
+_ERRORS: dict[str, type[RestError]] = {
+    "expired_token": ExpiredToken,
+    "invalid_token": InvalidToken,
+    "no_auth_found": InvalidToken,
+    "wrong_client": InvalidToken,
+    "insufficient_scope": InsufficientScope,
+    "access_denied": AccessDenied,
+    "query_limit_exceeded": QueryLimitExceeded,
+    "overload_limit": OverloadLimit,
+    "portal_deleted": PortalDeleted,
+    "error_method_not_found": MethodNotFound,
+    "error_batch_length_exceeded": BatchLengthExceeded,
+}
+
+
+def error_from(code: str, description: str = "", status: int = 0, **kwargs: Any) -> RestError:
+    cls = _ERRORS.get(code.lower(), RestError)
+    message = f"{code}: {description}" if description else code
+    if code.upper() == "OPERATION_TIME_LIMIT":
+        return OperationTimeLimit(
+            message, code=code, status=status, description=description, reset_at=kwargs.get("reset_at")
+        )
+    return cls(message, code=code, status=status, description=description)
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    """Results and per-command errors of a batch, keyed by the caller's command keys."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, RestError] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+    nexts: dict[str, Any] = field(default_factory=dict)
+    requests: int = 0
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            key, error = next(iter(self.errors.items()))
+            raise RestError(f"{len(self.errors)} batch command(s) failed; {key}: {error}", code=error.code)
+
+
+def _as_keyed(value: Any, keys: list[str]) -> dict[str, Any]:
+    """Bitrix24 (PHP) answers a batch whose keys are 0..n-1 with a JSON list, others with an object."""
+    if isinstance(value, list):
+        return {keys[i]: item for i, item in enumerate(value) if i < len(keys)} if value else {}
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _items(result: Any) -> list[Any]:
+    if isinstance(result, list):
+        return result
+    if isinstance(result, dict):
+        lists = [v for v in result.values() if isinstance(v, list)]
+        if len(lists) == 1:  # e.g. crm.item.list → {"items": [...]}, tasks.task.list → {"tasks": [...]}
+            return lists[0]
+    raise RestError("the method's result is not a list", code="not_a_list")
+
+
+def command(method: str, params: Mapping[str, Any] | None = None) -> str:
+    """One batch command: `method?query` with PHP-style nested parameters."""
+    return f"{method}?{urlencode(phpform.encode(dict(params or {})))}" if params else method
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+class PortalClient:
+    def __init__(self, portal: Portal, user_id: int | None = None, *, form: bool = False) -> None:
+        self.portal = portal
+        self.user_id = user_id
+        self.form = form  # send application/x-www-form-urlencoded (PHP keys) instead of JSON
+        self._pair: TokenPair | None = None
+
+    # -- public
+
+    def call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool = False,
+        fail_fast: bool = False,
+    ) -> Any:
+        """Call one method; returns its `result`."""
+        return self.call_raw(method, params, idempotent=idempotent, fail_fast=fail_fast).get("result")
+
+    def call_raw(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool = False,
+        fail_fast: bool = False,
+    ) -> dict[str, Any]:
+        """Call one method; returns the whole answer (result, total, next, time)."""
+        return self._send(
+            method, dict(params or {}), retry_timeouts=idempotent or is_read(method), fail_fast=fail_fast
+        )
+
+    def batch(
+        self,
+        commands: Mapping[str, tuple[str, Mapping[str, Any]] | str],
+        *,
+        halt: bool = False,
+        idempotent: bool = False,
+        fail_fast: bool = False,
+    ) -> BatchResult:
+        """Run commands in batches of 50. With `halt`, the first failing command stops the rest."""
+        built = {
+            key: spec if isinstance(spec, str) else command(spec[0], spec[1])
+            for key, spec in commands.items()
+        }
+        reads_only = all(is_read(cmd.split("?", 1)[0]) for cmd in built.values())
+        out = BatchResult()
+        keys = list(built)
+        for start in range(0, len(keys), BATCH_LIMIT):
+            chunk = keys[start : start + BATCH_LIMIT]
+            answer = self._send(
+                "batch",
+                {"halt": 1 if halt else 0, "cmd": {key: built[key] for key in chunk}},
+                retry_timeouts=idempotent or reads_only,
+                fail_fast=fail_fast,
+            )
+            out.requests += 1
+            body = answer.get("result") or {}
+            out.results.update(_as_keyed(body.get("result"), chunk))
+            out.totals.update(_as_keyed(body.get("result_total"), chunk))
+            out.nexts.update(_as_keyed(body.get("result_next"), chunk))
+            for key, error in _as_keyed(body.get("result_error"), chunk).items():
+                if isinstance(error, dict):
+                    out.errors[key] = error_from(
+                        str(error.get("error", "")), str(error.get("error_description", ""))
+                    )
+            if halt and out.errors:
+                break
+        return out
+
+    def list(
+        self, method: str, params: Mapping[str, Any] | None = None, *, fast: bool = False
+    ) -> Iterator[Any]:
+        """Every item of a list method, page after page.
+
+        `fast=True` uses Bitrix24's `start=-1` path for big exports: no total is counted, pages are
+        taken by `ID > last seen`, ordered by ID (the method must support filter[>ID] and order).
+        """
+        params = dict(params or {})
+        if not fast:
+            start: Any = params.pop("start", 0)
+            while True:
+                answer = self.call_raw(method, {**params, "start": start})
+                yield from _items(answer.get("result"))
+                start = answer.get("next")
+                if start in (None, "", 0):
+                    return
+        last_id = 0
+        base_filter = dict(params.pop("filter", {}) or {})
+        while True:
+            answer = self.call_raw(
+                method,
+                {**params, "order": {"ID": "ASC"}, "filter": {**base_filter, ">ID": last_id}, "start": -1},
+            )
+            items = _items(answer.get("result"))
+            yield from items
+            if len(items) < PAGE_SIZE:
+                return
+            last = items[-1]
+            last_id = int(last.get("ID", last.get("id")))
+
+    def operating(self, method: str) -> dict[str, Any] | None:
+        """The last `time.operating` figures seen for a method on this portal (shared by all processes)."""
+        value = cache.get(self._operating_key(method))
+        return value if isinstance(value, dict) else None
+
+    # -- internals
+
+    def _operating_key(self, method: str) -> str:
+        return f"b24:operating:{self.portal.member_id}:{method.lower()}"
+
+    def _token(self) -> str:
+        self._pair = renewal.valid_pair(self.portal, self.user_id)
+        return self._pair.access_token
+
+    def _renew_rejected(self, token: str) -> str:
+        assert self._pair is not None
+        result = renewal.renew_pair(
+            self._pair.pk, trigger=RenewalTrigger.ON_DEMAND, rejected_access_token=token
+        )
+        self._pair = result.pair
+        return result.pair.access_token
+
+    def _follow_rename(self, response: requests.Response) -> None:
+        location = response.headers.get("Location", "")
+        target = urlsplit(location)
+        if not target.netloc or not http.portal_domain_allowed(target.netloc):
+            raise RestError(
+                f"portal redirected to {target.netloc or location!r}, which is not a portal",
+                code="bad_redirect",
+            )
+        scheme = target.scheme or self.portal.protocol
+        if target.netloc.lower() != self.portal.domain or scheme != self.portal.protocol:
+            logger.info("Portal %s moved: %s -> %s", self.portal.member_id, self.portal.domain, target.netloc)
+            Portal.objects.filter(pk=self.portal.pk).update(
+                domain=target.netloc.lower(), protocol=scheme, updated_at=timezone.now()
+            )
+            self.portal.domain, self.portal.protocol = target.netloc.lower(), scheme
+
+    def _remember_operating(self, method: str, answer: dict[str, Any]) -> None:
+        timing = answer.get("time")
+        if isinstance(timing, dict) and "operating" in timing:
+            figures = {"operating": timing.get("operating"), "reset_at": timing.get("operating_reset_at")}
+            cache.set(self._operating_key(method), figures, timeout=900)
+
+    def _send(
+        self, method: str, params: dict[str, Any], *, retry_timeouts: bool, fail_fast: bool
+    ) -> dict[str, Any]:
+        limit = governor.limit_for(self.portal)
+        gov = governor.governor()
+        key = governor.bucket_key(self.portal.member_id)
+        token = self._token()
+        renewed = waited_operating = False
+        limited = redirects = transport_retries = 0
+        while True:
+            gov.acquire(key, limit)
+            url = f"{self.portal.base_url}/rest/{method}.json"
+            payload = {**params, "auth": token}
+            try:
+                if self.form:
+                    response = http.send("POST", url, data=phpform.encode(payload))
+                else:
+                    response = http.send("POST", url, json=payload)
+            except http.HostNotAllowed as exc:
+                raise RestError(str(exc), code="host_not_allowed") from exc
+            except requests.RequestException as exc:
+                maybe_sent = not isinstance(exc, requests.ConnectTimeout)
+                if (retry_timeouts or not maybe_sent) and transport_retries < 2:
+                    transport_retries += 1
+                    time.sleep(random.uniform(0.1, 0.5) * transport_retries)
+                    continue
+                raise TransportError(
+                    f"{method}: {type(exc).__name__}"
+                    + (
+                        " (not re-sent: it may have been carried out)"
+                        if maybe_sent and not retry_timeouts
+                        else ""
+                    ),
+                    maybe_sent=maybe_sent,
+                ) from exc
+            if response.status_code in (301, 302, 303, 307, 308) and redirects < 3:
+                # A renamed portal: re-send the same method and body to the new address (a plain
+                # redirect-follow would turn the POST into a GET and drop the body).
+                redirects += 1
+                self._follow_rename(response)
+                continue
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                if response.status_code >= 500 and retry_timeouts and transport_retries < 2:
+                    transport_retries += 1
+                    time.sleep(random.uniform(0.1, 0.5) * transport_retries)
+                    continue
+                raise NotJSON(
+                    f"{method}: HTTP {response.status_code} with a non-JSON body",
+                    code="not_json",
+                    status=response.status_code,
+                )
+            code = str(answer.get("error") or "")
+            if not code:
+                self._remember_operating(method, answer)
+                return answer
+            description = str(answer.get("error_description") or "")
+            upper = code.upper()
+            if code == "expired_token" and not renewed:
+                renewed = True
+                token = self._renew_rejected(token)
+                continue
+            if (
+                upper in ("QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT")
+                and limited < settings.BITRIX24_QUERY_LIMIT_RETRIES
+            ):
+                # Rejected before it ran, so re-sending is safe even for writes.
+                # The portal's bucket is fuller than ours says (another app on the same portal, or a
+                # limit set too high): hold every process back, and back off ourselves.
+                limited += 1
+                gov.fill(key, limit)
+                time.sleep(min(0.5 * 2 ** (limited - 1), 8.0) * random.uniform(0.5, 1.0))
+                continue
+            if upper == "OPERATION_TIME_LIMIT":
+                raw_time = answer.get("time")
+                timing: dict[str, Any] = raw_time if isinstance(raw_time, dict) else {}
+                reset_at = timing.get("operating_reset_at") or (self.operating(method) or {}).get("reset_at")
+                wait = float(reset_at) - time.time() if reset_at else None
+                if (
+                    not fail_fast
+                    and not waited_operating
+                    and wait is not None
+                    and 0 <= wait <= settings.BITRIX24_OPERATING_WAIT_MAX
+                ):
+                    waited_operating = True
+                    time.sleep(wait + 0.5)
+                    continue
+                raise error_from(code, description, response.status_code, reset_at=reset_at)
+            raise error_from(code, description, response.status_code)

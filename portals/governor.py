@@ -1,0 +1,137 @@
+"""A per-portal rate governor shared by every process of the app.
+
+Bitrix24 limits REST calls per portal with a leaky bucket (2 requests/s drain, burst 50; Enterprise
+5/s, 250). Every web process and worker of the app shares that bucket, so the governor lives in
+Redis when REDIS_URL is set: a GCRA (generic cell rate algorithm, the leaky bucket as a "theoretical
+arrival time") in one Lua script, timed by Redis's own clock so that machines with skewed clocks
+agree. Each caller reserves its slot and is told how long to wait; nobody polls.
+
+Without Redis the same algorithm runs in-process: right for one process, which is what the embedded
+setup runs; the README says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+
+# KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), ttl (s).
+# Returns the seconds to wait before sending, as a string (Lua numbers become integers otherwise).
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+redis.call('SET', KEYS[1], tostring(tat + interval), 'EX', tonumber(ARGV[3]))
+return tostring(wait)
+"""
+
+# After QUERY_LIMIT_EXCEEDED the portal's bucket is full whatever we thought: push the theoretical
+# arrival time so that every process waits for it to drain.
+_FILL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local full = now + tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < full then redis.call('SET', KEYS[1], tostring(full), 'EX', tonumber(ARGV[2])) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limit:
+    rate: float  # requests per second the bucket drains
+    burst: int  # requests the bucket holds
+
+    def governed(self) -> tuple[float, float]:
+        """(emission interval, burst tolerance) with a safety margin: requests reach Bitrix24 a few
+        milliseconds apart from when they were scheduled, so the governor keeps a little headroom."""
+        rate = self.rate * 0.99
+        burst = max(1, self.burst - 3)
+        interval = 1.0 / rate
+        return interval, (burst - 1) * interval
+
+
+class Governor:
+    def reserve(self, key: str, limit: Limit) -> float:
+        """Reserve the next slot for `key`; returns the seconds to wait before sending."""
+        raise NotImplementedError
+
+    def fill(self, key: str, limit: Limit) -> None:
+        """The server said the bucket is full: make every caller wait for it to drain."""
+        raise NotImplementedError
+
+    def acquire(self, key: str, limit: Limit) -> float:
+        wait = self.reserve(key, limit)
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
+class RedisGovernor(Governor):
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._gcra = self.client.register_script(_GCRA)
+        self._fill = self.client.register_script(_FILL)
+
+    def reserve(self, key: str, limit: Limit) -> float:
+        interval, tolerance = limit.governed()
+        ttl = int(tolerance + interval) + 60
+        return float(self._gcra(keys=[key], args=[interval, tolerance, ttl]))
+
+    def fill(self, key: str, limit: Limit) -> None:
+        interval, tolerance = limit.governed()
+        self._fill(keys=[key], args=[tolerance + interval, int(tolerance + interval) + 60])
+
+
+class LocalGovernor(Governor):
+    """The same algorithm in one process (no Redis): correct only within that process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tat: dict[str, float] = {}
+
+    def reserve(self, key: str, limit: Limit) -> float:
+        interval, tolerance = limit.governed()
+        with self._lock:
+            now = time.monotonic()
+            tat = max(self._tat.get(key, 0.0), now)
+            self._tat[key] = tat + interval
+            return max(0.0, tat - tolerance - now)
+
+    def fill(self, key: str, limit: Limit) -> None:
+        interval, tolerance = limit.governed()
+        with self._lock:
+            full = time.monotonic() + tolerance + interval
+            self._tat[key] = max(self._tat.get(key, 0.0), full)
+
+
+@lru_cache(maxsize=4)
+def _governor(redis_url: str) -> Governor:
+    return RedisGovernor(redis_url) if redis_url else LocalGovernor()
+
+
+def governor() -> Governor:
+    return _governor(settings.REDIS_URL)
+
+
+def limit_for(portal: Any) -> Limit:
+    """The portal's own limit when staff set one (Enterprise: 5/s, 250), the default otherwise."""
+    rate = portal.rate_limit or settings.BITRIX24_RATE_LIMIT
+    burst = portal.rate_burst or settings.BITRIX24_RATE_BURST
+    return Limit(rate=float(rate), burst=int(burst))
+
+
+def bucket_key(member_id: str) -> str:
+    return f"b24:bucket:{member_id}"
