@@ -1,0 +1,110 @@
+"""What staff can do to an installation: plain functions with keyword-only arguments.
+
+The admin's actions and buttons call these and nothing else, so each operation behaves the same
+from the admin, a shell or a future API, and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from django.db import transaction
+from django.utils import timezone
+
+from . import oauth, renewal, services
+from .models import Portal, PortalState, RenewalTrigger, TokenPair
+
+logger = logging.getLogger(__name__)
+
+
+class OperationRefused(Exception):
+    """The operation cannot be carried out on this portal as it stands; the message says why."""
+
+
+def queue_renewal(*, portal: Portal) -> int:
+    """Queue a forced renewal of each of the portal's pairs, sent once the transaction commits.
+
+    Forced: a pair is renewed even if not due, and a pair whose credentials were rejected is tried
+    again (after a fixed BITRIX24_CLIENT_SECRET that brings it back). The worker renews each one
+    under its lock, so a renewal already running elsewhere is not repeated. Returns how many
+    renewals were queued (0 for a portal without pairs, such as an uninstalled one).
+    """
+    from .tasks import renew_pair_task
+
+    ids = list(TokenPair.objects.filter(portal=portal).order_by("pk").values_list("pk", flat=True))
+
+    def send() -> None:
+        for pair_id in ids:
+            renew_pair_task.apply_async(args=(pair_id, RenewalTrigger.STAFF, True))
+
+    if ids:
+        transaction.on_commit(send)
+        logger.info("Staff queued renewal of %d pair(s) of portal %s", len(ids), portal.member_id)
+    return len(ids)
+
+
+def verify_portal(*, portal: Portal) -> oauth.AppInfo:
+    """Ask app.info, with the portal's own background token, what Bitrix24 says about the install.
+
+    Stores the app status it reports. The token is renewed first if it is about to expire (that
+    is what `renewal.access_token_for` does). Raises OperationRefused when the portal has no
+    usable pair or the OAuth server refuses the token, services.UpstreamUnavailable when the
+    server cannot be reached.
+    """
+    if portal.state == PortalState.UNINSTALLED:
+        raise OperationRefused(f"{portal.domain} is uninstalled: there is no token to verify with")
+    try:
+        token = renewal.access_token_for(portal)
+    except renewal.NoUsablePair as exc:
+        raise OperationRefused(
+            f"{portal.domain} has no usable background token pair: it needs a reinstall"
+        ) from exc
+    except renewal.RenewalFailed as exc:
+        raise OperationRefused(
+            f"{portal.domain}: its access token had expired and renewing it failed ({exc.code})"
+        ) from exc
+    try:
+        info = oauth.app_info(portal.oauth_server, token)
+    except oauth.OAuthUnavailable as exc:
+        raise services.UpstreamUnavailable(f"cannot reach the OAuth server: {exc}") from exc
+    except oauth.OAuthError as exc:
+        raise OperationRefused(f"{portal.domain}: app.info refused the portal's token ({exc.code})") from exc
+    if not info.member_id or not hmac.compare_digest(info.member_id, portal.member_id):
+        raise OperationRefused(f"{portal.domain}: app.info answered for another portal ({info.member_id!r})")
+    Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
+    portal.app_status = info.status[:1]
+    return info
+
+
+def mark_needs_reinstall(*, portal: Portal, reason: str) -> Portal:
+    """Record that the customer must reinstall the app (staff know something the tokens don't).
+
+    The pairs are kept: a reinstall or a fresh launch by an admin brings the portal back to
+    "installed", as it does after a refused renewal.
+    """
+    reason = reason.strip()
+    if not reason:
+        raise OperationRefused("a reason is required")
+    with transaction.atomic():
+        locked = Portal.objects.select_for_update().get(pk=portal.pk)
+        if locked.state == PortalState.UNINSTALLED:
+            raise OperationRefused(f"{locked.domain} is uninstalled: a reinstall is the customer's choice")
+        locked.state = PortalState.NEEDS_REINSTALL
+        locked.state_reason = reason[:255]
+        locked.save(update_fields=["state", "state_reason", "updated_at"])
+    logger.info("Portal %s marked as needing a reinstall: %s", locked.member_id, reason)
+    return locked
+
+
+def purge_portal(*, portal: Portal) -> None:
+    """Delete what the backend keeps about an uninstalled portal (tokens, renewal log, inbound
+    requests and, through `services.portal_purged`, the app's own data); the portal row stays."""
+    with transaction.atomic():
+        # Re-read under the lock: a reinstall that raced the click must not lose its fresh tokens.
+        locked = Portal.objects.select_for_update().get(pk=portal.pk)
+        try:
+            services.purge_portal_data(portal=locked)
+        except ValueError as exc:
+            raise OperationRefused(f"{locked.domain}: {exc}") from exc
+    logger.info("Purged the data of uninstalled portal %s", portal.member_id)

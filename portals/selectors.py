@@ -1,0 +1,292 @@
+"""Read-only queries for staff screens (admin list, dashboard): querysets and small summaries.
+
+Everything a list row shows is annotated onto the portal query with subqueries, so a page of
+portals costs the same number of queries whether there are ten portals or ten thousand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair
+
+SWEEP_TASK = "portals.tasks.sweep_due_pairs"
+
+
+def _background_pair(field: str) -> Subquery:
+    return Subquery(TokenPair.objects.filter(portal=OuterRef("pk"), is_background=True).values(field)[:1])
+
+
+def _last_renewal(field: str) -> Subquery:
+    return Subquery(
+        RenewalLog.objects.filter(portal=OuterRef("pk")).order_by("-created_at", "-pk").values(field)[:1]
+    )
+
+
+def with_token_health(queryset: QuerySet[Portal] | None = None) -> QuerySet[Portal]:
+    """Portals with their background pair's health and their last renewal attempt, one query.
+
+    Annotations: ``bg_access_expires_at``, ``bg_refresh_issued_at``, ``bg_state``,
+    ``bg_failures`` (the background pair's consecutive failures), ``bg_last_error``,
+    ``last_renewal_outcome``, ``last_renewal_at``, ``pair_count``. A portal without a background
+    pair has them all empty.
+    """
+    queryset = Portal.objects.all() if queryset is None else queryset
+    return queryset.annotate(
+        bg_access_expires_at=_background_pair("access_expires_at"),
+        bg_refresh_issued_at=_background_pair("refresh_issued_at"),
+        bg_state=_background_pair("state"),
+        bg_failures=_background_pair("consecutive_failures"),
+        bg_last_error=_background_pair("last_error"),
+        last_renewal_outcome=_last_renewal("outcome"),
+        last_renewal_at=_last_renewal("created_at"),
+        pair_count=Subquery(
+            TokenPair.objects.filter(portal=OuterRef("pk"))
+            .order_by()
+            .values("portal")
+            .annotate(n=Count("pk"))
+            .values("n")[:1]
+        ),
+    )
+
+
+def refresh_lapses_at(refresh_issued_at: datetime | None) -> datetime | None:
+    if refresh_issued_at is None:
+        return None
+    return refresh_issued_at + timedelta(days=settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS)
+
+
+def days_left(refresh_issued_at: datetime | None, now: datetime | None = None) -> float | None:
+    """Days before a refresh token issued then lapses (negative: it has lapsed)."""
+    lapses = refresh_lapses_at(refresh_issued_at)
+    if lapses is None:
+        return None
+    return (lapses - (now or timezone.now())).total_seconds() / 86400
+
+
+def _issued_before_days_left(days: float, now: datetime) -> datetime:
+    """refresh_issued_at below which a refresh token has fewer than `days` left."""
+    return now - timedelta(days=settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS - days)
+
+
+# --- filters used by the portal list -------------------------------------------------------------
+
+
+_BROKEN_PAIR_STATES = (PairState.DEAD, PairState.CREDENTIALS_REJECTED)
+
+
+def _background_exists(*conditions: Q, **lookups: Any) -> Exists:
+    return Exists(TokenPair.objects.filter(*conditions, portal=OuterRef("pk"), is_background=True, **lookups))
+
+
+def due_soon(queryset: QuerySet[Portal], now: datetime | None = None) -> QuerySet[Portal]:
+    """Installed portals whose active background pair is inside the renewal window
+    (fewer than BITRIX24_RENEW_MARGIN_DAYS left): the sweep renews them, unless it is failing."""
+    now = now or timezone.now()
+    limit = _issued_before_days_left(settings.BITRIX24_RENEW_MARGIN_DAYS, now)
+    return queryset.exclude(state=PortalState.UNINSTALLED).filter(
+        _background_exists(state=PairState.ACTIVE, refresh_issued_at__lte=limit)
+    )
+
+
+def lapsing(queryset: QuerySet[Portal], now: datetime | None = None, days: float = 2) -> QuerySet[Portal]:
+    """Portals whose background refresh token lapses within `days` (or has lapsed)."""
+    now = now or timezone.now()
+    return queryset.exclude(state=PortalState.UNINSTALLED).filter(
+        _background_exists(refresh_issued_at__lte=_issued_before_days_left(days, now))
+    )
+
+
+def failing(queryset: QuerySet[Portal]) -> QuerySet[Portal]:
+    """Portals whose background pair's last renewal failed, or that the OAuth server refused for good."""
+    return queryset.exclude(state=PortalState.UNINSTALLED).filter(
+        _background_exists(Q(consecutive_failures__gt=0) | Q(state__in=_BROKEN_PAIR_STATES))
+    )
+
+
+def without_usable_pair(queryset: QuerySet[Portal]) -> QuerySet[Portal]:
+    """Installed (or needs-reinstall) portals that have no active background pair to work with."""
+    return queryset.exclude(state=PortalState.UNINSTALLED).exclude(_background_exists(state=PairState.ACTIVE))
+
+
+# --- dashboard ----------------------------------------------------------------------------------
+
+
+def state_counts() -> dict[str, int]:
+    """Portals per state, every state present (zero when none)."""
+    counts = {state: 0 for state in PortalState.values}
+    for row in Portal.objects.order_by().values("state").annotate(n=Count("pk")):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+def health_counts(now: datetime | None = None) -> dict[str, int]:
+    now = now or timezone.now()
+    base = Portal.objects.all()
+    return {
+        "due_soon": due_soon(base, now).count(),
+        "lapsing": lapsing(base, now).count(),
+        "failing": failing(base).count(),
+        "no_usable_pair": without_usable_pair(base).count(),
+    }
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One bar of the days-left chart: refresh tokens with `low` ≤ days left < `high`."""
+
+    low: float
+    high: float
+    count: int
+
+    @property
+    def label(self) -> str:
+        if self.low == -math.inf:
+            return "lapsed"
+        if self.high - self.low == 1:
+            return f"{self.low:g}"
+        return f"{self.low:g}-{self.high:g}"
+
+
+def days_left_histogram(now: datetime | None = None, bars: int = 28) -> list[Bucket]:
+    """Active background pairs of installed portals by days left on their refresh token, in one query.
+
+    Bars are whole days wide (wider when the lifetime is longer than `bars` days); the first bar
+    counts the lapsed ones, the last everything beyond the lifetime (clock skew, a longer real life).
+    """
+    now = now or timezone.now()
+    lifetime = settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS
+    width = max(1, math.ceil(lifetime / bars))
+    edges = list(range(0, lifetime + width, width))
+    ranges: list[tuple[float, float]] = [(-math.inf, 0.0)]
+    ranges += [(float(low), float(high)) for low, high in itertools.pairwise(edges)]
+    ranges.append((float(edges[-1]), math.inf))
+    aggregates: dict[str, Count] = {}
+    for index, (low, high) in enumerate(ranges):
+        q = Q()
+        # days left ≥ low  ⇔  issued ≥ now - (lifetime - low); days left < high  ⇔  issued < now - (lifetime - high)
+        if low != -math.inf:
+            q &= Q(refresh_issued_at__gte=_issued_before_days_left(low, now))
+        if high != math.inf:
+            q &= Q(refresh_issued_at__lt=_issued_before_days_left(high, now))
+        aggregates[f"b{index}"] = Count("pk", filter=q)
+    counts = (
+        TokenPair.objects.filter(is_background=True, state=PairState.ACTIVE)
+        .exclude(portal__state=PortalState.UNINSTALLED)
+        .aggregate(**aggregates)
+    )
+    buckets = [Bucket(low, high, counts[f"b{i}"]) for i, (low, high) in enumerate(ranges)]
+    if buckets[-1].count == 0:
+        buckets.pop()  # nothing beyond the lifetime: don't draw an empty "28+" bar
+    return buckets
+
+
+@dataclass(frozen=True)
+class DayActivity:
+    day: date
+    renewed: int
+    skipped: int
+    transient: int
+    refused: int
+
+    @property
+    def failed(self) -> int:
+        return self.transient + self.refused
+
+    @property
+    def total(self) -> int:
+        return self.renewed + self.skipped + self.transient + self.refused
+
+
+def renewal_activity(days: int = 14, now: datetime | None = None) -> list[DayActivity]:
+    """Renewal attempts per day and outcome over the last `days` days (UTC), oldest first, one query."""
+    now = now or timezone.now()
+    today = timezone.localdate(now)
+    first = today - timedelta(days=days - 1)
+    since = timezone.make_aware(datetime.combine(first, datetime.min.time()))
+    table: dict[date, dict[str, int]] = {first + timedelta(days=i): {} for i in range(days)}
+    rows = (
+        RenewalLog.objects.filter(created_at__gte=since)
+        .annotate(day=TruncDate("created_at"))
+        .order_by()
+        .values("day", "outcome")
+        .annotate(n=Count("pk"))
+    )
+    for row in rows:
+        if row["day"] in table:
+            table[row["day"]][row["outcome"]] = row["n"]
+    return [
+        DayActivity(
+            day=day,
+            renewed=outcomes.get(RenewalOutcome.RENEWED, 0),
+            skipped=outcomes.get(RenewalOutcome.SKIPPED, 0),
+            transient=outcomes.get(RenewalOutcome.TRANSIENT, 0),
+            refused=outcomes.get(RenewalOutcome.REFUSED, 0),
+        )
+        for day, outcomes in table.items()
+    ]
+
+
+@dataclass(frozen=True)
+class SweepSchedule:
+    """The beat entry of the renewal sweep, as staff need to read it."""
+
+    name: str
+    enabled: bool
+    schedule: str
+    last_run_at: datetime | None
+    next_run_at: datetime | None  # None: never run yet ("soon") or not computable
+    note: str
+
+
+def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
+    """Every django-celery-beat entry that runs the renewal sweep, and when it runs next.
+
+    Beat keeps last_run_at in the database (flushed every few minutes), so "next" is an estimate:
+    last run + interval, or the crontab's next time after the last run.
+    """
+    from django_celery_beat.models import PeriodicTask
+
+    now = now or timezone.now()
+    result = []
+    tasks = PeriodicTask.objects.filter(task=SWEEP_TASK).select_related(
+        "interval", "crontab", "solar", "clocked"
+    )
+    for task in tasks.order_by("name"):
+        scheduler = task.scheduler
+        schedule_text = str(scheduler) if scheduler is not None else "no schedule"
+        next_run: datetime | None = None
+        note = ""
+        if not task.enabled:
+            note = "disabled: refresh tokens are only renewed on demand"
+        elif task.last_run_at is None:
+            note = "soon (beat has not run it yet)"
+        elif task.interval is not None:
+            next_run = task.last_run_at + timedelta(**{task.interval.period: task.interval.every})
+        elif scheduler is not None:
+            try:
+                next_run = now + scheduler.schedule.remaining_estimate(task.last_run_at)
+            except Exception:  # an exotic schedule (solar without a location …): say so, don't fail the page
+                note = "next run not computable for this schedule"
+        if next_run is not None and next_run < now - timedelta(minutes=5):
+            note = "overdue: is celery beat running?"
+        result.append(
+            SweepSchedule(
+                name=task.name,
+                enabled=task.enabled,
+                schedule=schedule_text,
+                last_run_at=task.last_run_at,
+                next_run_at=next_run,
+                note=note,
+            )
+        )
+    return result
