@@ -1,11 +1,13 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from portals.dashboard import dashboard
 from portals.views import healthz
 
 urlpatterns = [
     path("", include("install.urls")),
     path("api/", include("api.urls")),
+    path("admin/dashboard/", admin.site.admin_view(dashboard), name="admin_dashboard"),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
 ]

@@ -1,0 +1,168 @@
+"""The staff dashboard (/admin/dashboard/): installations by state, refresh-token days left as a
+chart, renewals and failures per day, and when beat runs the renewal sweep next.
+
+Server-rendered, inline SVG, no script: the page works from a bare admin with no static build.
+A fixed number of queries whatever the number of portals (each figure is one aggregate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from . import selectors
+from .models import PortalState
+
+CHART_HEIGHT = 160  # px of the tallest bar
+CHART_TOP = 32  # px above it, for the counts and the "renewal window" label
+BAR_WIDTH = 22
+BAR_GAP = 6
+ACTIVITY_DAYS = 14
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: int
+    y: int
+    width: int
+    height: int
+    label: str
+    count: int
+    colour: str
+    title: str
+
+
+def _bar_colour(bucket: selectors.Bucket) -> str:
+    if bucket.high <= 1:
+        return "#ba2121"  # lapsed or lapsing within a day
+    if bucket.high <= settings.BITRIX24_RENEW_MARGIN_DAYS:
+        return "#e08a00"  # in the renewal window: the sweep should be renewing these
+    return "#4a8f4e"
+
+
+def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
+    """Geometry of the days-left bar chart (drawn as SVG by the template)."""
+    top = max((bucket.count for bucket in buckets), default=0) or 1
+    bars = []
+    for index, bucket in enumerate(buckets):
+        height = round(CHART_HEIGHT * bucket.count / top)
+        if bucket.count and height < 2:
+            height = 2  # one portal is still visible
+        x = index * (BAR_WIDTH + BAR_GAP)
+        days = "lapsed" if bucket.label == "lapsed" else f"{bucket.label} days left"
+        bars.append(
+            Bar(
+                x=x,
+                y=CHART_TOP + CHART_HEIGHT - height,
+                width=BAR_WIDTH,
+                height=height,
+                label=bucket.label,
+                count=bucket.count,
+                colour=_bar_colour(bucket),
+                title=f"{bucket.count} portal(s): {days}",
+            )
+        )
+    margin_index = next(
+        (i for i, b in enumerate(buckets) if b.low >= settings.BITRIX24_RENEW_MARGIN_DAYS), len(buckets)
+    )
+    return {
+        "bars": bars,
+        "width": max(len(bars) * (BAR_WIDTH + BAR_GAP), 1),
+        "height": CHART_TOP + CHART_HEIGHT + 40,
+        "baseline": CHART_TOP + CHART_HEIGHT,
+        "margin_x": margin_index * (BAR_WIDTH + BAR_GAP) - BAR_GAP // 2,
+        "total": sum(bucket.count for bucket in buckets),
+    }
+
+
+def activity_chart(days: list[selectors.DayActivity]) -> dict[str, Any]:
+    """Stacked bars of renewals per day: renewed, skipped, failed and retried, refused."""
+    top = max((day.total for day in days), default=0) or 1
+    columns = []
+    scale = 120 / top
+    for index, day in enumerate(days):
+        x = index * (BAR_WIDTH + BAR_GAP)
+        y = 20 + 120
+        segments = []
+        for count, colour, name in (
+            (day.renewed, "#4a8f4e", "renewed"),
+            (day.skipped, "#9aa5ad", "not needed"),
+            (day.transient, "#e08a00", "failed, retried"),
+            (day.refused, "#ba2121", "refused"),
+        ):
+            if not count:
+                continue
+            height = max(2, round(count * scale))
+            y -= height
+            segments.append({"y": y, "height": height, "colour": colour, "title": f"{count} {name}"})
+        columns.append({"x": x, "top": y, "day": day, "segments": segments, "label": day.day.strftime("%d")})
+    return {
+        "columns": columns,
+        "width": max(len(days) * (BAR_WIDTH + BAR_GAP), 1),
+        "height": 20 + 120 + 36,
+        "baseline": 20 + 120,
+    }
+
+
+def dashboard(request: HttpRequest) -> TemplateResponse:
+    if not request.user.has_perm("portals.view_portal"):
+        raise PermissionDenied
+    now = timezone.now()
+    portals_url = reverse("admin:portals_portal_changelist")
+    counts = selectors.state_counts()
+    states = [
+        {
+            "label": PortalState(state).label,
+            "count": count,
+            "url": f"{portals_url}?{urlencode({'state__exact': state})}",
+            "state": state,
+        }
+        for state, count in counts.items()
+    ]
+    health = selectors.health_counts(now)
+    health_cards = [
+        {
+            "label": label,
+            "count": health[key],
+            "url": f"{portals_url}?{urlencode({'health': key})}",
+            "key": key,
+        }
+        for key, label in (
+            ("due_soon", "due soon (renewal window)"),
+            ("lapsing", "lapsing within 2 days"),
+            ("failing", "failing renewals"),
+            ("no_usable_pair", "without a usable token pair"),
+        )
+    ]
+    activity = selectors.renewal_activity(ACTIVITY_DAYS, now)
+    context = {
+        **admin.site.each_context(request),
+        "title": "Installations dashboard",
+        "now": now,
+        "total_portals": sum(counts.values()),
+        "states": states,
+        "health": health_cards,
+        "chart": days_left_chart(selectors.days_left_histogram(now)),
+        "lifetime_days": settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS,
+        "margin_days": settings.BITRIX24_RENEW_MARGIN_DAYS,
+        "activity": activity,
+        "activity_chart": activity_chart(activity),
+        "activity_days": ACTIVITY_DAYS,
+        "renewed_total": sum(day.renewed for day in activity),
+        "failed_total": sum(day.failed for day in activity),
+        "activity_total": sum(day.total for day in activity),
+        "schedules": selectors.sweep_schedules(now),
+        "portals_url": portals_url,
+        "renewals_url": reverse("admin:portals_renewallog_changelist"),
+        "periodic_tasks_url": reverse("admin:django_celery_beat_periodictask_changelist"),
+    }
+    return TemplateResponse(request, "admin/portals/dashboard.html", context)
