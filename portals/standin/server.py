@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import html
+import ipaddress
 import json
 import re
 import secrets
@@ -68,6 +70,9 @@ NO_AUTH_FOUND: Answer = (401, {"error": "NO_AUTH_FOUND", "error_description": "W
 INVALID_GRANT: Answer = (400, {"error": "invalid_grant", "error_description": "Invalid grant"})
 INVALID_CLIENT: Answer = (401, {"error": "invalid_client", "error_description": "Invalid client"})
 
+APP_FRAME_PATH = "/app-frame/"
+APP_FRAME_NAME = "app-frame"
+
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
@@ -104,6 +109,23 @@ def _php_array(values: dict[str, Any]) -> Any:
     if list(values) == [str(i) for i in range(len(values))]:
         return list(values.values())
     return values
+
+
+def _require_loopback_url(url: str) -> None:
+    """An http(s) URL on a loopback host (127.0.0.0/8, ::1, localhost), or ValueError."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError("handler must be an http:// or https:// URL")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"handler host {host!r} is not a loopback address: the stand-in only opens local apps"
+            )
 
 
 def _split_scope(scope: str) -> set[str]:
@@ -322,6 +344,9 @@ class _PortalHandler(_Handler):
             self._send(302, b"", "text/html; charset=utf-8", {"Location": portal.url + self.path})
             return
         split = urlsplit(self.path)
+        if split.path in (APP_FRAME_PATH, APP_FRAME_PATH.rstrip("/")) and self.command in ("GET", "HEAD"):
+            self._app_frame(portal, split.query)
+            return
         if not split.path.startswith("/rest/"):
             self._send_json(404, {"error": "NOT_FOUND", "error_description": "Not a REST path"})
             return
@@ -337,6 +362,25 @@ class _PortalHandler(_Handler):
         portal._log_call(self.command, method, params)
         status, payload = portal._handle(method, params)
         self._send_json(status, payload)
+
+    def _app_frame(self, portal: FakePortal, query: str) -> None:
+        """``GET /app-frame/?handler=<app URL>&user_id=1[&admin=0][&placement=…]``: the portal page that
+        opens the app in its frame (see :meth:`FakePortal.app_frame_page`). A development tool: the handler
+        must be on a loopback host, anything else is refused with 400."""
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        try:
+            user_id = int(params.get("user_id") or 1)
+            page = portal.app_frame_page(
+                params.get("handler", ""),
+                user_id=user_id,
+                admin=params.get("admin", "1") not in ("0", "N", "false"),
+                placement=params.get("placement") or "DEFAULT",
+                lang=params.get("lang") or "en",
+            )
+        except ValueError as exc:
+            self._send(400, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return
+        self._send(200, page.encode(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,8 +398,10 @@ class StandIn:
         host: str = "127.0.0.1",
         oauth_latency: float = 0.0,
         access_ttl: int = 3600,
+        oauth_port: int = 0,
     ) -> None:
         self.client_id = client_id
+        self.oauth_port = oauth_port  # 0: any free port
         self.client_secret = client_secret
         self.host = host
         self.oauth_latency = oauth_latency
@@ -381,7 +427,7 @@ class StandIn:
 
     def start(self) -> StandIn:
         if self._server is None:
-            self._server = _Server((self.host, 0), _OAuthHandler, self)
+            self._server = _Server((self.host, self.oauth_port), _OAuthHandler, self)
         return self
 
     def stop(self) -> None:
@@ -435,6 +481,7 @@ class StandIn:
         scope: str = "crm,user,placement,im",
         status: str = "F",
         license_family: str = "ent",
+        port: int = 0,
     ) -> FakePortal:
         member_id = member_id or secrets.token_hex(16)
         with self._lock:
@@ -448,6 +495,7 @@ class StandIn:
                 scope=scope,
                 status=status,
                 license_family=license_family,
+                port=port,
             )
             self._portals[member_id] = portal
         return portal
@@ -650,6 +698,7 @@ class FakePortal:
         scope: str,
         status: str,
         license_family: str,
+        port: int = 0,
     ) -> None:
         self.standin = standin
         self.member_id = member_id
@@ -677,7 +726,7 @@ class FakePortal:
         self._level_at = standin.now()
         self._operating: dict[str, deque[tuple[float, float]]] = {}
         self._servers: list[_Server] = []
-        self._server = self._start_server()
+        self._server = self._start_server(port)
         self.domain = f"{standin.host}:{self._server.port}"
         self.url = f"http://{self.domain}"
 
@@ -686,8 +735,8 @@ class FakePortal:
 
     # ---- lifecycle and state changes used by tests
 
-    def _start_server(self) -> _Server:
-        server = _Server((self.standin.host, 0), _PortalHandler, self)
+    def _start_server(self, port: int = 0) -> _Server:
+        server = _Server((self.standin.host, port), _PortalHandler, self)
         self._servers.append(server)
         return server
 
@@ -718,6 +767,58 @@ class FakePortal:
         with self.standin._lock:
             self.standin._codes[code] = _Code(self.member_id, user_id, admin, self.standin.now())
         return code
+
+    def app_frame_page(
+        self,
+        handler: str,
+        *,
+        user_id: int = 1,
+        admin: bool = True,
+        placement: str = "DEFAULT",
+        lang: str = "en",
+    ) -> str:
+        """The HTML a portal serves when a user opens the app: fresh tokens for that user, posted by a form
+        whose ``target`` is an ``<iframe>`` on the same page (settings/oauth/simple-way.md, "What the
+        Application Receives on Opening"). The fields are exactly :func:`payloads.launch`'s: ``DOMAIN``,
+        ``PROTOCOL``, ``LANG`` and ``APP_SID`` in the action's query string, the rest as hidden inputs.
+
+        ``handler`` is the app's URL (its "handler path"). Only loopback hosts are accepted: this is a
+        development tool that hands out live tokens, not a redirector. Raises ValueError otherwise.
+        """
+        from .payloads import launch  # payloads imports this module
+
+        _require_loopback_url(handler)
+        tokens = self.issue_tokens(user_id, admin=admin)
+        query, body = launch(self, tokens, placement=placement, lang=lang)
+        action = handler + ("&" if "?" in handler else "?") + urlencode(query)
+        inputs = "\n".join(
+            f'    <input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+            for name, value in body.items()
+        )
+        domain = html.escape(self.domain)
+        return f"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>{domain} — Bitrix24 stand-in</title>
+  <style>
+    body {{ margin: 0; font: 14px system-ui, sans-serif; background: #eef2f4; }}
+    header {{ background: #2fc6f6; color: #fff; padding: 10px 16px; }}
+    iframe {{ display: block; width: calc(100% - 32px); height: 80vh; margin: 16px; border: 0;
+              background: #fff; border-radius: 8px; }}
+  </style>
+</head>
+<body>
+  <header>Bitrix24 stand-in · portal <b>{domain}</b> · user {int(user_id)} · placement {html.escape(placement)}</header>
+  <form id="launch" method="post" action="{html.escape(action)}" target="{APP_FRAME_NAME}">
+{inputs}
+    <noscript><button type="submit">Open the app</button></noscript>
+  </form>
+  <iframe name="{APP_FRAME_NAME}" id="{APP_FRAME_NAME}" title="Application"></iframe>
+  <script>document.getElementById("launch").submit();</script>
+</body>
+</html>
+"""
 
     def rotate_application_token(self) -> str:
         self.application_token = secrets.token_hex(16)

@@ -1,0 +1,152 @@
+"""The stand-in's portal page (the app opened in a frame, as a portal does) and the
+`bitrix24_standin` command that sets it up for trying the app by hand."""
+
+from __future__ import annotations
+
+import io
+import socket
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pytest
+import requests
+from django.core.management import call_command
+
+from portals.models import Portal, TokenPair
+from portals.standin import payloads as bx
+from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
+
+TIMEOUT = 5
+
+
+class _Page(HTMLParser):
+    """The form, its hidden inputs and the iframes of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, Any]] = []
+        self.inputs: dict[str, str] = {}
+        self.iframes: list[dict[str, Any]] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "form":
+            self.forms.append(values)
+        elif tag == "input" and values.get("type") == "hidden":
+            self.inputs[str(values["name"])] = str(values["value"])
+        elif tag == "iframe":
+            self.iframes.append(values)
+        elif tag == "script":
+            self.scripts += 1
+
+
+def _frame_page(portal, handler: str, **params: str) -> requests.Response:
+    query = "&".join([f"handler={quote(handler, safe='')}", *(f"{k}={v}" for k, v in params.items())])
+    return requests.get(f"{portal.url}{APP_FRAME_PATH}?{query}", timeout=TIMEOUT)
+
+
+def test_portal_page_posts_a_fresh_launch_into_its_own_iframe(b24, standin):
+    response = _frame_page(b24, "http://127.0.0.1:8000/app/", user_id="5", placement="CRM_DEAL_DETAIL_TAB")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/html")
+    page = _Page()
+    page.feed(response.text)
+    [form] = page.forms
+    [frame] = page.iframes
+    assert form["method"] == "post"
+    assert form["target"] == frame["name"] == APP_FRAME_NAME
+    action = urlsplit(str(form["action"]))
+    assert (action.scheme, action.netloc, action.path) == ("http", "127.0.0.1:8000", "/app/")
+    query = {key: values[0] for key, values in parse_qs(action.query).items()}
+    # Exactly the fields payloads.launch builds, split between query string and body the same way.
+    expected_query, expected_body = bx.launch(b24, b24.issue_tokens(5), placement="CRM_DEAL_DETAIL_TAB")
+    assert set(query) == set(expected_query)
+    assert query["DOMAIN"] == b24.domain and query["PROTOCOL"] == "0"
+    assert set(page.inputs) == set(expected_body)
+    assert page.inputs["member_id"] == b24.member_id
+    assert page.inputs["PLACEMENT"] == "CRM_DEAL_DETAIL_TAB"
+    assert page.scripts == 1  # the auto-submit
+    # The tokens are fresh and live, for that user.
+    info = requests.get(
+        f"{standin.oauth_url}/rest/app.info", params={"auth": page.inputs["AUTH_ID"]}, timeout=TIMEOUT
+    ).json()
+    assert info["result"]["user_id"] == 5
+    assert info["result"]["install"]["member_id"] == b24.member_id
+
+
+@pytest.mark.parametrize(
+    "handler", ["http://localhost:8000/app/", "http://[::1]:8000/app/", "http://127.0.0.2/app/"]
+)
+def test_portal_page_accepts_loopback_handlers(b24, handler):
+    assert _frame_page(b24, handler).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        "",
+        "http://example.com/app/",
+        "https://10.0.0.1/app/",
+        "http://169.254.169.254/",
+        "http://127.0.0.1.example.com/app/",
+        "javascript:alert(1)",
+        "file:///etc/passwd",
+        "//127.0.0.1/app/",
+    ],
+)
+def test_portal_page_refuses_handlers_that_are_not_loopback(b24, standin, handler):
+    issued = standin.stats.get("refresh_ok", 0), len(standin._access)
+    response = _frame_page(b24, handler)
+    assert response.status_code == 400
+    assert "<form" not in response.text
+    assert (standin.stats.get("refresh_ok", 0), len(standin._access)) == issued  # no token handed out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bitrix24_standin_command_installs_a_portal_and_prints_how_to_open_it(live_server, settings):
+    oauth_port = _free_port()
+    # The backend trusts the command's OAuth server, as the printed settings tell a developer to do.
+    settings.BITRIX24_OAUTH_SERVERS = [f"http://127.0.0.1:{oauth_port}"]
+    out = io.StringIO()
+
+    call_command(
+        "bitrix24_standin",
+        backend=live_server.url,
+        oauth_port=oauth_port,
+        wait=30,
+        exit_after_install=True,
+        stdout=out,
+    )
+
+    text = out.getvalue()
+    assert f"export BITRIX24_OAUTH_SERVERS=http://127.0.0.1:{oauth_port}" in text
+    for line in (
+        "export BITRIX24_PORTAL_DOMAINS=127.0.0.1:*",
+        "export BITRIX24_ALLOW_HTTP=1",
+        f"export BITRIX24_CLIENT_ID={settings.BITRIX24_CLIENT_ID}",
+        f"export BITRIX24_CLIENT_SECRET={settings.BITRIX24_CLIENT_SECRET}",
+    ):
+        assert line in text
+    portal = Portal.objects.get()
+    assert TokenPair.objects.get(portal=portal).is_background
+    assert (
+        f"http://{portal.domain}{APP_FRAME_PATH}?handler={quote(live_server.url + '/app/', safe='')}" in text
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bitrix24_standin_command_gives_up_with_the_reason(live_server, settings):
+    from django.core.management import CommandError
+
+    # The backend does not trust this stand-in's OAuth server (left at the session stand-in's).
+    with pytest.raises(CommandError, match="did not accept the install: the backend answered 401"):
+        call_command("bitrix24_standin", backend=live_server.url, wait=0.5, stdout=io.StringIO())
