@@ -262,7 +262,7 @@ def test_bind_events_is_idempotent_and_rebinds_after_an_update(installed, b24, b
     def record(sender=None, body=None, **kwargs):
         published.append((sender, list(body[0])))
 
-    before_task_publish.connect(record)
+    before_task_publish.connect(record, weak=False)
     try:
         response = backend.post("/events/", data=bx.onappupdate(b24, b24.issue_tokens(1, admin=True)))
     finally:

@@ -93,7 +93,7 @@ def test_sweep_queues_each_due_pair_once_spread_over_the_window(standin, setting
         if sender == "portals.tasks.renew_pair_task":
             published.append((body[0][0], headers["eta"]))
 
-    before_task_publish.connect(record)
+    before_task_publish.connect(record, weak=False)
     try:
         with transaction.atomic():
             queued = renewal.schedule_due_renewals()
