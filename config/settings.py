@@ -93,6 +93,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
     "django_celery_beat",
     "portals",
     "install",
@@ -242,12 +244,62 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 
+# --- Cache ---------------------------------------------------------------------------------
+# Shared by every process (verified frontend tokens, the REST client's operating-time figures):
+# Redis when REDIS_URL is set, else files under var/ (shared by the processes of one machine).
+# Never the in-process default, which each worker would keep to itself.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # Two deployments sharing one Redis have different queue names: their keys differ too.
+            "KEY_PREFIX": CELERY_TASK_DEFAULT_QUEUE,
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+        }
+    }
+
 # --- REST framework -------------------------------------------------------------------------
 REST_FRAMEWORK = {
+    # Staff: a token from `manage.py drf_create_token <username>` or a session (the admin's login,
+    # for the browsable API). Token first: its WWW-Authenticate header makes "not logged in" a 401.
+    # The app's own frontend endpoints authenticate otherwise (api.authentication).
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Bitrix24 app backend API",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": (
+        "Staff endpoints (session or `Authorization: Token …`, staff users only): portals and their "
+        "token health, renewals, support calls, health. Frontend endpoints under /api/app/ (the app "
+        "page in the portal's iframe): `X-Bitrix24-Auth` (the AUTH_ID) and `X-Bitrix24-Member-Id`, "
+        "verified with Bitrix24's app.info. Every error is `{error, error_description}`, with "
+        "`fields` for invalid input."
+    ),
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The schema maps the staff API: staff only, like the API itself.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "ENUM_NAME_OVERRIDES": {
+        "PortalStateEnum": "portals.models.PortalState",
+        "PairStateEnum": "portals.models.PairState",
+        "AppStatusEnum": "portals.models.AppStatus",
+        "RenewalTriggerEnum": "portals.models.RenewalTrigger",
+        "RenewalOutcomeEnum": "portals.models.RenewalOutcome",
+    },
 }
 
 # --- Logging --------------------------------------------------------------------------------
