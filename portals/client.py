@@ -187,10 +187,15 @@ def command(method: str, params: Mapping[str, Any] | None = None) -> str:
 
 
 class PortalClient:
-    def __init__(self, portal: Portal, user_id: int | None = None, *, form: bool = False) -> None:
+    def __init__(
+        self, portal: Portal, user_id: int | None = None, *, form: bool = False, access_token: str = ""
+    ) -> None:
+        """`access_token`: act with this token as it is (a request's own token, before any pair is
+        stored) instead of a stored pair; it is then never renewed."""
         self.portal = portal
         self.user_id = user_id
         self.form = form  # send application/x-www-form-urlencoded (PHP keys) instead of JSON
+        self.access_token = access_token
         self._pair: TokenPair | None = None
 
     # -- public
@@ -299,6 +304,8 @@ class PortalClient:
         return f"b24:operating:{self.portal.member_id}:{method.lower()}"
 
     def _token(self) -> str:
+        if self.access_token:
+            return self.access_token
         self._pair = renewal.valid_pair(self.portal, self.user_id)
         return self._pair.access_token
 
@@ -309,6 +316,15 @@ class PortalClient:
         )
         self._pair = result.pair
         return result.pair.access_token
+
+    def is_admin(self) -> bool:
+        """Whether the acting user is a portal admin, per `profile` (no scope needed). False when unsure."""
+        try:
+            profile = self.call("profile")
+        except RestError as exc:
+            logger.info("profile check failed on %s: %s", self.portal.domain, exc.code or exc)
+            return False
+        return isinstance(profile, dict) and profile.get("ADMIN") in (True, "Y", "true", 1, "1")
 
     def _follow_rename(self, response: requests.Response) -> None:
         location = response.headers.get("Location", "")
@@ -393,7 +409,7 @@ class PortalClient:
                 return answer
             description = str(answer.get("error_description") or "")
             upper = code.upper()
-            if code == "expired_token" and not renewed:
+            if code == "expired_token" and not renewed and self._pair is not None:
                 renewed = True
                 token = self._renew_rejected(token)
                 continue

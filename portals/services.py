@@ -13,7 +13,8 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, oauth, renewal, rest
+from . import http, oauth, renewal
+from .client import PortalClient
 from .models import PairState, Portal, PortalState, RenewalLog, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
         return True
     if not TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists():
         return True
-    probe = Portal(domain=verified.info.domain, protocol=verified.protocol)
-    return rest.is_admin(portal=probe, access_token=access_token)
+    probe = Portal(member_id=verified.info.member_id, domain=verified.info.domain, protocol=verified.protocol)
+    return PortalClient(probe, access_token=access_token).is_admin()
 
 
 @transaction.atomic
@@ -228,7 +229,6 @@ def install_portal(
     return portal
 
 
-@transaction.atomic
 def record_launch(
     *,
     verified: Verified,
@@ -240,6 +240,39 @@ def record_launch(
 ) -> tuple[Portal, TokenPair | None]:
     """Store the tokens of the user who opened the app. Never moves the background mark to them,
     unless the portal has no background pair at all and `profile` says they are an admin."""
+    info = verified.info
+    may_take_background = False
+    if (
+        info.user_id is not None
+        and not TokenPair.objects.filter(
+            portal__member_id=info.member_id, is_background=True, state=PairState.ACTIVE
+        ).exists()
+    ):
+        # Asked before the transaction: no row lock is held while the portal answers.
+        probe = Portal(member_id=info.member_id, domain=info.domain, protocol=verified.protocol)
+        may_take_background = PortalClient(probe, access_token=access_token).is_admin()
+    return _record_launch(
+        verified=verified,
+        access_token=access_token,
+        refresh_token=refresh_token,
+        expires_in=expires_in,
+        scope=scope,
+        application_token=application_token,
+        may_take_background=may_take_background,
+    )
+
+
+@transaction.atomic
+def _record_launch(
+    *,
+    verified: Verified,
+    access_token: str,
+    refresh_token: str,
+    expires_in: int,
+    scope: str,
+    application_token: str,
+    may_take_background: bool,
+) -> tuple[Portal, TokenPair | None]:
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope)
     _revive(portal, now)
@@ -252,9 +285,9 @@ def record_launch(
     user_id = verified.info.user_id
     if user_id is None:
         return portal, None
-    background = False
-    if not TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists():
-        background = rest.is_admin(portal=portal, access_token=access_token)
+    background = may_take_background and not (
+        TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists()
+    )
     pair = _store_pair(
         portal=portal,
         user_id=user_id,
