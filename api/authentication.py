@@ -98,9 +98,11 @@ def _refuse(status: int, code: str, message: str) -> exceptions.APIException:
     return exceptions.AuthenticationFailed(message, code=code)
 
 
-def _ttl(portal: Portal, user_id: int, token: str) -> int:
-    """How long the verification may be kept: the token's remaining life when we know it (it is the
-    user's stored access token, the usual case: the page got it with the launch), else MAX_TTL."""
+def _ttl(portal: Portal, user_id: int, token: str, expires: float | None = None) -> int:
+    """How long the verification may be kept: the token's remaining life, as app.info said it or as
+    the user's stored pair knows it (the page got the token with the launch), at most MAX_TTL."""
+    if expires is not None:
+        return max(0, min(MAX_TTL, int(expires - timezone.now().timestamp())))
     pair = TokenPair.objects.filter(portal=portal, user_id=user_id).first()
     if pair is not None and hmac.compare_digest(pair.access_token.encode(), token.encode()):
         return max(0, min(MAX_TTL, int((pair.access_expires_at - timezone.now()).total_seconds())))
@@ -135,7 +137,10 @@ def _verify(portal: Portal, token: str) -> dict[str, Any]:
             "code": "invalid_token",
             "message": "The token is not an installed app's user token.",
         }
-    return {"member_id": info.member_id, "user_id": info.user_id}
+    verdict: dict[str, Any] = {"member_id": info.member_id, "user_id": info.user_id}
+    if info.expires_at is not None:
+        verdict["expires"] = info.expires_at.timestamp()
+    return verdict
 
 
 class Bitrix24FrameAuthentication(BaseAuthentication):
@@ -170,7 +175,7 @@ class Bitrix24FrameAuthentication(BaseAuthentication):
             if "member_id" not in verdict:
                 ttl = REFUSAL_TTL
             elif verdict["member_id"] == member_id:
-                ttl = _ttl(portal, verdict["user_id"], token)
+                ttl = _ttl(portal, verdict["user_id"], token, verdict.get("expires"))
             else:
                 ttl = MAX_TTL
             if ttl > 0:

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -114,6 +114,7 @@ class AppInfo:
     installed: bool
     client_endpoint: str
     version: str
+    expires_at: datetime | None = None  # when the access token expires, when the server says
 
 
 def credentials() -> tuple[str, str]:
@@ -196,6 +197,19 @@ def _int_or_none(value: Any) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _when(value: Any) -> datetime | None:
+    """app.info's `expires`: a unix time here, an ISO date in some SDKs' reading; None if neither."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        return datetime.fromtimestamp(int(value), tz=UTC)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
 def _host(endpoint: str) -> str:
     return urlsplit(endpoint).netloc.lower() if endpoint else ""
 
@@ -247,4 +261,5 @@ def app_info(server: str, access_token: str) -> AppInfo:
         installed=bool(install.get("installed")),
         client_endpoint=str(install.get("client_endpoint") or ""),
         version=str(install.get("version") or ""),
+        expires_at=_when(result.get("expires")),
     )
