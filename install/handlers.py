@@ -7,7 +7,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from portals import http, services
+from portals import http, operations, services
 from portals.models import Portal
 
 from . import parsing
@@ -137,7 +137,11 @@ def _on_payment(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is None:
         raise services.VerificationError("unknown portal", code="unknown_portal")
-    return services.refresh_app_status(portal=portal)
+    try:
+        operations.verify_portal(portal=portal)
+    except operations.OperationRefused as exc:
+        raise services.VerificationError(str(exc), status=409, code="cannot_verify") from exc
+    return portal
 
 
 def _on_other(auth: dict[str, Any], data: dict[str, Any]) -> Portal:

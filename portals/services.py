@@ -13,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, oauth, renewal
+from . import http, oauth
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, RenewalLog, TokenPair
 
@@ -333,17 +333,3 @@ def purge_portal_data(*, portal: Portal) -> None:
     TokenPair.objects.filter(portal=portal).delete()
     RenewalLog.objects.filter(portal=portal).delete()
     portal_purged.send(sender=Portal, portal=portal)
-
-
-def refresh_app_status(*, portal: Portal) -> Portal:
-    """Ask app.info, with the portal's own background pair, for the app's status (ONAPPPAYMENT)."""
-    token = renewal.access_token_for(portal)
-    try:
-        info = oauth.app_info(portal.oauth_server, token)
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(str(exc)) from exc
-    if info.member_id != portal.member_id:
-        raise VerificationError("app.info answered for another portal", status=403, code="wrong_portal")
-    Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
-    portal.refresh_from_db()
-    return portal
