@@ -12,6 +12,7 @@ setup runs; the README says so.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class RedisGovernor(Governor):
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # Closed while the interpreter still works, not from __del__ during its shutdown.
+        atexit.register(self.client.close)
         self._gcra = self.client.register_script(_GCRA)
         self._fill = self.client.register_script(_FILL)
 

@@ -99,5 +99,8 @@ def child_env() -> Callable[[StandIn], dict[str, str]]:
 
 
 @pytest.fixture
-def backend(live_server: Any, transactional_db: None) -> Backend:
-    return Backend(live_server.url)
+def backend(live_server: Any, transactional_db: None) -> Iterator[Backend]:
+    client = Backend(live_server.url)
+    yield client
+    # Close keep-alive connections, so that no server thread holds a database session at teardown.
+    client.http.close()
