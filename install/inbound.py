@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -124,6 +125,11 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     except NoUsablePair as exc:
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=409, code="no_usable_tokens", message=str(exc), html=html)
+    except ImproperlyConfigured as exc:
+        # The backend itself is not set up (no BITRIX24_CLIENT_ID/SECRET): say so, do not pretend a 500.
+        logger.error("Inbound %s #%s cannot be verified: %s", kind, row.pk, exc)
+        status, error = InboundStatus.FAILED, str(exc)
+        response = error_response(request, status=503, code="not_configured", message=str(exc), html=html)
     except UpstreamUnavailable as exc:
         status, error = InboundStatus.FAILED, str(exc)
         response = error_response(

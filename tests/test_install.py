@@ -316,3 +316,12 @@ def test_inbound_log_never_holds_a_token_in_clear(backend, b24):
     for secret in (tokens["access_token"], tokens["refresh_token"], b24.application_token):
         assert secret not in dumped
     assert "<redacted fp:" in dumped
+
+
+def test_missing_app_credentials_are_a_clear_503(backend, b24, settings):
+    settings.BITRIX24_CLIENT_SECRET = ""
+    response = backend.install_event(b24)
+    assert response.status_code == 503
+    assert response.json()["error"] == "not_configured"
+    assert "BITRIX24_CLIENT_SECRET" in response.json()["error_description"]
+    assert not Portal.objects.exists()
