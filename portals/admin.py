@@ -280,6 +280,10 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             },
         ),
         (
+            "REST limits (set by staff; empty: the defaults, 2/s and 50; Enterprise portals: 5/s and 250)",
+            {"fields": ("rate_limit", "rate_burst")},
+        ),
+        (
             "Tokens",
             {
                 "fields": (
@@ -408,12 +412,11 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        if request.method == "POST":
-            # Nothing on this page is editable; operations have their own URLs.
-            return HttpResponseRedirect(request.path)
+        # Only the REST limits are editable here; everything else is read-only, operations have
+        # their own URLs.
         context = {
             **(extra_context or {}),
-            "show_save": False,
+            "show_save": True,
             "show_save_and_continue": False,
             "show_save_and_add_another": False,
             "show_delete": False,

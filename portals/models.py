@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -81,11 +82,13 @@ class Portal(models.Model):
     rate_limit = models.FloatField(
         null=True,
         blank=True,
+        validators=[MinValueValidator(0.1)],
         help_text="REST requests per second this portal allows (Enterprise: 5); empty: BITRIX24_RATE_LIMIT.",
     )
     rate_burst = models.PositiveIntegerField(
         null=True,
         blank=True,
+        validators=[MinValueValidator(1)],
         help_text="REST requests this portal's bucket holds (Enterprise: 250); empty: BITRIX24_RATE_BURST.",
     )
     installed_at = models.DateTimeField(

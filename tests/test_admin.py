@@ -643,3 +643,37 @@ def test_no_admin_page_shows_a_token_in_full(backend, b24, standin, admin_client
     ).content.decode()
     assert reverse("admin:portals_portal_change", args=(portal.pk,)) in inbound_page
     assert gone.member_id not in inbound_page
+
+
+@pytest.mark.django_db
+def test_staff_set_a_portals_rest_limits_and_nothing_else(admin_client, standin):
+    portal, _, _ = _portal(standin)
+    url = f"{PORTALS}{portal.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert 'name="rate_limit"' in page and 'name="rate_burst"' in page
+    assert 'name="domain"' not in page and 'name="state"' not in page
+
+    # The read-only inlines still carry their formsets' management fields, as a browser would send them.
+    management = dict(
+        re.findall(r'name="([\w-]+-(?:TOTAL|INITIAL|MIN_NUM|MAX_NUM)_FORMS)"[^>]*value="(\d*)"', page)
+    )
+    assert management
+    response = admin_client.post(
+        url,
+        {
+            **management,
+            "rate_limit": "5",
+            "rate_burst": "250",
+            "domain": "evil.example.com",
+            "state": "uninstalled",
+        },
+    )
+    assert response.status_code == 302
+    portal.refresh_from_db()
+    assert (portal.rate_limit, portal.rate_burst) == (5.0, 250)
+    assert portal.domain != "evil.example.com" and portal.state == PortalState.INSTALLED
+
+    response = admin_client.post(url, {**management, "rate_limit": "-1", "rate_burst": "0"})
+    assert response.status_code == 200  # the form again, with its errors
+    portal.refresh_from_db()
+    assert (portal.rate_limit, portal.rate_burst) == (5.0, 250)
