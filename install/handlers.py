@@ -69,7 +69,6 @@ def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
         refresh_token=auth.refresh_token,
         expires_in=auth.expires_in,
         scope=auth.scope,
-        application_token=auth.application_token,
     )
     context = {
         "portal": portal,

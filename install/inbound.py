@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -102,11 +103,20 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         )
         response["Allow"] = "POST"
         return response
-    row = InboundRequest.objects.create(
-        kind=kind,
-        remote_addr=request.META.get("REMOTE_ADDR") or None,
-        headers={h: request.headers[h][:300] for h in KEPT_HEADERS if h in request.headers},
-    )
+    try:
+        row = InboundRequest.objects.create(
+            kind=kind,
+            remote_addr=request.META.get("REMOTE_ADDR") or None,
+            headers={h: printable(request.headers[h][:300]) for h in KEPT_HEADERS if h in request.headers},
+        )
+    except DatabaseError:
+        # Nothing can be trusted or stored without the log row: ask the sender to come back.
+        logger.exception("Cannot record an inbound %s request", kind)
+        response = error_response(
+            request, status=503, code="busy", message="the backend cannot store requests right now", html=html
+        )
+        response["Retry-After"] = "10"
+        return response
     frame_origin = ""
     try:
         response = handler(request, row)

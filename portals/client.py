@@ -326,21 +326,29 @@ class PortalClient:
             return False
         return isinstance(profile, dict) and profile.get("ADMIN") in (True, "Y", "true", 1, "1")
 
-    def _follow_rename(self, response: requests.Response) -> None:
+    def _follow_rename(self, response: requests.Response) -> tuple[str, str]:
+        """Where a renamed portal sends us: checked against the allowlist before anything else.
+        The new address is used for this call only until it answers like a portal (see _send)."""
         location = response.headers.get("Location", "")
         target = urlsplit(location)
-        if not target.netloc or not http.portal_domain_allowed(target.netloc):
+        scheme = (target.scheme or self.portal.protocol).lower()
+        netloc = target.netloc.lower()
+        try:
+            http.check_url(f"{scheme}://{netloc}/rest/")
+        except http.HostNotAllowed as exc:
             raise RestError(
-                f"portal redirected to {target.netloc or location!r}, which is not a portal",
+                f"portal redirected to {netloc or location!r}, which is not a portal: {exc}",
                 code="bad_redirect",
-            )
-        scheme = target.scheme or self.portal.protocol
-        if target.netloc.lower() != self.portal.domain or scheme != self.portal.protocol:
-            logger.info("Portal %s moved: %s -> %s", self.portal.member_id, self.portal.domain, target.netloc)
-            Portal.objects.filter(pk=self.portal.pk).update(
-                domain=target.netloc.lower(), protocol=scheme, updated_at=timezone.now()
-            )
-            self.portal.domain, self.portal.protocol = target.netloc.lower(), scheme
+            ) from exc
+        return scheme, netloc
+
+    def _keep_rename(self, scheme: str, netloc: str) -> None:
+        """The new address answered as a Bitrix24 portal: store it (member_id stays the key)."""
+        logger.info("Portal %s moved: %s -> %s", self.portal.member_id, self.portal.domain, netloc)
+        Portal.objects.filter(pk=self.portal.pk).update(
+            domain=netloc, protocol=scheme, updated_at=timezone.now()
+        )
+        self.portal.domain, self.portal.protocol = netloc, scheme
 
     def _remember_operating(self, method: str, answer: dict[str, Any]) -> None:
         timing = answer.get("time")
@@ -357,9 +365,11 @@ class PortalClient:
         token = self._token()
         renewed = waited_operating = False
         limited = redirects = transport_retries = 0
+        moved: tuple[str, str] | None = None  # (scheme, host) a redirect sent us to, not yet confirmed
         while True:
             gov.acquire(key, limit)
-            url = f"{self.portal.base_url}/rest/{method}.json"
+            base = f"{moved[0]}://{moved[1]}" if moved else self.portal.base_url
+            url = f"{base}/rest/{method}.json"
             payload = {**params, "auth": token}
             try:
                 if self.form:
@@ -387,7 +397,7 @@ class PortalClient:
                 # A renamed portal: re-send the same method and body to the new address (a plain
                 # redirect-follow would turn the POST into a GET and drop the body).
                 redirects += 1
-                self._follow_rename(response)
+                moved = self._follow_rename(response)
                 continue
             try:
                 answer = response.json()
@@ -403,6 +413,9 @@ class PortalClient:
                     code="not_json",
                     status=response.status_code,
                 )
+            if moved and ("result" in answer or "error" in answer):
+                self._keep_rename(*moved)
+                moved = None
             code = str(answer.get("error") or "")
             if not code:
                 self._remember_operating(method, answer)

@@ -21,7 +21,8 @@ from typing import Any
 
 from django.conf import settings
 
-# KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), ttl (s).
+# KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), seconds the key outlives
+# the last reserved slot.
 # Returns the seconds to wait before sending, as a string (Lua numbers become integers otherwise).
 _GCRA = """
 local t = redis.call('TIME')
@@ -32,7 +33,9 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
-redis.call('SET', KEYS[1], tostring(tat + interval), 'EX', tonumber(ARGV[3]))
+-- The key lives until the last reserved slot is past, plus a margin: a backlog longer than
+-- that must not expire and let a fresh burst through.
+redis.call('SET', KEYS[1], tostring(tat + interval), 'EX', math.ceil(tat + interval - now) + tonumber(ARGV[3]))
 return tostring(wait)
 """
 
@@ -43,7 +46,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local full = now + tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < full then redis.call('SET', KEYS[1], tostring(full), 'EX', tonumber(ARGV[2])) end
+if tat < full then redis.call('SET', KEYS[1], tostring(full), 'EX', math.ceil(full - now) + tonumber(ARGV[2])) end
 return 1
 """
 
@@ -90,12 +93,11 @@ class RedisGovernor(Governor):
 
     def reserve(self, key: str, limit: Limit) -> float:
         interval, tolerance = limit.governed()
-        ttl = int(tolerance + interval) + 60
-        return float(self._gcra(keys=[key], args=[interval, tolerance, ttl]))
+        return float(self._gcra(keys=[key], args=[interval, tolerance, 60]))
 
     def fill(self, key: str, limit: Limit) -> None:
         interval, tolerance = limit.governed()
-        self._fill(keys=[key], args=[tolerance + interval, int(tolerance + interval) + 60])
+        self._fill(keys=[key], args=[tolerance + interval, 60])
 
 
 class LocalGovernor(Governor):

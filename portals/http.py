@@ -41,7 +41,10 @@ def _is_ip_or_local(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
+        # Resolvers also read "127.1", "2130706433" and "0x7f000001" as addresses: no top-level
+        # domain is numeric, so a numeric last label means an address in disguise.
+        last = host.rsplit(".", 1)[-1]
+        return last.isdigit() or last.startswith("0x")
     return True
 
 

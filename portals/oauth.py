@@ -117,6 +117,14 @@ class AppInfo:
     expires_at: datetime | None = None  # when the access token expires, when the server says
 
 
+def worst_case_seconds() -> float:
+    """The longest one OAuth call may take with every retry: what a lock around it must outlast."""
+    connect, read = settings.BITRIX24_OAUTH_TIMEOUT
+    attempts = max(1, settings.BITRIX24_OAUTH_ATTEMPTS)
+    backoff = sum(settings.BITRIX24_OAUTH_BACKOFF * 2 ** (n - 1) for n in range(1, attempts))
+    return attempts * (connect + read) + backoff
+
+
 def credentials() -> tuple[str, str]:
     client_id, secret = settings.BITRIX24_CLIENT_ID, settings.BITRIX24_CLIENT_SECRET
     if not client_id or not secret:
@@ -171,14 +179,14 @@ def _request(url: str, params: dict[str, str]) -> dict[str, Any]:
                         " (an earlier attempt got no answer: the server most likely used the token then)"
                     )
                 raise refusal(f"{code}: {description}".strip(": "), code=code)
-            if response.status_code < 500:
-                raise OAuthRefused(f"{code}: {description}".strip(": "), code=code)
-        if response.status_code >= 500 or not isinstance(data, dict):
-            kind = "non-JSON answer" if not isinstance(data, dict) else "server error"
+            # An error code we do not know (or a 429) is not taken as a refusal: marking a pair dead
+            # on it would give up a refresh token that is probably still good.
+        if response.status_code >= 400 or not isinstance(data, dict) or data.get("error"):
+            kind = (
+                "non-JSON answer" if not isinstance(data, dict) else f"answer {data.get('error') or 'error'}"
+            )
             last = OAuthUnavailable(f"OAuth server {kind} (HTTP {response.status_code})")
             continue
-        if response.status_code >= 400:
-            raise OAuthRefused(f"HTTP {response.status_code} without an error code")
         return data
     assert last is not None
     raise last

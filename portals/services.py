@@ -170,13 +170,11 @@ def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
 
     app.info proves the token is ours and the portal's, not that the request came from
     Bitrix24's install: any employee could post their own token to /install/ or as a forged
-    ONAPPINSTALL. A portal that has no background pair or application token yet takes it;
-    otherwise only a portal admin's install (per `profile`) may replace them.
+    ONAPPINSTALL, with an application token of their choosing (and then forge an uninstall with
+    it). Only the very first sight of a portal is taken on trust; after that, only a portal
+    admin's install (per `profile`) may replace them.
     """
-    portal = Portal.objects.filter(member_id=verified.info.member_id).first()
-    if portal is None or not portal.application_token:
-        return True
-    if not TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists():
+    if not Portal.objects.filter(member_id=verified.info.member_id).exists():
         return True
     probe = Portal(member_id=verified.info.member_id, domain=verified.info.domain, protocol=verified.protocol)
     return PortalClient(probe, access_token=access_token).is_admin()
@@ -236,7 +234,6 @@ def record_launch(
     refresh_token: str,
     expires_in: int,
     scope: str = "",
-    application_token: str = "",
 ) -> tuple[Portal, TokenPair | None]:
     """Store the tokens of the user who opened the app. Never moves the background mark to them,
     unless the portal has no background pair at all and `profile` says they are an admin."""
@@ -257,7 +254,6 @@ def record_launch(
         refresh_token=refresh_token,
         expires_in=expires_in,
         scope=scope,
-        application_token=application_token,
         may_take_background=may_take_background,
     )
 
@@ -270,17 +266,14 @@ def _record_launch(
     refresh_token: str,
     expires_in: int,
     scope: str,
-    application_token: str,
     may_take_background: bool,
 ) -> tuple[Portal, TokenPair | None]:
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope)
     _revive(portal, now)
     portal.last_launch_at = now
-    if application_token and not portal.application_token:
-        # Newer portals send the application token with a launch; keep it only when no event gave
-        # one yet (events are the authoritative source, and a launch is verified anyway).
-        portal.application_token = application_token
+    # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
+    # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
     portal.save()
     user_id = verified.info.user_id
     if user_id is None:

@@ -6,7 +6,7 @@ import logging
 
 from celery import shared_task
 
-from . import bindings, renewal
+from . import bindings, oauth, renewal
 from .models import Portal, PortalState, RenewalTrigger, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -24,8 +24,9 @@ class TransientRenewalError(Exception):
     retry_jitter=True,
     max_retries=8,
     acks_late=True,
-    soft_time_limit=90,
-    time_limit=120,
+    # Never interrupt a refresh in flight: a rollback after the server rotated the pair loses it.
+    soft_time_limit=int(oauth.worst_case_seconds()) + 60,
+    time_limit=int(oauth.worst_case_seconds()) + 90,
 )
 def renew_pair_task(self, pair_id: int, trigger: str = RenewalTrigger.BEAT, force: bool = False) -> str:  # type: ignore[no-untyped-def]
     """Renew one pair if it still needs it. Safe to run twice: the lock and the re-check make it so."""

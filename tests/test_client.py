@@ -278,3 +278,52 @@ def test_no_binding_without_a_public_url(installed, b24, settings):
     settings.BITRIX24_PUBLIC_URL = ""
     assert bindings.bind_events(portal=installed) == []
     assert _calls(b24, "event.get") == []
+
+
+@pytest.fixture
+def redirector():
+    """A server on loopback that answers every request with a 302 to a chosen Location."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        location = ""
+        hits = 0
+
+        def _answer(self) -> None:
+            Handler.hits += 1
+            self.send_response(302)
+            self.send_header("Location", Handler.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, Handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://169.254.169.254/rest/profile.json", "http://localhost:8000/rest/x.json", "http://2130706433/"],
+)
+def test_a_redirect_to_a_host_that_is_not_a_portal_is_refused_and_stores_nothing(
+    installed, redirector, location
+):
+    server, handler = redirector
+    handler.location = location
+    before = (installed.domain, installed.protocol)
+    Portal.objects.filter(pk=installed.pk).update(domain=f"127.0.0.1:{server.server_port}")
+    installed.refresh_from_db()
+    with pytest.raises(client.RestError) as failure:
+        PortalClient(installed).call("crm.contact.add", {"fields": {"NAME": "x"}})
+    assert failure.value.code == "bad_redirect"
+    assert handler.hits == 1
+    installed.refresh_from_db()
+    assert (installed.domain, installed.protocol) == (f"127.0.0.1:{server.server_port}", before[1])

@@ -325,3 +325,34 @@ def test_missing_app_credentials_are_a_clear_503(backend, b24, settings):
     assert response.json()["error"] == "not_configured"
     assert "BITRIX24_CLIENT_SECRET" in response.json()["error_description"]
     assert not Portal.objects.exists()
+
+
+def test_an_employee_cannot_plant_an_application_token_through_a_launch(backend, b24):
+    """A portal installed through a frame that carried no APPLICATION_TOKEN (older portals)."""
+    query, body = bx.launch(b24, b24.issue_tokens(1, admin=True))
+    body.pop("APPLICATION_TOKEN")
+    assert backend.post("/install/", params=query, data=body).status_code == 200
+    query, body = bx.launch(b24, b24.issue_tokens(7, admin=False))
+    body["APPLICATION_TOKEN"] = "e" * 32
+    assert backend.post("/app/", params=query, data=body).status_code == 200
+    assert Portal.objects.get(member_id=b24.member_id).application_token == ""
+    forged = [
+        (k, "e" * 32 if k == "auth[application_token]" else v) for k, v in bx.onappuninstall(b24, clean=True)
+    ]
+    assert backend.post("/events/", data=forged).status_code == 401
+    assert Portal.objects.get(member_id=b24.member_id).state == PortalState.INSTALLED
+
+
+def test_an_employee_cannot_take_over_a_portal_whose_background_pair_died(backend, b24):
+    installer = b24.issue_tokens(1, admin=True)
+    backend.install_event(b24, installer)
+    TokenPair.objects.filter(portal__member_id=b24.member_id).update(state="dead")
+    query, body = bx.launch(b24, b24.issue_tokens(7, admin=False))
+    body["APPLICATION_TOKEN"] = "e" * 32
+    assert backend.post("/install/", params=query, data=body).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.application_token == b24.application_token
+    assert not TokenPair.objects.get(portal=portal, user_id=7).is_background
+    # The installer coming back (a reinstall by an admin) takes the background pair again.
+    backend.install_event(b24, b24.issue_tokens(1, admin=True))
+    assert TokenPair.objects.get(portal=portal, is_background=True).user_id == 1

@@ -233,3 +233,14 @@ def test_endpoints_never_answer_5xx_to_junk(client, path, body, query):
     assert 400 <= response.status_code < 500, (response.status_code, response.content[:200])
     assert response.json()["error"]
     assert not Portal.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "host", ["2130706433", "127.1", "0x7f000001", "0177.0.0.1", "169.254.169.254", "[::1]"]
+)
+def test_addresses_in_disguise_never_match_a_wildcard_pattern(settings, host):
+    from portals.http import portal_domain_allowed
+
+    settings.BITRIX24_PORTAL_DOMAINS = ["*", "*.bitrix24.com"]
+    assert not portal_domain_allowed(host)
+    assert portal_domain_allowed("acme.bitrix24.com")
