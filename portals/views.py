@@ -10,7 +10,10 @@ def _broker_ok() -> tuple[bool, str]:
         import redis
 
         try:
-            redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
+            with redis.Redis.from_url(
+                settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2
+            ) as client:
+                client.ping()
         except redis.RedisError as exc:
             return False, f"redis: {type(exc).__name__}"
         return True, "redis"
