@@ -5,20 +5,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('portals', '0002_renewal_sweep_schedule'),
+        ("portals", "0002_renewal_sweep_schedule"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='portal',
-            name='rate_burst',
-            field=models.PositiveIntegerField(blank=True, help_text="REST requests this portal's bucket holds (Enterprise: 250); empty: BITRIX24_RATE_BURST.", null=True, validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="portal",
+            name="rate_burst",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="REST requests this portal's bucket holds (Enterprise: 250); empty: BITRIX24_RATE_BURST.",
+                null=True,
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='portal',
-            name='rate_limit',
-            field=models.FloatField(blank=True, help_text='REST requests per second this portal allows (Enterprise: 5); empty: BITRIX24_RATE_LIMIT.', null=True, validators=[django.core.validators.MinValueValidator(0.1)]),
+            model_name="portal",
+            name="rate_limit",
+            field=models.FloatField(
+                blank=True,
+                help_text="REST requests per second this portal allows (Enterprise: 5); empty: BITRIX24_RATE_LIMIT.",
+                null=True,
+                validators=[django.core.validators.MinValueValidator(0.1)],
+            ),
         ),
     ]
