@@ -229,6 +229,11 @@ OPERATIONS = {
 }
 
 
+def _all_but(fieldsets: Any, *, editable: tuple[str, ...]) -> tuple[str, ...]:
+    """Every field the fieldsets show, but the editable ones: the read-only list, derived."""
+    return tuple(name for _, options in fieldsets for name in options["fields"] if name not in editable)
+
+
 @admin.register(Portal)
 class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
@@ -298,31 +303,9 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             },
         ),
     )
-    # Everything here comes from Bitrix24: staff read it, they do not edit it.
-    readonly_fields = (
-        "member_id",
-        "domain",
-        "protocol",
-        "oauth_server",
-        "app_status",
-        "app_version",
-        "scope",
-        "state",
-        "state_reason",
-        "payment_expired",
-        "installed_at",
-        "last_launch_at",
-        "uninstalled_at",
-        "created_at",
-        "updated_at",
-        "masked_application_token",
-        "access_expiry",
-        "refresh_age",
-        "refresh_days_left",
-        "last_renewal",
-        "failures",
-        "activity",
-    )
+    # Everything here comes from Bitrix24: staff read it, they do not edit it. The REST limits
+    # are the one thing staff set.
+    readonly_fields = _all_but(fieldsets, editable=("rate_limit", "rate_burst"))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Portal]:
         # The application token is only decrypted on the one page that masks it.
