@@ -26,7 +26,7 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from portals import oauth
+from portals import services
 from portals.models import Portal, PortalState, TokenPair
 
 from .exceptions import NotConfigured, UpstreamUnavailable
@@ -112,31 +112,15 @@ def _ttl(portal: Portal, user_id: int, token: str, expires: float | None = None)
 def _verify(portal: Portal, token: str) -> dict[str, Any]:
     """Ask app.info what the token is. Returns what to cache: the token's portal and user, or a refusal."""
     try:
-        client_id, _ = oauth.credentials()
+        info = services.identify_token(portal=portal, access_token=token)
     except ImproperlyConfigured as exc:
         raise NotConfigured() from exc
-    try:
-        info = oauth.app_info(portal.oauth_server, token)
-    except oauth.InvalidToken as exc:
-        return {
-            "status": 401,
-            "code": "invalid_token",
-            "message": f"Bitrix24 did not accept the token ({exc.code}).",
-        }
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(f"The token cannot be verified now: {exc}") from exc
-    except oauth.OAuthError as exc:
-        raise exceptions.AuthenticationFailed(
-            f"Bitrix24 refused to confirm the token ({exc.code}).", code="verification_failed"
-        ) from exc
-    if not hmac.compare_digest(info.client_id.encode(), client_id.encode()):
-        return {"status": 401, "code": "wrong_client", "message": "The token belongs to another application."}
-    if not info.member_id or info.user_id is None or not info.installed:
-        return {
-            "status": 401,
-            "code": "invalid_token",
-            "message": "The token is not an installed app's user token.",
-        }
+    except services.UpstreamUnavailable as exc:
+        raise UpstreamUnavailable(str(exc)) from exc
+    except services.VerificationError as exc:
+        if exc.code == "verification_failed":  # not a verdict on the token: not remembered
+            raise exceptions.AuthenticationFailed(str(exc), code=exc.code) from exc
+        return {"status": 401, "code": exc.code, "message": str(exc)}
     verdict: dict[str, Any] = {"member_id": info.member_id, "user_id": info.user_id}
     if info.expires_at is not None:
         verdict["expires"] = info.expires_at.timestamp()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from django.db.models import Prefetch, Q, QuerySet
 
-from portals import renewal
 from portals import selectors as portal_selectors
 from portals.models import PairState, Portal, PortalState, RenewalLog, TokenPair
 
@@ -16,14 +15,14 @@ def portal_list(*, state: str = "", due: bool = False, failing: bool = False) ->
     """Portals with their background pair's health, filtered; one query whatever the page size.
 
     `due`: a pair of the portal is due for proactive renewal now (what the next beat sweep takes,
-    `portals.renewal.due_pairs`). `failing`: the background pair's last renewal failed or the OAuth
+    `portals.selectors.due_pairs`). `failing`: the background pair's last renewal failed or the OAuth
     server refused it for good (`portals.selectors.failing`).
     """
     queryset = Portal.objects.all()
     if state:
         queryset = queryset.filter(state=state)
     if due:
-        queryset = queryset.filter(pk__in=renewal.due_pairs().values("portal_id"))
+        queryset = queryset.filter(pk__in=portal_selectors.due_pairs().values("portal_id"))
     if failing:
         queryset = portal_selectors.failing(queryset)
     return portal_selectors.with_token_health(queryset).order_by("domain", "pk")
@@ -48,5 +47,5 @@ def pair_counts() -> dict[str, int]:
     return {
         "total": live.count(),
         "failing": live.filter(Q(consecutive_failures__gt=0) | ~Q(state=PairState.ACTIVE)).count(),
-        "due": renewal.due_pairs().count(),
+        "due": portal_selectors.due_pairs().count(),
     }

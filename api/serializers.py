@@ -1,4 +1,4 @@
-"""What the API shows. Tokens only ever leave as `portals.crypto.mask` (first four characters, length
+"""What the API shows. Tokens only ever leave as `portals.masking.mask` (first four characters, length
 and a fingerprint); the renewal log only holds fingerprints."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from portals import crypto
 from portals import selectors as portal_selectors
+from portals.masking import mask
 from portals.models import Portal, PortalState, RenewalLog, TokenPair
 
 
@@ -36,7 +36,7 @@ class MaskedTokenField(serializers.CharField):
         super().__init__(**kwargs)
 
     def to_representation(self, value: Any) -> str:
-        return crypto.mask(value)
+        return mask(value)
 
 
 def _days(value: float | None) -> float | None:

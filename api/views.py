@@ -6,7 +6,6 @@ app's frontend endpoints under /api/app/ (Bitrix24FrameAuthentication, IsPortalU
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +30,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portals import operations, renewal
+from portals import errors, health, operations
 from portals import selectors as portal_selectors
 from portals.client import PortalClient, RestError
 from portals.models import Portal
-from portals.views import healthz
 
 from . import selectors
 from .authentication import Bitrix24FrameAuthentication, IsPortalUser, PortalUser
@@ -72,9 +70,9 @@ def bitrix24_errors() -> Iterator[None]:
     """A call to a portal that fails is Bitrix24's refusal or our missing tokens, not a bug (5xx of ours)."""
     try:
         yield
-    except renewal.NoUsablePair as exc:
+    except errors.NoUsablePair as exc:
         raise Conflict(str(exc), code="no_usable_pair") from exc
-    except renewal.RenewalFailed as exc:
+    except errors.RenewalFailed as exc:
         if exc.transient:
             raise UpstreamUnavailable(f"Renewing the token failed for now: {exc}") from exc
         raise Conflict(f"The portal's token was refused: {exc}", code="renewal_refused") from exc
@@ -186,12 +184,12 @@ class Health(APIView):
 
     @extend_schema(responses={200: HealthSerializer, 503: HealthSerializer, **_STAFF_ERRORS})
     def get(self, request: Request) -> Response:
-        probe = json.loads(healthz(request._request).content)  # the same checks as /healthz
-        ok = probe.get("status") == "ok"
+        probe = health.check()  # the same checks as /healthz
+        ok = probe.ok
         data: dict[str, Any] = {
             "status": "ok" if ok else "unavailable",
-            "database": probe.get("database", ""),
-            "broker": probe.get("broker", ""),
+            "database": probe.database,
+            "broker": probe.broker,
             "portals": {},
             "pairs": {"total": 0, "failing": 0, "due": 0},
             "background": {},

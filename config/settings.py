@@ -219,13 +219,15 @@ if REDIS_URL:
 else:
     # The filesystem transport works across the web, worker and beat processes of one machine
     # (memory:// would not): the product runs with no broker server at all.
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (CELERY_FS_BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_FS_BROKER_DIR / "out"),
         "data_folder_out": str(CELERY_FS_BROKER_DIR / "out"),
         "processed_folder": str(CELERY_FS_BROKER_DIR / "processed"),
+        # kombu's default is "control" relative to the working directory: it would litter the checkout.
+        "control_folder": str(CELERY_FS_BROKER_DIR / "control"),
         "store_processed": False,
     }
 # One queue name per deployment, so two deployments (or two CI runs) sharing a Redis never

@@ -6,4 +6,5 @@ class InstallConfig(AppConfig):
     verbose_name = "Install, launch and events"
 
     def ready(self) -> None:
-        from . import receivers  # noqa: F401  (connects the purge receiver)
+        # AppConfig.ready is Django's documented place to connect signal receivers.
+        from . import receivers  # noqa: F401, PLC0415

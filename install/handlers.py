@@ -7,7 +7,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from portals import http, operations, services
+from portals import operations, services, tasks
 from portals.models import Portal
 
 from . import parsing
@@ -34,7 +34,7 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
         domain=_claimed(merged, "DOMAIN"),
     )
     auth = parsing.frame_auth(query, body)
-    if http.portal_domain_allowed(auth.domain):
+    if services.is_portal_domain(auth.domain):
         row._frame_origin = f"{auth.protocol}://{auth.domain}"  # type: ignore[attr-defined]
     verified = services.verify_access_token(
         access_token=auth.access_token,
@@ -45,14 +45,22 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
     return auth, verified
 
 
+def _install(*, verified: services.Verified, access_token: str, **fields: Any) -> Portal:
+    """Store a verified install or update; a trusted one also gets its event bindings redone."""
+    trusted = services.install_is_trusted(verified=verified, access_token=access_token)
+    portal = services.install_portal(verified=verified, access_token=access_token, trusted=trusted, **fields)
+    if trusted:
+        tasks.queue_bindings(portal=portal)
+    return portal
+
+
 def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     auth, verified = _frame(request, row)
-    portal = services.install_portal(
+    portal = _install(
         verified=verified,
         access_token=auth.access_token,
         refresh_token=auth.refresh_token,
         expires_in=auth.expires_in,
-        trusted=services.install_is_trusted(verified=verified, access_token=auth.access_token),
         scope=auth.scope,
         application_token=auth.application_token,
     )
@@ -101,12 +109,11 @@ def _verified_event(auth: dict[str, Any]) -> tuple[services.Verified, str, str, 
 
 def _on_install(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
     verified, access, refresh, expires_in = _verified_event(auth)
-    return services.install_portal(
+    return _install(
         verified=verified,
         access_token=access,
         refresh_token=refresh,
         expires_in=expires_in,
-        trusted=services.install_is_trusted(verified=verified, access_token=access),
         scope=parsing.text(auth, "scope", required=False, where="auth"),
         application_token=parsing.text(
             auth, "application_token", pattern=parsing.TOKEN, max_length=512, where="auth"

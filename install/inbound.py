@@ -17,9 +17,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from portals import crypto
-from portals.logging import redact
-from portals.renewal import NoUsablePair
+from portals.errors import NoUsablePair
+from portals.masking import fingerprint, redact
 from portals.services import UpstreamUnavailable, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
@@ -52,7 +51,7 @@ def redact_params(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact_params(v, key) for v in value[:200]]
     if key.lower() in SECRET_KEYS and isinstance(value, (str, int)) and value != "":
-        return f"<redacted fp:{crypto.fingerprint(str(value))}>"
+        return f"<redacted fp:{fingerprint(str(value))}>"
     if isinstance(value, str):
         if len(value) > MAX_VALUE:
             value = value[:MAX_VALUE] + f"…(+{len(value) - MAX_VALUE} chars)"

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from portals import http
+from portals import services
 
 MAX_DEPTH = 8
 _KEY = re.compile(r"^(?P<name>[^\[\]]+)(?P<rest>(?:\[[^\[\]]*\])*)$")
@@ -193,7 +193,7 @@ def section(data: Nested, key: str, *, required: bool = True) -> Nested:
 def domain(data: Nested, key: str, *, where: str = "") -> str:
     value = text(data, key, max_length=255, where=where)
     try:
-        return http.normalize_domain(value)
+        return services.normalize_domain(value)
     except ValueError as exc:
         raise BadRequest(f"{where + '[' + key + ']' if where else key}: {exc}") from exc
 

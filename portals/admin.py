@@ -1,6 +1,6 @@
 """Staff's view of installations: health at a glance, and the operations staff may run.
 
-Tokens are never shown in full, never editable and never searchable (crypto.mask shows the first
+Tokens are never shown in full, never editable and never searchable (masking.mask shows the first
 four characters, the length and a fingerprint). Everything Bitrix24 told us is read-only here;
 the only changes staff make go through `portals.operations`.
 """
@@ -26,7 +26,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince, timeuntil
 
-from . import crypto, operations, selectors, services
+from . import masking, operations, selectors, services
 from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair
 
 RECENT_RENEWALS = 20
@@ -178,11 +178,11 @@ class TokenPairInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-
 
     @admin.display(description="access token")
     def masked_access_token(self, obj: TokenPair) -> str:
-        return crypto.mask(obj.access_token)
+        return masking.mask(obj.access_token)
 
     @admin.display(description="refresh token")
     def masked_refresh_token(self, obj: TokenPair) -> str:
-        return crypto.mask(obj.refresh_token)
+        return masking.mask(obj.refresh_token)
 
     @admin.display(description="days left")
     def days_left(self, obj: TokenPair) -> str:
@@ -323,7 +323,7 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="application token")
     def masked_application_token(self, obj: Portal) -> str:
-        return crypto.mask(obj.application_token)
+        return masking.mask(obj.application_token)
 
     @admin.display(description="app", ordering="app_status")
     def status(self, obj: Portal) -> str:
@@ -587,11 +587,11 @@ class TokenPairAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="access token")
     def masked_access_token(self, obj: TokenPair) -> str:
-        return crypto.mask(obj.access_token)
+        return masking.mask(obj.access_token)
 
     @admin.display(description="refresh token")
     def masked_refresh_token(self, obj: TokenPair) -> str:
-        return crypto.mask(obj.refresh_token)
+        return masking.mask(obj.refresh_token)
 
     @admin.display(description="days left", ordering="refresh_issued_at")
     def days_left(self, obj: TokenPair) -> str:

@@ -1,4 +1,4 @@
-"""Tokens at rest: Fernet with key rotation, fingerprints and masks for people and logs.
+"""Tokens at rest: Fernet with key rotation (fingerprints and masks: `portals.masking`).
 
 The keys are raw Fernet keys from BITRIX24_TOKEN_KEYS: the first encrypts, all decrypt, so a
 new key is put first, `rotate_token_keys` re-encrypts every row, and the old key is dropped.
@@ -6,7 +6,6 @@ new key is put first, `rotate_token_keys` re-encrypts every row, and the old key
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -47,17 +46,3 @@ def decrypt(value: str) -> str:
 def rotate(value: str) -> str:
     """Re-encrypt with the first key (no-op cost for rows already on it is one decrypt)."""
     return fernet().rotate(value.encode()).decode()
-
-
-def fingerprint(token: str | None) -> str:
-    """A short, stable, non-reversible name for a token: enough to tell two tokens apart in logs."""
-    if not token:
-        return ""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-def mask(token: str | None) -> str:
-    """What people may see of a token: its first four characters, its length and fingerprint."""
-    if not token:
-        return "—"
-    return f"{token[:4]}…({len(token)} chars, fp {fingerprint(token)})"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import redis
 from django.conf import settings
 
 # KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), seconds the key outlives
@@ -83,8 +84,6 @@ class Governor:
 
 class RedisGovernor(Governor):
     def __init__(self, url: str) -> None:
-        import redis
-
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         # Closed while the interpreter still works, not from __del__ during its shutdown.
         atexit.register(self.client.close)

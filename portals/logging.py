@@ -7,18 +7,8 @@ holding a URL with `refresh_token=` in it) would otherwise write in clear.
 from __future__ import annotations
 
 import logging
-import re
 
-from .crypto import fingerprint
-
-_PATTERN = re.compile(
-    r"(?P<key>(?:access_token|refresh_token|application_token|client_secret|auth|AUTH_ID|REFRESH_ID|"
-    r"APPLICATION_TOKEN|code)(?:\]|%5D)?[\"']?\s*[=:]\s*[\"']?)(?P<value>[A-Za-z0-9._\-]{8,})"
-)
-
-
-def redact(text: str) -> str:
-    return _PATTERN.sub(lambda m: f"{m.group('key')}<fp:{fingerprint(m.group('value'))}>", text)
+from .masking import redact
 
 
 class RedactTokensFilter(logging.Filter):

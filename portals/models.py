@@ -128,6 +128,13 @@ class PairState(models.TextChoices):
     CREDENTIALS_REJECTED = "credentials_rejected", "App credentials rejected"
 
 
+def renewal_due_before(now=None):  # type: ignore[no-untyped-def]
+    """Pairs whose refresh token was issued before this moment are due for proactive renewal."""
+    now = now or timezone.now()
+    keep = settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS - settings.BITRIX24_RENEW_MARGIN_DAYS
+    return now - timedelta(days=max(keep, 0))
+
+
 class TokenPair(models.Model):
     portal = models.ForeignKey(
         Portal, on_delete=models.CASCADE, related_name="token_pairs", help_text="Portal the pair belongs to."

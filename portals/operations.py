@@ -12,7 +12,7 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from . import oauth, renewal, services
+from . import errors, oauth, renewal, services, tasks
 from .models import Portal, PortalState, RenewalTrigger, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -30,18 +30,11 @@ def queue_renewal(*, portal: Portal) -> int:
     under its lock, so a renewal already running elsewhere is not repeated. Returns how many
     renewals were queued (0 for a portal without pairs, such as an uninstalled one).
     """
-    from .tasks import renew_pair_task
-
-    ids = list(TokenPair.objects.filter(portal=portal).order_by("pk").values_list("pk", flat=True))
-
-    def send() -> None:
-        for pair_id in ids:
-            renew_pair_task.apply_async(args=(pair_id, RenewalTrigger.STAFF, True))
-
-    if ids:
-        transaction.on_commit(send)
-        logger.info("Staff queued renewal of %d pair(s) of portal %s", len(ids), portal.member_id)
-    return len(ids)
+    ids = TokenPair.objects.filter(portal=portal).order_by("pk").values_list("pk", flat=True)
+    count = tasks.queue_renewals(ids, trigger=RenewalTrigger.STAFF, force=True)
+    if count:
+        logger.info("Staff queued renewal of %d pair(s) of portal %s", count, portal.member_id)
+    return count
 
 
 def verify_portal(*, portal: Portal) -> oauth.AppInfo:
@@ -56,11 +49,11 @@ def verify_portal(*, portal: Portal) -> oauth.AppInfo:
         raise OperationRefused(f"{portal.domain} is uninstalled: there is no token to verify with")
     try:
         token = renewal.access_token_for(portal)
-    except renewal.NoUsablePair as exc:
+    except errors.NoUsablePair as exc:
         raise OperationRefused(
             f"{portal.domain} has no usable background token pair: it needs a reinstall"
         ) from exc
-    except renewal.RenewalFailed as exc:
+    except errors.RenewalFailed as exc:
         raise OperationRefused(
             f"{portal.domain}: its access token had expired and renewing it failed ({exc.code})"
         ) from exc

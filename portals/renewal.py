@@ -13,55 +13,35 @@ follows it: one UPDATE of the pair and one INSERT into the renewal log, a few mi
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from . import crypto, oauth
-from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, RenewalTrigger, TokenPair
+from . import oauth
+from .errors import NoUsablePair, RenewalFailed
+from .masking import fingerprint
+from .models import (
+    PairState,
+    Portal,
+    PortalState,
+    RenewalLog,
+    RenewalOutcome,
+    RenewalTrigger,
+    TokenPair,
+    renewal_due_before,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class RenewalFailed(Exception):
-    """A renewal did not produce a new pair."""
-
-    def __init__(self, message: str, *, transient: bool, code: str) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.code = code
 
 
 @dataclass(frozen=True)
 class Renewal:
     pair: TokenPair
     renewed: bool  # False: it was not needed once the lock was held (someone else renewed it)
-
-
-class NoUsablePair(Exception):
-    """The portal has no active token pair to act with (not installed, or it needs a reinstall)."""
-
-
-def due_before(now: datetime | None = None) -> datetime:
-    """Pairs whose refresh token was issued before this moment are due for proactive renewal."""
-    now = now or timezone.now()
-    keep = settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS - settings.BITRIX24_RENEW_MARGIN_DAYS
-    return now - timedelta(days=max(keep, 0))
-
-
-def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
-    now = now or timezone.now()
-    return (
-        TokenPair.objects.filter(state=PairState.ACTIVE, refresh_issued_at__lte=due_before(now))
-        .exclude(portal__state=PortalState.UNINSTALLED)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-    )
 
 
 def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, rejected: str = "") -> bool:
@@ -74,12 +54,10 @@ def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, reject
         return False
     if trigger == RenewalTrigger.ON_DEMAND:
         return pair.access_expires_at <= now + timedelta(seconds=settings.BITRIX24_ACCESS_TOKEN_MIN_SECONDS)
-    return pair.refresh_issued_at <= due_before(now)
+    return pair.refresh_issued_at <= renewal_due_before(now)
 
 
-def _log(
-    pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "", new: str = ""
-) -> None:
+def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "") -> None:
     RenewalLog.objects.create(
         pair=pair,
         portal_id=pair.portal_id,
@@ -88,8 +66,7 @@ def _log(
         outcome=outcome,
         error=error[:500],
         duration_ms=int((time.monotonic() - started) * 1000),
-        old_fingerprint=crypto.fingerprint(pair.refresh_token) if not new else "",
-        new_fingerprint=crypto.fingerprint(new) if new else "",
+        old_fingerprint=fingerprint(pair.refresh_token),
     )
 
 
@@ -183,7 +160,7 @@ def renew_pair(
             _log(pair, trigger, RenewalOutcome.TRANSIENT, started, error=str(exc))
             failure = RenewalFailed(str(exc), transient=True, code=exc.code)
         else:
-            old_fp = crypto.fingerprint(old_refresh)
+            old_fp = fingerprint(old_refresh)
             _apply_grant(pair, grant, timezone.now())
             log = RenewalLog(
                 pair=pair,
@@ -193,7 +170,7 @@ def renew_pair(
                 outcome=RenewalOutcome.RENEWED,
                 duration_ms=int((time.monotonic() - started) * 1000),
                 old_fingerprint=old_fp,
-                new_fingerprint=crypto.fingerprint(grant.refresh_token),
+                new_fingerprint=fingerprint(grant.refresh_token),
             )
             log.save()
     if failure is not None:
@@ -226,20 +203,3 @@ def valid_pair(portal: Portal, user_id: int | None = None) -> TokenPair:
 def access_token_for(portal: Portal, user_id: int | None = None) -> str:
     """A valid access token for the portal (its background pair's, or a given user's)."""
     return valid_pair(portal, user_id).access_token
-
-
-def schedule_due_renewals(now: datetime | None = None) -> int:
-    """Queue one renewal task per due pair, after commit, spread over BITRIX24_RENEW_SPREAD_SECONDS."""
-    from .tasks import renew_pair_task
-
-    ids = list(due_pairs(now).values_list("pk", flat=True))
-    spread = max(settings.BITRIX24_RENEW_SPREAD_SECONDS, 0)
-
-    def send() -> None:
-        for pair_id in ids:
-            renew_pair_task.apply_async(
-                args=(pair_id, RenewalTrigger.BEAT), countdown=random.uniform(0, spread) if spread else 0
-            )
-
-    transaction.on_commit(send)
-    return len(ids)

@@ -16,10 +16,21 @@ from django.conf import settings
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import TruncDate
 from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
 
-from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair
+from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair, renewal_due_before
 
 SWEEP_TASK = "portals.tasks.sweep_due_pairs"
+
+
+def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
+    """Pairs the beat sweep renews: active, refresh token past `LIFETIME - MARGIN` days, not backing off."""
+    now = now or timezone.now()
+    return (
+        TokenPair.objects.filter(state=PairState.ACTIVE, refresh_issued_at__lte=renewal_due_before(now))
+        .exclude(portal__state=PortalState.UNINSTALLED)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    )
 
 
 def _background_pair(field: str) -> Subquery:
@@ -254,8 +265,6 @@ def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
     Beat keeps last_run_at in the database (flushed every few minutes), so "next" is an estimate:
     last run + interval, or the crontab's next time after the last run.
     """
-    from django_celery_beat.models import PeriodicTask
-
     now = now or timezone.now()
     result = []
     tasks = PeriodicTask.objects.filter(task=SWEEP_TASK).select_related(

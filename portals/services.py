@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
@@ -44,6 +43,16 @@ class Verified:
     info: oauth.AppInfo
     server: str
     protocol: str
+
+
+def is_portal_domain(domain: str) -> bool:
+    """Whether `domain` (host[:port]) is a portal this backend serves (BITRIX24_PORTAL_DOMAINS)."""
+    return http.portal_domain_allowed(domain)
+
+
+def normalize_domain(domain: str) -> str:
+    """Lowercased host[:port] without a trailing dot; ValueError for anything that is not one."""
+    return http.normalize_domain(domain)
 
 
 def check_portal_domain(domain: str) -> str:
@@ -95,6 +104,34 @@ def verify_access_token(
     if info.client_endpoint.startswith("http://"):
         protocol = "http"
     return Verified(info=info, server=server, protocol=protocol)
+
+
+def identify_token(*, portal: Portal, access_token: str) -> oauth.AppInfo:
+    """What app.info on the portal's OAuth server says about an access token presented for it: an
+    installed app's user token of our application (which portal and user it is, the caller checks).
+
+    Raises VerificationError with code `invalid_token` or `wrong_client` (a verdict worth
+    remembering) or `verification_failed` (a refusal that may not hold next time),
+    UpstreamUnavailable when the server cannot be asked, ImproperlyConfigured without credentials.
+    """
+    client_id, _ = oauth.credentials()
+    try:
+        info = oauth.app_info(portal.oauth_server, access_token)
+    except oauth.InvalidToken as exc:
+        raise VerificationError(
+            f"Bitrix24 did not accept the token ({exc.code}).", code="invalid_token"
+        ) from exc
+    except oauth.OAuthUnavailable as exc:
+        raise UpstreamUnavailable(f"The token cannot be verified now: {exc}") from exc
+    except oauth.OAuthError as exc:
+        raise VerificationError(
+            f"Bitrix24 refused to confirm the token ({exc.code}).", code="verification_failed"
+        ) from exc
+    if not hmac.compare_digest(info.client_id.encode(), client_id.encode()):
+        raise VerificationError("The token belongs to another application.", code="wrong_client")
+    if not info.member_id or info.user_id is None or not info.installed:
+        raise VerificationError("The token is not an installed app's user token.", code="invalid_token")
+    return info
 
 
 def _upsert_portal(*, verified: Verified, scope: str = "") -> Portal:
@@ -219,11 +256,6 @@ def install_portal(
             scope=scope or verified.info.scope,
             background=trusted,
         )
-    if trusted and settings.BITRIX24_PUBLIC_URL:
-        # Bindings are dropped on update and uninstall: bind again, off the request path.
-        from .tasks import bind_events_task
-
-        transaction.on_commit(lambda: bind_events_task.delay(portal.pk))
     return portal
 
 

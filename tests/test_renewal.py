@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.utils import timezone
 
-from portals import oauth, renewal
+from portals import oauth, renewal, selectors
 from portals.models import (
     PairState,
     Portal,
@@ -306,7 +306,7 @@ def test_invalid_grant_marks_the_portal_and_stops(backend, b24, standin, caplog)
     assert portal.state == PortalState.NEEDS_REINSTALL
     assert "invalid_grant" in portal.state_reason
     # A dead pair is no longer due, and is not retried by the sweep or on demand.
-    assert not renewal.due_pairs(timezone.now() + timedelta(days=365)).filter(pk=pair.pk).exists()
+    assert not selectors.due_pairs(timezone.now() + timedelta(days=365)).filter(pk=pair.pk).exists()
     with pytest.raises(renewal.NoUsablePair):
         renewal.access_token_for(portal)
     assert sum("refused for good" in r.getMessage() for r in caplog.records) == 1
@@ -355,4 +355,4 @@ def test_on_demand_token_is_renewed_only_when_expiring(backend, b24, standin):
     assert token != pair.access_token
     assert standin.stats["refresh_ok"] == before + 1
     # Renewed on demand: no longer due for the sweep.
-    assert not renewal.due_pairs().filter(pk=pair.pk).exists()
+    assert not selectors.due_pairs().filter(pk=pair.pk).exists()

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from install.models import InboundRequest
-from portals import crypto
+from portals import crypto, masking
 from portals.logging import RedactTokensFilter
 from portals.models import Portal, TokenPair
 
@@ -114,7 +114,7 @@ def test_the_log_filter_redacts_what_a_library_would_print():
     RedactTokensFilter().filter(record)
     message = record.getMessage()
     assert "a1b2c3d4e5f6a7b8" not in message
-    assert f"refresh_token=<fp:{crypto.fingerprint('a1b2c3d4e5f6a7b8')}>" in message
+    assert f"refresh_token=<fp:{masking.fingerprint('a1b2c3d4e5f6a7b8')}>" in message
 
 
 def test_admin_pages_show_tokens_masked(backend, b24, admin_client):
@@ -135,4 +135,4 @@ def test_admin_pages_show_tokens_masked(backend, b24, admin_client):
         for secret in (tokens["access_token"], tokens["refresh_token"], b24.application_token):
             assert secret not in html, page
     detail = admin_client.get(f"/admin/portals/portal/{portal.pk}/change/").content.decode()
-    assert crypto.mask(tokens["refresh_token"]) in detail.replace("&hellip;", "…")
+    assert masking.mask(tokens["refresh_token"]) in detail.replace("&hellip;", "…")

@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.celery import app as celery_app
-from portals import renewal
+from portals import selectors, tasks
 from portals.models import (
     PairState,
     Portal,
@@ -70,7 +70,7 @@ def test_due_pairs_time_travel(standin, settings):
     uninstalled = _pair(standin, issued_days_ago=25, now=now, portal_state=PortalState.UNINSTALLED)
 
     def selected(at):
-        return set(renewal.due_pairs(at).values_list("pk", flat=True))
+        return set(selectors.due_pairs(at).values_list("pk", flat=True))
 
     assert selected(now) == {due.pk, overdue.pk, retry_now.pk}
     # An hour later the back-off is over; two hours less than a day later, "almost" has become due.
@@ -96,7 +96,7 @@ def test_sweep_queues_each_due_pair_once_spread_over_the_window(standin, setting
     before_task_publish.connect(record, weak=False)
     try:
         with transaction.atomic():
-            queued = renewal.schedule_due_renewals()
+            queued = tasks.queue_due_renewals()
             assert published == []  # nothing leaves before the transaction commits
         assert queued == 40
     finally:
@@ -167,4 +167,4 @@ def test_a_sweep_over_many_portals_runs_through_a_real_worker(standin, settings,
     for pair in TokenPair.objects.filter(pk__in=old):
         assert pair.refresh_token != old[pair.pk]
         assert pair.refresh_issued_at > timezone.now() - timedelta(minutes=5)
-    assert not renewal.due_pairs().exists()
+    assert not selectors.due_pairs().exists()

@@ -5,7 +5,7 @@ return form pairs (post them with ``requests.post(url, data=pairs)``). The launc
 whose query string and body carry different fields, so :func:`launch` returns both as dicts.
 
 Each builder mirrors a page of ``bitrix24/b24restdocs`` (named in its docstring); the samples are in
-``/work/shared/payloads/``. Endpoints point at the stand-in: ``server_endpoint`` is the stand-in's
+``tests/payloads/``. Endpoints point at the stand-in: ``server_endpoint`` is the stand-in's
 ``oauth_url + "/rest/"``, ``client_endpoint`` the portal's ``url + "/rest/"``, ``domain`` the portal's.
 Standard library only.
 """
@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import phpform
-from .server import FakePortal
+
+if TYPE_CHECKING:  # the server builds its app frame with these payloads
+    from .server import FakePortal
 
 __all__ = ["launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]
 

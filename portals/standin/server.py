@@ -37,6 +37,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .. import phpform
+from . import payloads
 
 __all__ = ["FakePortal", "StandIn"]
 
@@ -785,11 +786,9 @@ class FakePortal:
         ``handler`` is the app's URL (its "handler path"). Only loopback hosts are accepted: this is a
         development tool that hands out live tokens, not a redirector. Raises ValueError otherwise.
         """
-        from .payloads import launch  # payloads imports this module
-
         _require_loopback_url(handler)
         tokens = self.issue_tokens(user_id, admin=admin)
-        query, body = launch(self, tokens, placement=placement, lang=lang)
+        query, body = payloads.launch(self, tokens, placement=placement, lang=lang)
         action = handler + ("&" if "?" in handler else "?") + urlencode(query)
         inputs = "\n".join(
             f'    <input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'

@@ -5,8 +5,8 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from portals import renewal
-from portals.crypto import fingerprint
+from portals import errors, renewal, selectors
+from portals.masking import fingerprint
 from portals.models import Portal, RenewalTrigger, TokenPair
 
 
@@ -26,9 +26,9 @@ class Command(BaseCommand):
                 raise CommandError(f"No portal with member_id {portal!r}.")
             pairs = TokenPair.objects.filter(portal=target)
             if not force:
-                pairs = pairs.filter(pk__in=renewal.due_pairs().values("pk"))
+                pairs = pairs.filter(pk__in=selectors.due_pairs().values("pk"))
         else:
-            pairs = TokenPair.objects.all() if force else renewal.due_pairs()
+            pairs = TokenPair.objects.all() if force else selectors.due_pairs()
         ids = list(pairs.order_by("pk").values_list("pk", flat=True))
         if not ids:
             self.stdout.write(
@@ -43,7 +43,7 @@ class Command(BaseCommand):
             except TokenPair.DoesNotExist:
                 skipped += 1
                 continue
-            except renewal.RenewalFailed as exc:
+            except errors.RenewalFailed as exc:
                 failed += 1
                 kind = "will retry later" if exc.transient else "refused for good, needs reinstall"
                 self.stderr.write(f"[{index}/{total}] pair {pair_id}: FAILED ({exc.code}, {kind})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand
-from django.db import transaction
+from django.db import connection, transaction
 
 from portals import crypto
 from portals.models import Portal, TokenPair
@@ -27,23 +27,20 @@ class Command(BaseCommand):
             ids = list(model.objects.values_list("pk", flat=True))
             for start in range(0, len(ids), 500):
                 batch = ids[start : start + 500]
-                with transaction.atomic():
-                    from django.db import connection
-
-                    with connection.cursor() as cursor:
-                        cols = ", ".join(fields)
-                        placeholders = ", ".join(["%s"] * len(batch))
-                        cursor.execute(
-                            f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders}) FOR UPDATE"
-                            if connection.vendor == "postgresql"
-                            else f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders})",
-                            batch,
-                        )
-                        rows = cursor.fetchall()
-                        for row in rows:
-                            values = [crypto.rotate(v) if v else v for v in row[1:]]
-                            sets = ", ".join(f"{f} = %s" for f in fields)
-                            cursor.execute(f"UPDATE {table} SET {sets} WHERE id = %s", [*values, row[0]])
-                        done += len(rows)
+                with transaction.atomic(), connection.cursor() as cursor:
+                    cols = ", ".join(fields)
+                    placeholders = ", ".join(["%s"] * len(batch))
+                    cursor.execute(
+                        f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders}) FOR UPDATE"
+                        if connection.vendor == "postgresql"
+                        else f"SELECT id, {cols} FROM {table} WHERE id IN ({placeholders})",
+                        batch,
+                    )
+                    rows = cursor.fetchall()
+                    for row in rows:
+                        values = [crypto.rotate(v) if v else v for v in row[1:]]
+                        sets = ", ".join(f"{f} = %s" for f in fields)
+                        cursor.execute(f"UPDATE {table} SET {sets} WHERE id = %s", [*values, row[0]])
+                    done += len(rows)
             self.stdout.write(f"{model.__name__}: {len(ids)} row(s) re-encrypted")
         self.stdout.write(self.style.SUCCESS(f"Done: {done} row(s) now encrypted with the first key."))

@@ -1,0 +1,20 @@
+"""Domain errors that callers above the renewal service catch (views, the API, tasks, commands).
+
+They live apart from the modules that raise them so that callers need not import those modules'
+internals, and they carry no HTTP: the views and the API's exception handler map them.
+"""
+
+from __future__ import annotations
+
+
+class NoUsablePair(Exception):
+    """The portal has no active token pair to act with (not installed, or it needs a reinstall)."""
+
+
+class RenewalFailed(Exception):
+    """A renewal did not produce a new pair."""
+
+    def __init__(self, message: str, *, transient: bool, code: str) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
