@@ -200,6 +200,9 @@ BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
+# How long a renewal whose answer arrived keeps trying to store it while the database is unreachable
+# (the new pair waits in the second copy meanwhile; see portals.journal).
+BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)
 
 # REST calls to portals: Bitrix24's leaky bucket per portal (2/s, burst 50; Enterprise 5/s, 250,
 # set per portal in the admin), and how long a call may wait for the operating-time limit to reset.

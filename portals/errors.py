@@ -14,7 +14,9 @@ class NoUsablePair(Exception):
 class RenewalFailed(Exception):
     """A renewal did not produce a new pair."""
 
-    def __init__(self, message: str, *, transient: bool, code: str) -> None:
+    def __init__(self, message: str, *, transient: bool, code: str, lost: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
         self.code = code
+        # The pair was lost in an interrupted renewal: the portal needs a reinstall.
+        self.lost = lost

@@ -126,6 +126,10 @@ class PairState(models.TextChoices):
     # invalid_client: the app's credentials were refused. The refresh token was not consumed,
     # so fixing BITRIX24_CLIENT_SECRET and renewing again brings the pair back.
     CREDENTIALS_REJECTED = "credentials_rejected", "App credentials rejected"
+    # A renewal was interrupted (crash, kill) after its request may have reached the OAuth server,
+    # and the refresh token was refused when the interrupted attempt was resolved: the server had
+    # used it, and the new pair it handed out never arrived. Only a reinstall brings it back.
+    LOST = "lost", "Lost in an interrupted renewal"
 
 
 def renewal_due_before(now=None):  # type: ignore[no-untyped-def]
@@ -248,3 +252,69 @@ class RenewalLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.outcome} {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class AttemptState(models.TextChoices):
+    IN_FLIGHT = "in_flight", "In flight"
+    STORED = "stored", "New pair stored"
+    FAILED = "failed", "Failed (nothing rotated)"
+    RECOVERED = "recovered", "Interrupted; new pair recovered from the second copy"
+    INTERRUPTED = "interrupted", "Interrupted; resolved by trying the old token again"
+
+
+class RenewalAttempt(models.Model):
+    """The journal of refreshes: written and committed before the request leaves the process.
+
+    A refresh that is interrupted (crash, kill, lost database) leaves its attempt `in_flight`; the
+    next renewal of that pair, `renew_tokens` or the beat sweep resolves it (see
+    `portals.renewal`), instead of the pair looking healthy until its refresh token is refused.
+    """
+
+    pair = models.ForeignKey(
+        TokenPair, on_delete=models.CASCADE, related_name="attempts", help_text="The pair being renewed."
+    )
+    portal = models.ForeignKey(
+        Portal, on_delete=models.CASCADE, related_name="renewal_attempts", help_text="Portal of the pair."
+    )
+    trigger = models.CharField(
+        max_length=16, choices=RenewalTrigger.choices, help_text="What asked for the renewal."
+    )
+    state = models.CharField(
+        max_length=16,
+        choices=AttemptState.choices,
+        default=AttemptState.IN_FLIGHT,
+        db_index=True,
+        help_text="In flight until the new pair is stored or the failure recorded.",
+    )
+    old_fingerprint = models.CharField(
+        max_length=16, help_text="Fingerprint of the refresh token sent (never the token)."
+    )
+    holder_host = models.CharField(
+        max_length=255, help_text="Host name of the process that sent the refresh."
+    )
+    holder_pid = models.PositiveIntegerField(help_text="Process id of the process that sent the refresh.")
+    holder_start = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Boot id and start time of that process: a reused process id does not pass for the holder.",
+    )
+    lease_expires_at = models.DateTimeField(
+        help_text="After this the holder is presumed dead, alive or not: longer than any refresh can take."
+    )
+    started_at = models.DateTimeField(default=timezone.now, help_text="When the attempt was journaled.")
+    finished_at = models.DateTimeField(null=True, blank=True, help_text="When the attempt was resolved.")
+    note = models.CharField(max_length=500, blank=True, help_text="How the attempt ended, when not plainly.")
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            # The lease: one refresh of a pair at a time, without a lock held across the HTTP call.
+            models.UniqueConstraint(
+                fields=["pair"],
+                condition=models.Q(state="in_flight"),
+                name="one_attempt_in_flight_per_pair",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.state} {self.started_at:%Y-%m-%d %H:%M:%S}"

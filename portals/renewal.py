@@ -1,13 +1,24 @@
 """Token renewal: the one function that rotates a pair, and the one that hands out access tokens.
 
 Bitrix24 refresh tokens are single-use: a refresh kills the old refresh token and the old access
-token. Two workers refreshing the same pair at once lose the portal, so a pair is only ever
-rotated under its row lock (`SELECT … FOR UPDATE` on PostgreSQL; on SQLite every transaction is
-IMMEDIATE, which takes the database's write lock), and whoever gets the lock second re-reads the
-pair and finds it already renewed.
+token. Two workers refreshing the same pair at once lose the portal, and so does a process that
+dies between the OAuth server's answer and storing it. So a refresh goes in three steps, and no
+database transaction is open during the HTTP call:
 
-The window in which a crash loses a pair is between the OAuth server's answer and the commit that
-follows it: one UPDATE of the pair and one INSERT into the renewal log, a few milliseconds.
+1. **Claim** (a short transaction under the pair's row lock): re-read the pair, resolve an attempt
+   an earlier process left unfinished, and journal a new attempt (`RenewalAttempt`: the old token's
+   fingerprint, who holds it, a lease longer than the longest refresh). One attempt per pair may be
+   in flight: the others wait for it (on demand) or leave it be (sweep, staff, command).
+2. **Send** the refresh. Stop signals wait for it (`portals.stopping`); no new retries start once a
+   stop was asked for.
+3. **Keep, then store**: the new pair goes to the second copy (`portals.journal`) the moment it
+   arrives, then into the database in a short transaction, retried for BITRIX24_STORE_RETRY_SECONDS
+   while the database cannot be reached.
+
+An attempt left in flight is resolved by whoever meets it next, once its holder is proven dead
+(same host, process gone) or its lease has expired: a second copy is stored ("recovered"); else the
+old refresh token is tried once: it works (the request never reached the server, or the server did
+nothing), or it is refused, and the pair is marked lost with the time of the interruption.
 """
 
 from __future__ import annotations
@@ -18,16 +29,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from . import oauth
+from . import journal, oauth, stopping
 from .errors import NoUsablePair, RenewalFailed
 from .masking import fingerprint
 from .models import (
+    AttemptState,
     PairState,
     Portal,
     PortalState,
+    RenewalAttempt,
     RenewalLog,
     RenewalOutcome,
     RenewalTrigger,
@@ -37,11 +51,36 @@ from .models import (
 
 logger = logging.getLogger(__name__)
 
+WAIT_POLL_SECONDS = 0.2
+
 
 @dataclass(frozen=True)
 class Renewal:
     pair: TokenPair
     renewed: bool  # False: it was not needed once the lock was held (someone else renewed it)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    attempt_id: int
+    server: str
+    old_refresh: str
+    interrupted_at: datetime | None  # set when this attempt retries one that was interrupted
+
+
+class _Busy:
+    """Another live process holds an attempt on the pair."""
+
+
+def lease_seconds() -> float:
+    """Longer than any attempt can take: every OAuth retry, then storing with every DB retry."""
+    return oauth.worst_case_seconds() + settings.BITRIX24_STORE_RETRY_SECONDS + 60
+
+
+def holder_may_live(attempt: RenewalAttempt, now: datetime | None = None) -> bool:
+    if attempt.lease_expires_at <= (now or timezone.now()):
+        return False
+    return not journal.holder_is_dead(attempt.holder_host, attempt.holder_pid, attempt.holder_start)
 
 
 def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, rejected: str = "") -> bool:
@@ -109,6 +148,21 @@ def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
         )
 
 
+def _mark_lost(pair: TokenPair, reason: str) -> None:
+    pair.state = PairState.LOST
+    pair.last_error = reason[:500]
+    pair.consecutive_failures += 1
+    pair.next_attempt_at = None
+    pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
+    if pair.is_background:
+        Portal.objects.filter(pk=pair.portal_id).exclude(state=PortalState.UNINSTALLED).update(
+            state=PortalState.NEEDS_REINSTALL, state_reason=reason[:255]
+        )
+    logger.error(
+        "Token pair %s (portal %s, user %s) %s", pair.pk, pair.portal.member_id, pair.user_id, reason
+    )
+
+
 def _mark_transient(pair: TokenPair, exc: oauth.OAuthError, now: datetime) -> None:
     pair.consecutive_failures += 1
     pair.last_error = str(exc)[:500]
@@ -117,10 +171,181 @@ def _mark_transient(pair: TokenPair, exc: oauth.OAuthError, now: datetime) -> No
     pair.save(update_fields=["consecutive_failures", "last_error", "next_attempt_at", "updated_at"])
 
 
+def _attempt_log(
+    pair: TokenPair, trigger: str, outcome: str, started: float, *, old: str, new: str = "", error: str = ""
+) -> None:
+    RenewalLog.objects.create(
+        pair=pair,
+        portal_id=pair.portal_id,
+        user_id=pair.user_id,
+        trigger=trigger,
+        outcome=outcome,
+        error=error[:500],
+        duration_ms=int((time.monotonic() - started) * 1000),
+        old_fingerprint=fingerprint(old),
+        new_fingerprint=fingerprint(new) if new else "",
+    )
+
+
+def _finish(attempt_id: int, state: str, note: str = "") -> None:
+    RenewalAttempt.objects.filter(pk=attempt_id).update(
+        state=state, finished_at=timezone.now(), note=note[:500]
+    )
+
+
+def _claim(
+    pair_id: int, trigger: str, force: bool, rejected: str, started: float
+) -> Renewal | _Claim | _Busy:
+    """Step 1, in one short transaction: decide, resolve what an earlier process left, journal."""
+    recovered: int | None = None
+    with transaction.atomic():
+        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        now = timezone.now()
+        interrupted_at: datetime | None = None
+        unfinished = RenewalAttempt.objects.filter(pair=pair, state=AttemptState.IN_FLIGHT).first()
+        if unfinished is not None:
+            if holder_may_live(unfinished, now):
+                return _Busy()
+            if fingerprint(pair.refresh_token) != unfinished.old_fingerprint:
+                # A launch or a reinstall stored a newer pair since: the interrupted refresh is moot.
+                _finish(unfinished.pk, AttemptState.INTERRUPTED, "holder gone; a newer pair was stored since")
+            elif (grant := journal.find(unfinished.pk)) is not None:
+                old = pair.refresh_token
+                _apply_grant(pair, grant, now)
+                _finish(unfinished.pk, AttemptState.RECOVERED, "the new pair was stored from the second copy")
+                _attempt_log(
+                    pair,
+                    trigger,
+                    RenewalOutcome.RENEWED,
+                    started,
+                    old=old,
+                    new=grant.refresh_token,
+                    error=f"recovered: the renewal interrupted at {unfinished.started_at:%Y-%m-%d %H:%M:%S} "
+                    "UTC had got its answer",
+                )
+                logger.warning(
+                    "Recovered token pair %s (portal %s) from the second copy of an interrupted renewal",
+                    pair.pk,
+                    pair.portal.member_id,
+                )
+                recovered = unfinished.pk
+            else:
+                # Its answer never got here (or never came): the old token is tried once, whatever
+                # `force` says; a refusal then means the interrupted request used it.
+                interrupted_at = unfinished.started_at
+                _finish(
+                    unfinished.pk,
+                    AttemptState.INTERRUPTED,
+                    "holder gone without an answer stored; the old refresh token is tried again",
+                )
+        if (
+            recovered is None
+            and interrupted_at is None
+            and not _is_needed(pair, trigger, force, now, rejected)
+        ):
+            # Another worker renewed it while this one waited for the lock (or it is not due).
+            _log(pair, trigger, RenewalOutcome.SKIPPED, started)
+            return Renewal(pair, renewed=False)
+        if recovered is None:
+            holder = journal.current_holder()
+            attempt = RenewalAttempt.objects.create(
+                pair=pair,
+                portal_id=pair.portal_id,
+                trigger=trigger,
+                old_fingerprint=fingerprint(pair.refresh_token),
+                holder_host=holder.host,
+                holder_pid=holder.pid,
+                holder_start=holder.start,
+                lease_expires_at=now + timedelta(seconds=lease_seconds()),
+            )
+            return _Claim(attempt.pk, pair.portal.oauth_server, pair.refresh_token, interrupted_at)
+    assert recovered is not None
+    journal.forget(recovered)
+    return Renewal(pair, renewed=True)
+
+
+def _refused(claim: _Claim, pair_id: int, exc: oauth.OAuthRefused, trigger: str, started: float) -> Renewal:
+    """The OAuth server refused the token: record why, unless a newer pair was stored meanwhile."""
+    with transaction.atomic():
+        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        if pair.refresh_token != claim.old_refresh:
+            # Someone stored a newer pair meanwhile (a launch, a reinstall): that one is live.
+            _finish(claim.attempt_id, AttemptState.FAILED, f"stale token refused: {exc.code}")
+            _log(pair, trigger, RenewalOutcome.SKIPPED, started, error=f"stale token refused: {exc.code}")
+            return Renewal(pair, renewed=False)
+        if claim.interrupted_at is not None and isinstance(exc, oauth.InvalidGrant):
+            reason = f"lost in a renewal interrupted at {claim.interrupted_at:%Y-%m-%d %H:%M:%S} UTC"
+            _mark_lost(pair, reason)
+            _finish(claim.attempt_id, AttemptState.FAILED, reason)
+            _log(pair, trigger, RenewalOutcome.REFUSED, started, error=f"{reason}: {exc}")
+            raise RenewalFailed(reason, transient=False, code=exc.code, lost=True)
+        _mark_refused(pair, exc)
+        _finish(claim.attempt_id, AttemptState.FAILED, str(exc))
+        _log(pair, trigger, RenewalOutcome.REFUSED, started, error=str(exc))
+    raise RenewalFailed(str(exc), transient=False, code=exc.code)
+
+
+def _failed(claim: _Claim, pair_id: int, exc: oauth.OAuthError, trigger: str, started: float) -> None:
+    with transaction.atomic():
+        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        _mark_transient(pair, exc, timezone.now())
+        _finish(claim.attempt_id, AttemptState.FAILED, str(exc))
+        _log(pair, trigger, RenewalOutcome.TRANSIENT, started, error=str(exc))
+    raise RenewalFailed(str(exc), transient=True, code=exc.code)
+
+
+def _store(claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, started: float) -> TokenPair:
+    """Step 3: the new pair into the database, retried while the database cannot be reached."""
+    deadline = time.monotonic() + settings.BITRIX24_STORE_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            with transaction.atomic():
+                pair = (
+                    TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+                )
+                attempt = RenewalAttempt.objects.select_for_update().get(pk=claim.attempt_id)
+                if attempt.state != AttemptState.IN_FLIGHT:
+                    # A resolver took it over (our lease ran out) and stored the second copy already.
+                    return pair
+                _apply_grant(pair, grant, timezone.now())
+                _finish(claim.attempt_id, AttemptState.STORED)
+                _attempt_log(
+                    pair,
+                    trigger,
+                    RenewalOutcome.RENEWED,
+                    started,
+                    old=claim.old_refresh,
+                    new=grant.refresh_token,
+                )
+                return pair
+        except (OperationalError, InterfaceError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RenewalFailed(
+                    "the database could not store the new pair; it is kept in the second copy and will "
+                    "be recovered",
+                    transient=True,
+                    code="store_failed",
+                ) from exc
+            logger.warning(
+                "Cannot store renewed pair %s (%s); retrying for %.0f s more",
+                pair_id,
+                type(exc).__name__,
+                left,
+            )
+            try:
+                connection.close()
+            except Exception:  # a connection that broke may fail to close; a new one is opened next time
+                logger.debug("closing a broken database connection failed", exc_info=True)
+            time.sleep(min(delay, max(left, 0)))
+            delay = min(delay * 2, 15)
+
+
 def renew_pair(
     pair_id: int, *, trigger: str, force: bool = False, rejected_access_token: str = ""
 ) -> Renewal:
-    """Rotate one pair under its row lock, if it still needs it once the lock is held.
+    """Rotate one pair if it still needs it (see the module's docstring for how).
 
     `rejected_access_token`: the token a portal just answered `expired_token` for; the pair is
     renewed only if it still holds that token (two callers meeting it renew once between them).
@@ -128,54 +353,72 @@ def renew_pair(
     Raises TokenPair.DoesNotExist when the pair is gone (portal uninstalled) and RenewalFailed
     when the OAuth server did not hand out a new pair; the pair's state says why.
     """
+    oauth.credentials()  # missing credentials fail here, before anything is journaled
     started = time.monotonic()
-    failure: RenewalFailed | None = None
-    with transaction.atomic():
-        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
-        now = timezone.now()
-        if not _is_needed(pair, trigger, force, now, rejected_access_token):
-            # Another worker renewed it while this one waited for the lock (or it is not due).
-            _log(pair, trigger, RenewalOutcome.SKIPPED, started)
+    wait = trigger == RenewalTrigger.ON_DEMAND or bool(rejected_access_token)
+    deadline = started + lease_seconds()
+    while True:
+        claim = _claim(pair_id, trigger, force, rejected_access_token, started)
+        if not isinstance(claim, _Busy):
+            break
+        if not wait:
+            pair = TokenPair.objects.select_related("portal").get(pk=pair_id)
+            _log(pair, trigger, RenewalOutcome.SKIPPED, started, error="a renewal is in progress elsewhere")
             return Renewal(pair, renewed=False)
-        old_refresh = pair.refresh_token
+        if time.monotonic() > deadline:
+            raise RenewalFailed("another process is renewing this pair", transient=True, code="in_progress")
+        time.sleep(WAIT_POLL_SECONDS)
+    if isinstance(claim, Renewal):
+        return claim
+    with stopping.refresh_in_flight():
         try:
-            grant = oauth.refresh(pair.portal.oauth_server, old_refresh)
+            grant = oauth.refresh(claim.server, claim.old_refresh)
         except oauth.OAuthRefused as exc:
-            current = TokenPair.objects.filter(pk=pair.pk).first()
-            if current is not None and current.refresh_token != old_refresh:
-                # Someone stored a newer pair meanwhile (a launch, a reinstall): that one is live.
-                _log(
-                    current,
-                    trigger,
-                    RenewalOutcome.SKIPPED,
-                    started,
-                    error=f"stale token refused: {exc.code}",
-                )
-                return Renewal(current, renewed=False)
-            _mark_refused(pair, exc)
-            _log(pair, trigger, RenewalOutcome.REFUSED, started, error=str(exc))
-            failure = RenewalFailed(str(exc), transient=False, code=exc.code)
+            return _refused(claim, pair_id, exc, trigger, started)
         except oauth.OAuthError as exc:
-            _mark_transient(pair, exc, now)
-            _log(pair, trigger, RenewalOutcome.TRANSIENT, started, error=str(exc))
-            failure = RenewalFailed(str(exc), transient=True, code=exc.code)
-        else:
-            old_fp = fingerprint(old_refresh)
-            _apply_grant(pair, grant, timezone.now())
-            log = RenewalLog(
-                pair=pair,
-                portal_id=pair.portal_id,
-                user_id=pair.user_id,
-                trigger=trigger,
-                outcome=RenewalOutcome.RENEWED,
-                duration_ms=int((time.monotonic() - started) * 1000),
-                old_fingerprint=old_fp,
-                new_fingerprint=fingerprint(grant.refresh_token),
-            )
-            log.save()
-    if failure is not None:
-        raise failure
+            _failed(claim, pair_id, exc, trigger, started)
+            raise  # unreachable: _failed raises
+        journal.keep(claim.attempt_id, grant)
+        pair = _store(claim, pair_id, grant, trigger, started)
+    journal.forget(claim.attempt_id)
     return Renewal(pair, renewed=True)
+
+
+def unfinished_attempts(portal: Portal | None = None) -> QuerySet[RenewalAttempt]:
+    attempts = RenewalAttempt.objects.filter(state=AttemptState.IN_FLIGHT).select_related("portal")
+    return attempts.filter(portal=portal) if portal is not None else attempts
+
+
+@dataclass(frozen=True)
+class Resolution:
+    attempt: RenewalAttempt
+    outcome: str  # "in_progress", "recovered", "renewed", "lost", "failed", "gone", "resolved"
+    detail: str = ""
+
+
+def resolve_attempt(attempt_id: int, *, trigger: str) -> Resolution | None:
+    """Resolve one attempt left in flight, if its holder is proven dead or its lease has expired."""
+    attempt = RenewalAttempt.objects.select_related("portal").filter(pk=attempt_id).first()
+    if attempt is None or attempt.state != AttemptState.IN_FLIGHT:
+        return None
+    if holder_may_live(attempt):
+        return Resolution(
+            attempt,
+            "in_progress",
+            f"held by process {attempt.holder_pid} on {attempt.holder_host} until "
+            f"{attempt.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC",
+        )
+    had_copy = journal.find(attempt.pk) is not None
+    try:
+        renew_pair(attempt.pair_id, trigger=trigger)
+    except TokenPair.DoesNotExist:
+        return Resolution(attempt, "gone")
+    except RenewalFailed as exc:
+        return Resolution(attempt, "lost" if exc.lost else "failed", str(exc))
+    attempt.refresh_from_db()
+    if attempt.state == AttemptState.RECOVERED or had_copy:
+        return Resolution(attempt, "recovered")
+    return Resolution(attempt, "renewed" if attempt.state == AttemptState.INTERRUPTED else "resolved")
 
 
 def pair_for(portal: Portal, user_id: int | None = None) -> TokenPair:

@@ -160,7 +160,7 @@ def test_many_threads_renewing_the_same_pair_renew_it_once(backend, b24, standin
 
 
 def test_the_same_race_without_the_lock_burns_refresh_tokens(backend, b24, standin, monkeypatch):
-    """Proof that the race test above can fail: with the lock taken away, the workers send the same
+    """Proof that the race test above can fail: with the lock and the lease taken away, the workers send the same
     single-use refresh token several times and the stand-in answers invalid_grant. Whether the pair
     then survives depends on which write lands last (the re-read after invalid_grant saves it only
     when the winner has already committed): with the lock, the question never arises."""
@@ -170,6 +170,8 @@ def test_the_same_race_without_the_lock_burns_refresh_tokens(backend, b24, stand
     before_bad = standin.stats["refresh_invalid_grant"]
     monkeypatch.setattr(renewal.transaction, "atomic", contextlib.nullcontext)
     monkeypatch.setattr(TokenPair.objects, "select_for_update", lambda **kw: TokenPair.objects.all())
+    # …and the lease: every claimer takes the attempt in flight for an abandoned one.
+    monkeypatch.setattr(renewal, "holder_may_live", lambda attempt, now=None: False)
 
     _race(pair.pk, workers=8)
 

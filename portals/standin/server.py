@@ -321,6 +321,13 @@ class _OAuthHandler(_Handler):
             return
         if mode == "slow":
             time.sleep(standin.slow_seconds)
+        if mode == "hang":
+            # Takes the request and never answers nor acts on it (until released or hang_seconds pass),
+            # as a server that stalled before doing anything.
+            standin._bump("oauth_faults")
+            standin.release.wait(standin.hang_seconds)
+            self.close_connection = True
+            return
         try:
             params = self._params(split.query, body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -329,6 +336,11 @@ class _OAuthHandler(_Handler):
         path = split.path
         if path in ("/oauth/token/", "/oauth/token"):
             status, payload = standin._token_endpoint(params)
+            if mode == "rotate_drop":
+                # The server carried the refresh out, and its answer is lost on the way back.
+                standin._bump("oauth_faults")
+                self.close_connection = True
+                return
         elif path in ("/rest/app.info", "/rest/app.info.json", "/rest/app.info/"):
             status, payload = standin._oauth_app_info(params)
         else:
@@ -410,8 +422,13 @@ class StandIn:
         self.access_ttl = access_ttl
         # Current docs say 180 days, older ones 28; the stand-in takes the shorter (docs/bitrix24-protocol.md §4).
         self.refresh_ttl: float = 28 * 86400.0
+        # "ok"; faults: "down", "500", "html" (answer at once), "slow" (works after slow_seconds), "hang"
+        # (never acts nor answers until `release` is set or hang_seconds pass), "rotate_drop" (rotates,
+        # then closes without an answer).
         self.oauth_mode: str = "ok"
         self.slow_seconds: float = 5.0
+        self.hang_seconds: float = 120.0
+        self.release = threading.Event()
         # The HTTP status of the OAuth server's PAYMENT_REQUIRED answer is not documented; clients must read
         # the body. Settable so a test can try another.
         self.payment_required_status: int = 402
@@ -432,6 +449,7 @@ class StandIn:
         return self
 
     def stop(self) -> None:
+        self.release.set()  # a hung request must not keep its server thread alive
         server, self._server = self._server, None
         if server is not None:
             server.stop()

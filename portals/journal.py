@@ -1,0 +1,183 @@
+"""The second copy of a new token pair, and who holds a refresh in flight.
+
+The moment the OAuth server's answer arrives, the new pair is written here (encrypted) before the
+database is asked to store it. The database may be down, or the process may die before its commit;
+either way the answer is not lost: whoever resolves the interrupted attempt finds it here.
+
+Where: a file under `DJANGO_VAR_DIR/renewal-grants/` (written and fsynced before it is renamed into
+place), and also Redis when `REDIS_URL` is set, so that a resolver on another machine finds it. Either
+one is enough; both are tried.
+
+Who holds an attempt: host name, process id, and that process's start (boot id and start time from
+/proc): a process id reused after a crash does not pass for the holder. Only a holder on this host
+can be proven dead; one on another host is presumed alive until its lease expires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import redis
+from django.conf import settings
+
+from . import crypto
+from .oauth import TokenGrant
+
+logger = logging.getLogger(__name__)
+
+TTL_SECONDS = 30 * 86400  # beyond any refresh token's life: a copy older than that is worthless
+
+
+# --- holder identity ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    start: str  # "" where /proc is not there to tell
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str | None:
+    """A process's identity beyond its id: boot id and start time. None when no such process runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count from the last ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields and fields[0] == "Z":  # a zombie has finished; only its parent has not reaped it
+        return None
+    return f"{_boot_id()}:{fields[19]}" if len(fields) > 19 else ""
+
+
+def current_holder() -> Holder:
+    pid = os.getpid()
+    return Holder(host=socket.gethostname(), pid=pid, start=process_start(pid) or "")
+
+
+def holder_is_dead(host: str, pid: int, start: str) -> bool:
+    """True only when the holder is proven gone: on this host, and its process id is not running or
+    is running as another process. A lost database session proves nothing."""
+    if host != socket.gethostname() or not start:
+        return False
+    running = process_start(pid)
+    return running is None or (running != "" and running != start)
+
+
+# --- the second copy ------------------------------------------------------------------------------
+
+
+def _folder() -> Path:
+    return Path(settings.VAR_DIR) / "renewal-grants"
+
+
+def _redis_key(attempt_id: int) -> str:
+    return f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-grant:{attempt_id}"
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _encode(grant: TokenGrant) -> str:
+    data = asdict(grant)
+    data["expires_at"] = grant.expires_at.isoformat()
+    return crypto.encrypt(json.dumps(data))
+
+
+def _decode(blob: str) -> TokenGrant:
+    data = json.loads(crypto.decrypt(blob))
+    data["expires_at"] = datetime.fromisoformat(data["expires_at"])
+    return TokenGrant(**data)
+
+
+def keep(attempt_id: int, grant: TokenGrant) -> bool:
+    """Write the second copy; True when at least one store has it."""
+    blob = _encode(grant)
+    kept = False
+    folder = _folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{attempt_id}.{os.getpid()}.tmp"
+        with open(tmp, "w") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.chmod(0o600)
+        tmp.replace(folder / f"{attempt_id}.grant")
+        kept = True
+    except OSError as exc:
+        logger.error("Cannot write the second copy of renewal %s to %s: %s", attempt_id, folder, exc)
+    if settings.REDIS_URL:
+        try:
+            _redis(settings.REDIS_URL).set(_redis_key(attempt_id), blob, ex=TTL_SECONDS)
+            kept = True
+        except redis.RedisError as exc:
+            logger.warning("Cannot write the second copy of renewal %s to Redis: %s", attempt_id, exc)
+    return kept
+
+
+def find(attempt_id: int) -> TokenGrant | None:
+    """The second copy of an attempt's answer, from whichever store has it."""
+    path = _folder() / f"{attempt_id}.grant"
+    try:
+        return _decode(path.read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        logger.error("Unreadable second copy %s: %s", path, exc)
+    if settings.REDIS_URL:
+        try:
+            blob = _redis(settings.REDIS_URL).get(_redis_key(attempt_id))
+        except redis.RedisError as exc:
+            logger.warning("Cannot read the second copy of renewal %s from Redis: %s", attempt_id, exc)
+            return None
+        if blob:
+            return _decode(blob.decode() if isinstance(blob, bytes) else str(blob))
+    return None
+
+
+def forget(attempt_id: int) -> None:
+    """Drop the second copy once the database holds the pair (best effort: it expires anyway)."""
+    try:
+        (_folder() / f"{attempt_id}.grant").unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("Cannot remove the second copy of renewal %s: %s", attempt_id, exc)
+    if settings.REDIS_URL:
+        try:
+            _redis(settings.REDIS_URL).delete(_redis_key(attempt_id))
+        except redis.RedisError as exc:
+            logger.warning("Cannot remove the second copy of renewal %s from Redis: %s", attempt_id, exc)
+
+
+def sweep_files(older_than: float = TTL_SECONDS) -> int:
+    """Remove local copies past their usefulness (Redis expires its own)."""
+    removed = 0
+    cutoff = time.time() - older_than
+    for path in _folder().glob("*.grant") if _folder().is_dir() else []:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
