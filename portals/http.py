@@ -218,7 +218,8 @@ class Attempts:
 
 _MAYBE_CARRIED_OUT = frozenset({Failure.NO_ANSWER, Failure.BAD_ANSWER})
 
-# Three sends of a REST call at most: a portal that failed twice in a row will not heal within a request.
+# Three sends of a REST call at most: someone is usually waiting for it, and a portal still failing after
+# two backoffs is better reported than waited for.
 _REST_ATTEMPTS = 3
 _REST_BACKOFF = Backoff(base=0.5, cap=4.0)
 
