@@ -10,11 +10,10 @@ renamed portals, batches and paged lists.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -185,6 +184,28 @@ def command(method: str, params: Mapping[str, Any] | None = None) -> str:
 
 # --- the client -----------------------------------------------------------------------------------
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 3
+
+
+class _Answer(NamedTuple):
+    status: int
+    body: dict[str, Any]
+
+
+def _policy(harmless_twice: bool) -> http.RetryPolicy:
+    return http.rest_read_policy() if harmless_twice else http.rest_write_policy()
+
+
+def _transport_error(
+    method: str, exc: requests.RequestException, failure: http.Failure, policy: http.RetryPolicy
+) -> TransportError:
+    maybe_sent = failure is not http.Failure.NOT_SENT
+    unsent_note = (
+        " (not re-sent: it may have been carried out)" if maybe_sent and not policy.retries(failure) else ""
+    )
+    return TransportError(f"{method}: {type(exc).__name__}{unsent_note}", maybe_sent=maybe_sent)
+
 
 class PortalClient:
     def __init__(
@@ -221,7 +242,7 @@ class PortalClient:
     ) -> dict[str, Any]:
         """Call one method; returns the whole answer (result, total, next, time)."""
         return self._send(
-            method, dict(params or {}), retry_timeouts=idempotent or is_read(method), fail_fast=fail_fast
+            method, dict(params or {}), policy=_policy(idempotent or is_read(method)), fail_fast=fail_fast
         )
 
     def batch(
@@ -245,7 +266,7 @@ class PortalClient:
             answer = self._send(
                 "batch",
                 {"halt": 1 if halt else 0, "cmd": {key: built[key] for key in chunk}},
-                retry_timeouts=idempotent or reads_only,
+                policy=_policy(idempotent or reads_only),
                 fail_fast=fail_fast,
             )
             out.requests += 1
@@ -328,7 +349,7 @@ class PortalClient:
 
     def _follow_rename(self, response: requests.Response) -> tuple[str, str]:
         """Where a renamed portal sends us: checked against the allowlist before anything else.
-        The new address is used for this call only until it answers like a portal (see _send)."""
+        The new address is used for this call only until it answers like a portal (see _deliver)."""
         location = response.headers.get("Location", "")
         target = urlsplit(location)
         scheme = (target.scheme or self.portal.protocol).lower()
@@ -357,99 +378,121 @@ class PortalClient:
             cache.set(self._operating_key(method), figures, timeout=900)
 
     def _send(
-        self, method: str, params: dict[str, Any], *, retry_timeouts: bool, fail_fast: bool
+        self, method: str, params: dict[str, Any], *, policy: http.RetryPolicy, fail_fast: bool
     ) -> dict[str, Any]:
-        limit = governor.limit_for(self.portal)
-        gov = governor.governor()
-        key = governor.bucket_key(self.portal.member_id)
+        """One REST call to its answer. Transport failures are retried as `policy` allows (one budget for
+        the whole call); a rejected token is renewed once; the portal's rate limit is backed off under
+        the query-limit policy; an operating-time limit is waited out once."""
         token = self._token()
+        transport = http.Attempts(policy)
+        limited = http.Attempts(http.query_limit_policy())
         renewed = waited_operating = False
-        limited = redirects = transport_retries = 0
-        moved: tuple[str, str] | None = None  # (scheme, host) a redirect sent us to, not yet confirmed
         while True:
-            gov.acquire(key, limit)
-            base = f"{moved[0]}://{moved[1]}" if moved else self.portal.base_url
-            url = f"{base}/rest/{method}.json"
-            payload = {**params, "auth": token}
-            try:
-                if self.form:
-                    response = http.send("POST", url, data=phpform.encode(payload))
-                else:
-                    response = http.send("POST", url, json=payload)
-            except http.HostNotAllowed as exc:
-                raise RestError(str(exc), code="host_not_allowed") from exc
-            except requests.RequestException as exc:
-                maybe_sent = not isinstance(exc, requests.ConnectTimeout)
-                if (retry_timeouts or not maybe_sent) and transport_retries < 2:
-                    transport_retries += 1
-                    time.sleep(random.uniform(0.1, 0.5) * transport_retries)
-                    continue
-                raise TransportError(
-                    f"{method}: {type(exc).__name__}"
-                    + (
-                        " (not re-sent: it may have been carried out)"
-                        if maybe_sent and not retry_timeouts
-                        else ""
-                    ),
-                    maybe_sent=maybe_sent,
-                ) from exc
-            if response.status_code in (301, 302, 303, 307, 308) and redirects < 3:
-                # A renamed portal: re-send the same method and body to the new address (a plain
-                # redirect-follow would turn the POST into a GET and drop the body).
-                redirects += 1
-                moved = self._follow_rename(response)
-                continue
-            try:
-                answer = response.json()
-            except ValueError:
-                answer = None
-            if not isinstance(answer, dict):
-                if response.status_code >= 500 and retry_timeouts and transport_retries < 2:
-                    transport_retries += 1
-                    time.sleep(random.uniform(0.1, 0.5) * transport_retries)
-                    continue
-                raise NotJSON(
-                    f"{method}: HTTP {response.status_code} with a non-JSON body",
-                    code="not_json",
-                    status=response.status_code,
-                )
-            if moved and ("result" in answer or "error" in answer):
-                self._keep_rename(*moved)
-                moved = None
-            code = str(answer.get("error") or "")
+            answer = self._deliver(method, {**params, "auth": token}, transport)
+            code = str(answer.body.get("error") or "")
             if not code:
-                self._remember_operating(method, answer)
-                return answer
-            description = str(answer.get("error_description") or "")
+                self._remember_operating(method, answer.body)
+                return answer.body
+            description = str(answer.body.get("error_description") or "")
             upper = code.upper()
             if code == "expired_token" and not renewed and self._pair is not None:
                 renewed = True
                 token = self._renew_rejected(token)
                 continue
-            if (
-                upper in ("QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT")
-                and limited < settings.BITRIX24_QUERY_LIMIT_RETRIES
-            ):
-                # Rejected before it ran, so re-sending is safe even for writes.
-                # The portal's bucket is fuller than ours says (another app on the same portal, or a
-                # limit set too high): hold every process back, and back off ourselves.
-                limited += 1
-                gov.fill(key, limit)
-                time.sleep(min(0.5 * 2 ** (limited - 1), 8.0) * random.uniform(0.5, 1.0))
+            if upper in ("QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"):
+                self._back_off_rate_limit(limited, error_from(code, description, answer.status))
                 continue
             if upper == "OPERATION_TIME_LIMIT":
-                raw_time = answer.get("time")
-                timing: dict[str, Any] = raw_time if isinstance(raw_time, dict) else {}
-                reset_at = timing.get("operating_reset_at") or (self.operating(method) or {}).get("reset_at")
-                wait = float(reset_at) - time.time() if reset_at else None
-                if (
-                    not fail_fast
-                    and not waited_operating
-                    and wait is not None
-                    and 0 <= wait <= settings.BITRIX24_OPERATING_WAIT_MAX
-                ):
+                reset_at = self._operating_reset_at(method, answer.body)
+                if not fail_fast and not waited_operating and self._wait_for_reset(reset_at):
                     waited_operating = True
-                    time.sleep(wait + 0.5)
                     continue
-                raise error_from(code, description, response.status_code, reset_at=reset_at)
-            raise error_from(code, description, response.status_code)
+                raise error_from(code, description, answer.status, reset_at=reset_at)
+            raise error_from(code, description, answer.status)
+
+    def _deliver(self, method: str, payload: dict[str, Any], transport: http.Attempts) -> _Answer:
+        """Send until a JSON object comes back, whatever it says."""
+        moved: tuple[str, str] | None = None  # (scheme, host) a redirect sent us to, not yet confirmed
+        redirects = 0
+        while True:
+            self._reserve_slot()
+            response = self._post(method, payload, moved, transport)
+            if response is None:
+                continue
+            if response.status_code in _REDIRECTS and redirects < _MAX_REDIRECTS:
+                # A renamed portal: re-send the same method and body to the new address (a plain
+                # redirect-follow would turn the POST into a GET and drop the body).
+                redirects += 1
+                moved = self._follow_rename(response)
+                continue
+            body = self._json(method, response, transport)
+            if body is None:
+                continue
+            if moved and ("result" in body or "error" in body):
+                self._keep_rename(*moved)
+            return _Answer(response.status_code, body)
+
+    def _reserve_slot(self) -> None:
+        governor.governor().acquire(
+            governor.bucket_key(self.portal.member_id), governor.limit_for(self.portal)
+        )
+
+    def _post(
+        self,
+        method: str,
+        payload: dict[str, Any],
+        moved: tuple[str, str] | None,
+        transport: http.Attempts,
+    ) -> requests.Response | None:
+        """One POST. None: it failed, the policy has it sent again and its backoff has been slept."""
+        base = f"{moved[0]}://{moved[1]}" if moved else self.portal.base_url
+        url = f"{base}/rest/{method}.json"
+        body: dict[str, Any] = {"data": phpform.encode(payload)} if self.form else {"json": payload}
+        try:
+            return http.send("POST", url, timeout=transport.policy.timeout, **body)
+        except http.HostNotAllowed as exc:
+            raise RestError(str(exc), code="host_not_allowed") from exc
+        except requests.RequestException as exc:
+            failure = http.failure_of(exc)
+            transport.retry_or_raise(failure, _transport_error(method, exc, failure, transport.policy))
+            return None
+
+    def _json(
+        self, method: str, response: requests.Response, transport: http.Attempts
+    ) -> dict[str, Any] | None:
+        """The answer's JSON object. None: an error page the policy has sent again."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            return body
+        error = NotJSON(
+            f"{method}: HTTP {response.status_code} with a non-JSON body",
+            code="not_json",
+            status=response.status_code,
+        )
+        if response.status_code < 500:
+            raise error
+        transport.retry_or_raise(http.Failure.BAD_ANSWER, error)
+        return None
+
+    def _back_off_rate_limit(self, limited: http.Attempts, error: RestError) -> None:
+        # The portal's bucket is fuller than ours says (another app on the same portal, or a limit
+        # set too high): hold every process back, then back off ourselves.
+        governor.governor().fill(governor.bucket_key(self.portal.member_id), governor.limit_for(self.portal))
+        limited.retry_or_raise(http.Failure.NOT_RUN, error)
+
+    def _operating_reset_at(self, method: str, body: dict[str, Any]) -> Any:
+        raw_time = body.get("time")
+        timing: dict[str, Any] = raw_time if isinstance(raw_time, dict) else {}
+        return timing.get("operating_reset_at") or (self.operating(method) or {}).get("reset_at")
+
+    @staticmethod
+    def _wait_for_reset(reset_at: Any) -> bool:
+        """Sleep until the operating-time limit resets, unless that is unknown or too far off."""
+        wait = float(reset_at) - time.time() if reset_at else None
+        if wait is None or not 0 <= wait <= settings.BITRIX24_OPERATING_WAIT_MAX:
+            return False
+        time.sleep(wait + 0.5)
+        return True

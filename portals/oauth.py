@@ -1,7 +1,7 @@
 """The OAuth server client: token refresh and app.info, the only way the project talks to it.
 
-Retries with exponential backoff and jitter on what may heal by itself (connection errors,
-timeouts, 5xx, answers that are not JSON); never on a refusal (invalid_grant, invalid_client,
+Retries what may heal by itself (connection errors, timeouts, 5xx, answers that are not JSON) under
+the chokepoint's refresh and verification policies; never a refusal (invalid_grant, invalid_client,
 PAYMENT_REQUIRED, invalid/expired token), which would only burn the single-use refresh token's
 chances or hammer the server.
 """
@@ -9,8 +9,6 @@ chances or hammer the server.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -118,11 +116,8 @@ class AppInfo:
 
 
 def worst_case_seconds() -> float:
-    """The longest one OAuth call may take with every retry: what a lock around it must outlast."""
-    connect, read = settings.BITRIX24_OAUTH_TIMEOUT
-    attempts = max(1, settings.BITRIX24_OAUTH_ATTEMPTS)
-    backoff = sum(settings.BITRIX24_OAUTH_BACKOFF * 2 ** (n - 1) for n in range(1, attempts))
-    return attempts * (connect + read) + backoff
+    """The longest a refresh may take with every retry: what a lock or task limit around it must outlast."""
+    return http.refresh_policy().worst_case_seconds()
 
 
 def credentials() -> tuple[str, str]:
@@ -146,24 +141,22 @@ def server_for(endpoint: str | None) -> str:
     return settings.BITRIX24_OAUTH_SERVERS[0]
 
 
-def _request(url: str, params: dict[str, str]) -> dict[str, Any]:
-    attempts = max(1, settings.BITRIX24_OAUTH_ATTEMPTS)
-    backoff = settings.BITRIX24_OAUTH_BACKOFF
-    last: Exception | None = None
+def _request(url: str, params: dict[str, str], policy: http.RetryPolicy) -> dict[str, Any]:
+    attempts = http.Attempts(policy)
     # Set once a request may have reached the server without its answer reaching us: a refresh
     # token refused after that was most likely consumed by the lost request.
     maybe_consumed = False
-    for attempt in range(attempts):
-        if attempt:
-            # Full jitter: many workers that failed together do not come back together.
-            time.sleep(random.uniform(0, backoff * 2 ** (attempt - 1)))
+    while True:
         try:
-            response = http.send("GET", url, params=params, timeout=settings.BITRIX24_OAUTH_TIMEOUT)
+            response = http.send("GET", url, params=params, timeout=policy.timeout)
         except http.HostNotAllowed as exc:
             raise OAuthError(str(exc), code="host_not_allowed") from exc
         except requests.RequestException as exc:
-            maybe_consumed = maybe_consumed or not isinstance(exc, requests.ConnectTimeout)
-            last = OAuthUnavailable(f"{type(exc).__name__} talking to the OAuth server")
+            failure = http.failure_of(exc)
+            maybe_consumed = maybe_consumed or failure is not http.Failure.NOT_SENT
+            attempts.retry_or_raise(
+                failure, OAuthUnavailable(f"{type(exc).__name__} talking to the OAuth server")
+            )
             continue
         try:
             data = response.json()
@@ -185,11 +178,12 @@ def _request(url: str, params: dict[str, str]) -> dict[str, Any]:
             kind = (
                 "non-JSON answer" if not isinstance(data, dict) else f"answer {data.get('error') or 'error'}"
             )
-            last = OAuthUnavailable(f"OAuth server {kind} (HTTP {response.status_code})")
+            attempts.retry_or_raise(
+                http.Failure.BAD_ANSWER,
+                OAuthUnavailable(f"OAuth server {kind} (HTTP {response.status_code})"),
+            )
             continue
         return data
-    assert last is not None
-    raise last
 
 
 def _expires_at(data: dict[str, Any]) -> datetime:
@@ -233,6 +227,7 @@ def refresh(server: str, refresh_token: str) -> TokenGrant:
             "client_secret": secret,
             "refresh_token": refresh_token,
         },
+        http.refresh_policy(),
     )
     try:
         access, new_refresh = str(data["access_token"]), str(data["refresh_token"])
@@ -253,7 +248,7 @@ def refresh(server: str, refresh_token: str) -> TokenGrant:
 
 def app_info(server: str, access_token: str) -> AppInfo:
     """Ask the OAuth server what an access token is: whose app, which portal, which user."""
-    data = _request(f"{server}/rest/app.info", {"auth": access_token})
+    data = _request(f"{server}/rest/app.info", {"auth": access_token}, http.verify_policy())
     result = data.get("result")
     if not isinstance(result, dict):
         raise OAuthUnavailable("app.info answer has no result object")
