@@ -24,7 +24,6 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django.utils.timesince import timesince, timeuntil
 
 from . import crypto, operations, selectors, services
 from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair
@@ -49,15 +48,6 @@ class ReadOnlyMixin:
 
 
 # --- how token health reads --------------------------------------------------------------------
-
-
-def _relative(moment: datetime | None, *, empty: str = "—") -> str:
-    if moment is None:
-        return empty
-    now = timezone.now()
-    if moment > now:
-        return f"in {timeuntil(moment, now, depth=1)}"
-    return f"{timesince(moment, now, depth=1)} ago"
 
 
 def _short(moment: datetime | None) -> str:
