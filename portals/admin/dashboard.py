@@ -19,8 +19,8 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from . import selectors
-from .models import PortalState
+from portals import selectors
+from portals.models import PortalState
 
 CHART_HEIGHT = 160  # px of the tallest bar
 CHART_TOP = 32  # px above it, for the counts and the "renewal window" label
