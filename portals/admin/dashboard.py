@@ -20,13 +20,25 @@ from django.urls import reverse
 from django.utils import timezone
 
 from portals import selectors
-from portals.models import PortalState
+from portals.models import PortalState, RenewalOutcome
+
+from .palette import PALETTE, days_left_colour, outcome_colour
 
 CHART_HEIGHT = 160  # px of the tallest bar
 CHART_TOP = 32  # px above it, for the counts and the "renewal window" label
 BAR_WIDTH = 22
 BAR_GAP = 6
 ACTIVITY_DAYS = 14
+
+# The activity chart's stacked series, bottom up: the DayActivity field, the renewal outcome it
+# counts (which gives its colour), what a bar's tooltip calls it and what the legend calls it.
+ACTIVITY_SERIES = (
+    ("renewed", RenewalOutcome.RENEWED, "renewed", "renewed"),
+    ("skipped", RenewalOutcome.SKIPPED, "not needed", "not needed"),
+    ("transient", RenewalOutcome.TRANSIENT, "failed, retried", "failed, retried"),
+    ("refused", RenewalOutcome.REFUSED, "refused", "refused for good"),
+)
+ACTIVITY_LEGEND = [(outcome_colour(outcome), legend) for _, outcome, _, legend in ACTIVITY_SERIES]
 
 
 @dataclass(frozen=True)
@@ -39,14 +51,6 @@ class Bar:
     count: int
     colour: str
     title: str
-
-
-def _bar_colour(bucket: selectors.Bucket) -> str:
-    if bucket.high <= 1:
-        return "#ba2121"  # lapsed or lapsing within a day
-    if bucket.high <= settings.BITRIX24_RENEW_MARGIN_DAYS:
-        return "#e08a00"  # in the renewal window: the sweep should be renewing these
-    return "#4a8f4e"
 
 
 def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
@@ -67,7 +71,7 @@ def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
                 height=height,
                 label=bucket.label,
                 count=bucket.count,
-                colour=_bar_colour(bucket),
+                colour=days_left_colour(bucket.high),
                 title=f"{bucket.count} portal(s): {days}",
             )
         )
@@ -93,12 +97,9 @@ def activity_chart(days: list[selectors.DayActivity]) -> dict[str, Any]:
         x = index * (BAR_WIDTH + BAR_GAP)
         y = 20 + 120
         segments = []
-        for count, colour, name in (
-            (day.renewed, "#4a8f4e", "renewed"),
-            (day.skipped, "#9aa5ad", "not needed"),
-            (day.transient, "#e08a00", "failed, retried"),
-            (day.refused, "#ba2121", "refused"),
-        ):
+        for field, outcome, name, _ in ACTIVITY_SERIES:
+            count = getattr(day, field)
+            colour = outcome_colour(outcome)
             if not count:
                 continue
             height = max(2, round(count * scale))
@@ -147,6 +148,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
     context = {
         **admin.site.each_context(request),
         "title": "Installations dashboard",
+        "palette": PALETTE,
         "now": now,
         "total_portals": sum(counts.values()),
         "states": states,
@@ -156,6 +158,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "margin_days": settings.BITRIX24_RENEW_MARGIN_DAYS,
         "activity": activity,
         "activity_chart": activity_chart(activity),
+        "activity_legend": ACTIVITY_LEGEND,
         "activity_days": ACTIVITY_DAYS,
         "renewed_total": sum(day.renewed for day in activity),
         "failed_total": sum(day.failed for day in activity),

@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.contrib import admin
 from django.http import HttpRequest
 from django.utils import timezone
@@ -16,6 +15,8 @@ from django.utils.html import format_html
 
 from portals import crypto, selectors
 from portals.models import PairState, RenewalOutcome, TokenPair
+
+from .palette import PALETTE, days_left_colour, outcome_colour
 
 
 class ReadOnlyMixin:
@@ -66,8 +67,8 @@ def short_time(moment: datetime | None) -> str:
 
 
 def days_left_html(refresh_issued_at: datetime | None, pair_state: str | None = None) -> str:
-    """Days left before the refresh token lapses, coloured: red when lapsed or within a day,
-    orange inside the renewal window (the sweep should be on it), green otherwise."""
+    """Days left before the refresh token lapses, coloured by `palette.days_left_colour`; a pair
+    that is not active reads as such, in red, whatever its days left."""
     left = selectors.days_left(refresh_issued_at)
     if left is None:
         return "—"
@@ -75,26 +76,14 @@ def days_left_html(refresh_issued_at: datetime | None, pair_state: str | None = 
         shorter: dict[str, str] = {PairState.DEAD: "dead", PairState.CREDENTIALS_REJECTED: "creds rejected"}
         short = shorter.get(pair_state, pair_state)
         return format_html(
-            '<span style="color:#ba2121;font-weight:bold" title="token pair: {}">{} · {}</span>',
+            '<span style="color:{};font-weight:bold" title="token pair: {}">{} · {}</span>',
+            PALETTE.danger,
             PairState(pair_state).label,
             f"{left:.1f}",
             short,
         )
-    elif left <= 1:
-        colour, text = "#ba2121", "lapsed" if left <= 0 else f"{left:.1f}"
-    elif left <= settings.BITRIX24_RENEW_MARGIN_DAYS:
-        colour, text = "#c77700", f"{left:.1f}"
-    else:
-        colour, text = "#2e7d32", f"{left:.1f}"
-    return format_html('<span style="color:{};font-weight:bold">{}</span>', colour, text)
-
-
-_OUTCOME_COLOURS: dict[str, str] = {
-    RenewalOutcome.RENEWED: "#2e7d32",
-    RenewalOutcome.SKIPPED: "#666",
-    RenewalOutcome.TRANSIENT: "#c77700",
-    RenewalOutcome.REFUSED: "#ba2121",
-}
+    text = "lapsed" if left <= 0 else f"{left:.1f}"
+    return format_html('<span style="color:{};font-weight:bold">{}</span>', days_left_colour(left), text)
 
 
 def outcome_html(outcome: str | None, at: datetime | None) -> str:
@@ -103,7 +92,7 @@ def outcome_html(outcome: str | None, at: datetime | None) -> str:
     label = RenewalOutcome(outcome).label if outcome in RenewalOutcome.values else outcome
     return format_html(
         '<span style="color:{}">{}</span> <small>{}</small>',
-        _OUTCOME_COLOURS.get(outcome, "#333"),
+        outcome_colour(outcome),
         label,
         short_time(at) if at else "",
     )
@@ -114,5 +103,5 @@ def failures_html(count: int | None, error: str) -> str:
     if count is None:
         return "—"
     if count:
-        return format_html('<span style="color:#ba2121" title="{}">{}</span>', error, count)
+        return format_html('<span style="color:{}" title="{}">{}</span>', PALETTE.danger, error, count)
     return "0"

@@ -27,6 +27,7 @@ from .display import (
     short_time,
 )
 from .filters import TokenHealthFilter
+from .palette import PALETTE
 
 RECENT_RENEWALS = 20
 
@@ -262,6 +263,7 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "show_save_and_add_another": False,
             "show_delete": False,
             "operations": BUTTONS,
+            "palette": PALETTE,
             "dashboard_url": reverse("admin_dashboard"),
         }
         return super().change_view(request, object_id, form_url, extra_context=context)
