@@ -7,7 +7,9 @@ A fixed number of queries whatever the number of portals (each figure is one agg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -41,6 +43,48 @@ ACTIVITY_SERIES = (
 ACTIVITY_LEGEND = [(outcome_colour(outcome), legend) for _, outcome, _, legend in ACTIVITY_SERIES]
 
 
+# What the dashboard says of a sweep entry's next run, after the time (or instead of it).
+SWEEP_NOTES = {
+    selectors.SweepState.SCHEDULED: "",
+    selectors.SweepState.DISABLED: "disabled: refresh tokens are only renewed on demand",
+    selectors.SweepState.NOT_RUN_YET: "soon (beat has not run it yet)",
+    selectors.SweepState.NOT_COMPUTABLE: "next run not computable for this schedule",
+    selectors.SweepState.OVERDUE: "overdue: is celery beat running?",
+}
+
+
+def bucket_label(bucket: selectors.Bucket) -> str:
+    """Under a bar of the days-left chart: "lapsed", one day ("3") or a span of days ("3-5")."""
+    if bucket.low == -math.inf:
+        return "lapsed"
+    if bucket.high - bucket.low == 1:
+        return f"{bucket.low:g}"
+    return f"{bucket.low:g}-{bucket.high:g}"
+
+
+@dataclass(frozen=True)
+class SweepLine:
+    """A beat entry of the renewal sweep, as the dashboard's table reads it."""
+
+    name: str
+    enabled: bool
+    schedule: str
+    last_run_at: datetime | None
+    next_run_at: datetime | None
+    note: str
+
+    @classmethod
+    def of(cls, entry: selectors.SweepSchedule) -> SweepLine:
+        return cls(
+            name=entry.name,
+            enabled=entry.enabled,
+            schedule=str(entry.schedule) if entry.schedule is not None else "no schedule",
+            last_run_at=entry.last_run_at,
+            next_run_at=entry.next_run_at,
+            note=SWEEP_NOTES[entry.state],
+        )
+
+
 @dataclass(frozen=True)
 class Bar:
     x: int
@@ -62,14 +106,15 @@ def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
         if bucket.count and height < 2:
             height = 2  # one portal is still visible
         x = index * (BAR_WIDTH + BAR_GAP)
-        days = "lapsed" if bucket.label == "lapsed" else f"{bucket.label} days left"
+        label = bucket_label(bucket)
+        days = "lapsed" if label == "lapsed" else f"{label} days left"
         bars.append(
             Bar(
                 x=x,
                 y=CHART_TOP + CHART_HEIGHT - height,
                 width=BAR_WIDTH,
                 height=height,
-                label=bucket.label,
+                label=label,
                 count=bucket.count,
                 colour=days_left_colour(bucket.high),
                 title=f"{bucket.count} portal(s): {days}",
@@ -163,7 +208,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "renewed_total": sum(day.renewed for day in activity),
         "failed_total": sum(day.failed for day in activity),
         "activity_total": sum(day.total for day in activity),
-        "schedules": selectors.sweep_schedules(now),
+        "schedules": [SweepLine.of(entry) for entry in selectors.sweep_schedules(now)],
         "portals_url": portals_url,
         "renewals_url": reverse("admin:portals_renewallog_changelist"),
         "periodic_tasks_url": reverse("admin:django_celery_beat_periodictask_changelist"),
