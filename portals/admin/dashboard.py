@@ -24,6 +24,7 @@ from django.utils import timezone
 from portals import selectors
 from portals.models import PortalState, RenewalOutcome
 
+from .filters import HEALTH
 from .palette import PALETTE, days_left_colour, outcome_colour
 
 CHART_HEIGHT = 160  # px of the tallest bar
@@ -174,20 +175,15 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         }
         for state, count in counts.items()
     ]
-    health = selectors.health_counts(now)
+    health_counts = selectors.health_counts(now)
     health_cards = [
         {
-            "label": label,
-            "count": health[key],
-            "url": f"{portals_url}?{urlencode({'health': key})}",
-            "key": key,
+            "label": health.card_label,
+            "count": health_counts[health.key],
+            "url": f"{portals_url}?{urlencode({'health': health.value})}",
+            "key": health.key,
         }
-        for key, label in (
-            ("due_soon", "due soon (renewal window)"),
-            ("lapsing", "lapsing within 2 days"),
-            ("failing", "failing renewals"),
-            ("no_usable_pair", "without a usable token pair"),
-        )
+        for health in HEALTH
     ]
     activity = selectors.renewal_activity(ACTIVITY_DAYS, now)
     context = {
