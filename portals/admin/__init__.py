@@ -10,7 +10,7 @@ the only changes staff make go through `portals.operations`.
 - `actions`: the operations (list actions and the portal page's buttons), each a call to
   `portals.operations`;
 - `dashboard`: the dashboard page (/admin/dashboard/);
-- `display`: how values read (masked tokens, relative times, days left, outcomes);
+- `display`: how values read (masked tokens, relative times, days left, outcomes), read-only admins;
 - `palette`: the one set of colours the list badges and the dashboard use.
 
 Importing the package registers the admins (Django's autodiscovery imports it).

@@ -1,4 +1,5 @@
-"""How values read in the admin: masked tokens, compact relative times, days left, renewal outcomes.
+"""How values read in the admin: masked tokens, compact relative times, days left, renewal outcomes,
+and the mixin of admins staff only read.
 
 Every helper returns safe HTML (or plain text); none of them queries.
 """
