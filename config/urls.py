@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from portals.dashboard import dashboard
+from portals.admin.dashboard import dashboard
 from portals.views import healthz
 
 urlpatterns = [

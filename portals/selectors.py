@@ -1,4 +1,5 @@
-"""Read-only queries for staff screens (admin list, dashboard): querysets and small summaries.
+"""Read-only queries for staff screens (admin list, dashboard, staff API): querysets and small
+summaries, as data (querysets, numbers, dates, dataclasses); how they read is up to each screen.
 
 Everything a list row shows is annotated onto the portal query with subqueries, so a page of
 portals costs the same number of queries whether there are ten portals or ten thousand.
@@ -6,17 +7,24 @@ portals costs the same number of queries whether there are ten portals or ten th
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 from django.conf import settings
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import TruncDate
 from django.utils import timezone
-from django_celery_beat.models import PeriodicTask
+from django_celery_beat.models import (
+    ClockedSchedule,
+    CrontabSchedule,
+    IntervalSchedule,
+    PeriodicTask,
+    SolarSchedule,
+)
 
 from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair, renewal_due_before
 
@@ -155,17 +163,9 @@ def health_counts(now: datetime | None = None) -> dict[str, int]:
 class Bucket:
     """One bar of the days-left chart: refresh tokens with `low` ≤ days left < `high`."""
 
-    low: float
-    high: float
+    low: float  # -inf: the lapsed ones
+    high: float  # inf: beyond the lifetime
     count: int
-
-    @property
-    def label(self) -> str:
-        if self.low == -math.inf:
-            return "lapsed"
-        if self.high - self.low == 1:
-            return f"{self.low:g}"
-        return f"{self.low:g}-{self.high:g}"
 
 
 def days_left_histogram(now: datetime | None = None, bars: int = 28) -> list[Bucket]:
@@ -247,16 +247,29 @@ def renewal_activity(days: int = 14, now: datetime | None = None) -> list[DayAct
     ]
 
 
+class SweepState(enum.StrEnum):
+    """What is known of a sweep entry's next run."""
+
+    SCHEDULED = "scheduled"  # next_run_at says when (unknown if the entry has no schedule)
+    DISABLED = "disabled"  # refresh tokens are only renewed on demand
+    NOT_RUN_YET = "not_run_yet"  # beat runs it soon
+    NOT_COMPUTABLE = "not_computable"  # the schedule gives no next time (a solar one without a location …)
+    OVERDUE = "overdue"  # the next run is past by more than beat's flush interval: is beat running?
+
+
+BeatSchedule: TypeAlias = IntervalSchedule | CrontabSchedule | SolarSchedule | ClockedSchedule
+
+
 @dataclass(frozen=True)
 class SweepSchedule:
-    """The beat entry of the renewal sweep, as staff need to read it."""
+    """A beat entry of the renewal sweep."""
 
     name: str
     enabled: bool
-    schedule: str
+    schedule: BeatSchedule | None  # beat's schedule row; None: the entry has none
     last_run_at: datetime | None
-    next_run_at: datetime | None  # None: never run yet ("soon") or not computable
-    note: str
+    next_run_at: datetime | None  # None: never run yet, disabled, or not computable
+    state: SweepState
 
 
 def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
@@ -272,30 +285,29 @@ def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
     )
     for task in tasks.order_by("name"):
         scheduler = task.scheduler
-        schedule_text = str(scheduler) if scheduler is not None else "no schedule"
         next_run: datetime | None = None
-        note = ""
+        state = SweepState.SCHEDULED
         if not task.enabled:
-            note = "disabled: refresh tokens are only renewed on demand"
+            state = SweepState.DISABLED
         elif task.last_run_at is None:
-            note = "soon (beat has not run it yet)"
+            state = SweepState.NOT_RUN_YET
         elif task.interval is not None:
             next_run = task.last_run_at + timedelta(**{task.interval.period: task.interval.every})
         elif scheduler is not None:
             try:
                 next_run = now + scheduler.schedule.remaining_estimate(task.last_run_at)
-            except Exception:  # an exotic schedule (solar without a location …): say so, don't fail the page
-                note = "next run not computable for this schedule"
+            except Exception:  # an exotic schedule: say so, don't fail the page
+                state = SweepState.NOT_COMPUTABLE
         if next_run is not None and next_run < now - timedelta(minutes=5):
-            note = "overdue: is celery beat running?"
+            state = SweepState.OVERDUE
         result.append(
             SweepSchedule(
                 name=task.name,
                 enabled=task.enabled,
-                schedule=schedule_text,
+                schedule=scheduler,
                 last_run_at=task.last_run_at,
                 next_run_at=next_run,
-                note=note,
+                state=state,
             )
         )
     return result

@@ -7,7 +7,9 @@ A fixed number of queries whatever the number of portals (each figure is one agg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,14 +21,69 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from . import selectors
-from .models import PortalState
+from portals import selectors
+from portals.models import PortalState, RenewalOutcome
+
+from .filters import HEALTH
+from .palette import PALETTE, days_left_colour, outcome_colour
 
 CHART_HEIGHT = 160  # px of the tallest bar
 CHART_TOP = 32  # px above it, for the counts and the "renewal window" label
 BAR_WIDTH = 22
 BAR_GAP = 6
 ACTIVITY_DAYS = 14
+
+# The activity chart's stacked series, bottom up: the DayActivity field, the renewal outcome it
+# counts (which gives its colour), what a bar's tooltip calls it and what the legend calls it.
+ACTIVITY_SERIES = (
+    ("renewed", RenewalOutcome.RENEWED, "renewed", "renewed"),
+    ("skipped", RenewalOutcome.SKIPPED, "not needed", "not needed"),
+    ("transient", RenewalOutcome.TRANSIENT, "failed, retried", "failed, retried"),
+    ("refused", RenewalOutcome.REFUSED, "refused", "refused for good"),
+)
+ACTIVITY_LEGEND = [(outcome_colour(outcome), legend) for _, outcome, _, legend in ACTIVITY_SERIES]
+
+
+# What the dashboard says of a sweep entry's next run, after the time (or instead of it).
+SWEEP_NOTES = {
+    selectors.SweepState.SCHEDULED: "",
+    selectors.SweepState.DISABLED: "disabled: refresh tokens are only renewed on demand",
+    selectors.SweepState.NOT_RUN_YET: "soon (beat has not run it yet)",
+    selectors.SweepState.NOT_COMPUTABLE: "next run not computable for this schedule",
+    selectors.SweepState.OVERDUE: "overdue: is celery beat running?",
+}
+
+
+def bucket_label(bucket: selectors.Bucket) -> str:
+    """Under a bar of the days-left chart: "lapsed", one day ("3") or a span of days ("3-5")."""
+    if bucket.low == -math.inf:
+        return "lapsed"
+    if bucket.high - bucket.low == 1:
+        return f"{bucket.low:g}"
+    return f"{bucket.low:g}-{bucket.high:g}"
+
+
+@dataclass(frozen=True)
+class SweepLine:
+    """A beat entry of the renewal sweep, as the dashboard's table reads it."""
+
+    name: str
+    enabled: bool
+    schedule: str
+    last_run_at: datetime | None
+    next_run_at: datetime | None
+    note: str
+
+    @classmethod
+    def of(cls, entry: selectors.SweepSchedule) -> SweepLine:
+        return cls(
+            name=entry.name,
+            enabled=entry.enabled,
+            schedule=str(entry.schedule) if entry.schedule is not None else "no schedule",
+            last_run_at=entry.last_run_at,
+            next_run_at=entry.next_run_at,
+            note=SWEEP_NOTES[entry.state],
+        )
 
 
 @dataclass(frozen=True)
@@ -41,14 +98,6 @@ class Bar:
     title: str
 
 
-def _bar_colour(bucket: selectors.Bucket) -> str:
-    if bucket.high <= 1:
-        return "#ba2121"  # lapsed or lapsing within a day
-    if bucket.high <= settings.BITRIX24_RENEW_MARGIN_DAYS:
-        return "#e08a00"  # in the renewal window: the sweep should be renewing these
-    return "#4a8f4e"
-
-
 def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
     """Geometry of the days-left bar chart (drawn as SVG by the template)."""
     top = max((bucket.count for bucket in buckets), default=0) or 1
@@ -58,16 +107,17 @@ def days_left_chart(buckets: list[selectors.Bucket]) -> dict[str, Any]:
         if bucket.count and height < 2:
             height = 2  # one portal is still visible
         x = index * (BAR_WIDTH + BAR_GAP)
-        days = "lapsed" if bucket.label == "lapsed" else f"{bucket.label} days left"
+        label = bucket_label(bucket)
+        days = "lapsed" if label == "lapsed" else f"{label} days left"
         bars.append(
             Bar(
                 x=x,
                 y=CHART_TOP + CHART_HEIGHT - height,
                 width=BAR_WIDTH,
                 height=height,
-                label=bucket.label,
+                label=label,
                 count=bucket.count,
-                colour=_bar_colour(bucket),
+                colour=days_left_colour(bucket.high),
                 title=f"{bucket.count} portal(s): {days}",
             )
         )
@@ -93,12 +143,9 @@ def activity_chart(days: list[selectors.DayActivity]) -> dict[str, Any]:
         x = index * (BAR_WIDTH + BAR_GAP)
         y = 20 + 120
         segments = []
-        for count, colour, name in (
-            (day.renewed, "#4a8f4e", "renewed"),
-            (day.skipped, "#9aa5ad", "not needed"),
-            (day.transient, "#e08a00", "failed, retried"),
-            (day.refused, "#ba2121", "refused"),
-        ):
+        for field, outcome, name, _ in ACTIVITY_SERIES:
+            count = getattr(day, field)
+            colour = outcome_colour(outcome)
             if not count:
                 continue
             height = max(2, round(count * scale))
@@ -128,25 +175,21 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         }
         for state, count in counts.items()
     ]
-    health = selectors.health_counts(now)
+    health_counts = selectors.health_counts(now)
     health_cards = [
         {
-            "label": label,
-            "count": health[key],
-            "url": f"{portals_url}?{urlencode({'health': key})}",
-            "key": key,
+            "label": health.card_label,
+            "count": health_counts[health.key],
+            "url": f"{portals_url}?{urlencode({'health': health.value})}",
+            "key": health.key,
         }
-        for key, label in (
-            ("due_soon", "due soon (renewal window)"),
-            ("lapsing", "lapsing within 2 days"),
-            ("failing", "failing renewals"),
-            ("no_usable_pair", "without a usable token pair"),
-        )
+        for health in HEALTH
     ]
     activity = selectors.renewal_activity(ACTIVITY_DAYS, now)
     context = {
         **admin.site.each_context(request),
         "title": "Installations dashboard",
+        "palette": PALETTE,
         "now": now,
         "total_portals": sum(counts.values()),
         "states": states,
@@ -156,11 +199,12 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "margin_days": settings.BITRIX24_RENEW_MARGIN_DAYS,
         "activity": activity,
         "activity_chart": activity_chart(activity),
+        "activity_legend": ACTIVITY_LEGEND,
         "activity_days": ACTIVITY_DAYS,
         "renewed_total": sum(day.renewed for day in activity),
         "failed_total": sum(day.failed for day in activity),
         "activity_total": sum(day.total for day in activity),
-        "schedules": selectors.sweep_schedules(now),
+        "schedules": [SweepLine.of(entry) for entry in selectors.sweep_schedules(now)],
         "portals_url": portals_url,
         "renewals_url": reverse("admin:portals_renewallog_changelist"),
         "periodic_tasks_url": reverse("admin:django_celery_beat_periodictask_changelist"),

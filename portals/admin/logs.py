@@ -1,0 +1,76 @@
+"""The token pairs and the renewal log across portals: read-only, for finding what fails."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from portals.models import RenewalLog, TokenPair
+
+from .display import MaskedPairTokensMixin, ReadOnlyMixin, days_left_html
+
+
+@admin.register(TokenPair)
+class TokenPairAdmin(MaskedPairTokensMixin, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """Every pair, for finding the failing ones across portals. Tokens masked on the detail page."""
+
+    list_display = (
+        "portal",
+        "user_id",
+        "is_background",
+        "state",
+        "access_expires_at",
+        "refresh_issued_at",
+        "days_left",
+        "consecutive_failures",
+        "last_renewed_at",
+        "last_error",
+    )
+    list_filter = ("state", "is_background")
+    search_fields = ("portal__domain", "=portal__member_id")
+    list_select_related = ("portal",)
+    fields = (
+        "portal",
+        "user_id",
+        "is_background",
+        "state",
+        "masked_access_token",
+        "access_expires_at",
+        "masked_refresh_token",
+        "refresh_issued_at",
+        "days_left",
+        "scope",
+        "last_renewed_at",
+        "consecutive_failures",
+        "next_attempt_at",
+        "last_error",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TokenPair]:
+        queryset = super().get_queryset(request)
+        if request.resolver_match and request.resolver_match.url_name == "portals_tokenpair_changelist":
+            # The list shows no token: don't decrypt any.
+            queryset = queryset.defer("access_token", "refresh_token", "portal__application_token")
+        return queryset
+
+    @admin.display(description="days left", ordering="refresh_issued_at")
+    def days_left(self, obj: TokenPair) -> str:
+        return days_left_html(obj.refresh_issued_at, obj.state)
+
+
+@admin.register(RenewalLog)
+class RenewalLogAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """Every renewal attempt. Fingerprints only: a fingerprint tells two tokens apart, never reveals one."""
+
+    list_display = ("created_at", "portal", "user_id", "trigger", "outcome", "duration_ms", "error")
+    list_filter = ("outcome", "trigger", "created_at")
+    search_fields = ("portal__domain", "=portal__member_id", "=old_fingerprint", "=new_fingerprint")
+    list_select_related = ("portal",)
+    date_hierarchy = "created_at"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[RenewalLog]:
+        return super().get_queryset(request).defer("portal__application_token")
