@@ -26,6 +26,8 @@ import requests
 from django.conf import settings
 from urllib3.exceptions import NewConnectionError
 
+from . import stopping
+
 USER_AGENT = "bitrix24-django-backend/1.0"
 
 _local = threading.local()
@@ -211,6 +213,9 @@ class Attempts:
     def retry_or_raise(self, failure: Failure, error: Exception) -> None:
         """Sleep before the next attempt, or raise `error` when the policy gives up on this failure."""
         if not self.policy.retries(failure) or self.made >= self.policy.attempts:
+            raise error
+        if stopping.stop_requested():
+            # The process is stopping: finish what is in hand, start nothing new.
             raise error
         time.sleep(self.policy.backoff.delay(self.made))
         self.made += 1

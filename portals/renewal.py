@@ -266,6 +266,7 @@ def _claim(
 
 def _refused(claim: _Claim, pair_id: int, exc: oauth.OAuthRefused, trigger: str, started: float) -> Renewal:
     """The OAuth server refused the token: record why, unless a newer pair was stored meanwhile."""
+    failure = RenewalFailed(str(exc), transient=False, code=exc.code)
     with transaction.atomic():
         pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
         if pair.refresh_token != claim.old_refresh:
@@ -278,11 +279,12 @@ def _refused(claim: _Claim, pair_id: int, exc: oauth.OAuthRefused, trigger: str,
             _mark_lost(pair, reason)
             _finish(claim.attempt_id, AttemptState.FAILED, reason)
             _log(pair, trigger, RenewalOutcome.REFUSED, started, error=f"{reason}: {exc}")
-            raise RenewalFailed(reason, transient=False, code=exc.code, lost=True)
-        _mark_refused(pair, exc)
-        _finish(claim.attempt_id, AttemptState.FAILED, str(exc))
-        _log(pair, trigger, RenewalOutcome.REFUSED, started, error=str(exc))
-    raise RenewalFailed(str(exc), transient=False, code=exc.code)
+            failure = RenewalFailed(reason, transient=False, code=exc.code, lost=True)
+        else:
+            _mark_refused(pair, exc)
+            _finish(claim.attempt_id, AttemptState.FAILED, str(exc))
+            _log(pair, trigger, RenewalOutcome.REFUSED, started, error=str(exc))
+    raise failure  # after the commit: what was recorded stays
 
 
 def _failed(claim: _Claim, pair_id: int, exc: oauth.OAuthError, trigger: str, started: float) -> None:
@@ -380,7 +382,7 @@ def renew_pair(
             raise  # unreachable: _failed raises
         journal.keep(claim.attempt_id, grant)
         pair = _store(claim, pair_id, grant, trigger, started)
-    journal.forget(claim.attempt_id)
+        journal.forget(claim.attempt_id)
     return Renewal(pair, renewed=True)
 
 

@@ -32,6 +32,8 @@ def bitrix24_settings(settings: Any, standin: StandIn) -> StandIn:
     settings.BITRIX24_CLIENT_SECRET = standin.client_secret
     standin.oauth_mode = "ok"
     standin.oauth_latency = 0.0
+    standin.slow_seconds = 5.0
+    standin.release.clear()
     return standin
 
 

@@ -1,0 +1,382 @@
+"""Token custody: a renewal killed or stopped at any point never leaves a pair "active but burned".
+
+Real processes (`manage.py renew_tokens`, a Celery worker's pool process) renew against the
+stand-in and are killed with SIGKILL, or stopped with SIGTERM/SIGINT, at a chosen point; the next
+`renew_tokens` must end in a live pair or in a portal flagged lost with the reason.
+Runs on whichever database the suite runs on (CI: PostgreSQL, then SQLite).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+
+from portals import journal
+from portals.models import AttemptState, PairState, Portal, PortalState, RenewalAttempt, TokenPair
+from portals.tasks import renew_pair_task
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _installed(backend, b24) -> TokenPair:
+    assert backend.install_event(b24, b24.issue_tokens(1, admin=True)).status_code == 200
+    return TokenPair.objects.get(portal__member_id=b24.member_id, user_id=1)
+
+
+def _is_live(standin, pair: TokenPair) -> bool:
+    pair.refresh_from_db()
+    answer = requests.get(f"{standin.oauth_url}/rest/app.info", params={"auth": pair.access_token}, timeout=5)
+    return answer.status_code == 200 and pair.refresh_token in standin._refresh
+
+
+def _wait(condition: Callable[[], object], timeout: float = 30, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def _in_flight(pair: TokenPair) -> RenewalAttempt | None:
+    return RenewalAttempt.objects.filter(pair=pair, state=AttemptState.IN_FLIGHT).first()
+
+
+def _renew_tokens_process(standin, child_env, member_id: str, **env: str) -> subprocess.Popen[str]:
+    environment = {**child_env(standin), **env}
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "renew_tokens", "--portal", member_id, "--force"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@contextmanager
+def _worker(standin, child_env, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """A real Celery worker (prefork, one pool process) in its own process group, as a process
+    manager runs it."""
+    environment = {**child_env(standin), **env}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "celery", "-A", "config", "worker", "--concurrency", "1"),
+            *("--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"),
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        print(proc.communicate(timeout=30)[0][-4000:])  # shown when a test fails
+
+
+def _start_holder(kind: str, standin, child_env, pair: TokenPair, stack: list) -> subprocess.Popen[str]:
+    if kind == "command":
+        return _renew_tokens_process(standin, child_env, pair.portal.member_id)
+    context = _worker(standin, child_env)
+    proc = context.__enter__()
+    stack.append(context)
+    renew_pair_task.apply_async(args=(pair.pk, "staff", True))
+    return proc
+
+
+@contextmanager
+def _store_held(pair: TokenPair) -> Iterator[None]:
+    """Hold the pair's row (PostgreSQL) or the database's write lock (SQLite) from another connection,
+    so that the holder's store of the new pair waits."""
+    settings = connection.settings_dict
+    if connection.vendor == "postgresql":
+        with psycopg.connect(
+            host=settings["HOST"],
+            port=settings["PORT"] or 5432,
+            user=settings["USER"],
+            password=settings.get("PASSWORD") or None,
+            dbname=settings["NAME"],
+            autocommit=False,
+        ) as other:
+            other.execute("SELECT id FROM portals_tokenpair WHERE id = %s FOR UPDATE", (pair.pk,))
+            yield
+            other.rollback()
+    else:
+        other = sqlite3.connect(settings["NAME"], timeout=30, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+
+def _resolve(capsys) -> tuple[str, bool]:
+    """Run `renew_tokens` as an operator would next: (its output, whether it exited non-zero)."""
+    failed = False
+    try:
+        call_command("renew_tokens")
+    except CommandError as exc:
+        failed = True
+        print(exc)
+    captured = capsys.readouterr()
+    return captured.out + captured.err, failed
+
+
+HOLDERS = ["command", "worker"]
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_killed_before_the_server_acts_the_resolver_renews(holder, backend, b24, standin, child_env, capsys):
+    pair = _installed(backend, b24)
+    standin.oauth_mode = "hang"  # the request arrives and is never acted on: as if never sent
+    requests_before = standin.stats["oauth_requests"]
+    stack: list = []
+    try:
+        _start_holder(holder, standin, child_env, pair, stack)
+        attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+        _wait(lambda: standin.stats["oauth_requests"] > requests_before, what="the refresh request")
+        os.kill(attempt.holder_pid, signal.SIGKILL)
+        _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
+    finally:
+        for context in stack:
+            context.__exit__(None, None, None)
+    standin.oauth_mode = "ok"
+    standin.release.set()
+
+    output, failed = _resolve(capsys)
+
+    assert not failed, output
+    assert "renewed" in output
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.INTERRUPTED
+    assert _is_live(standin, pair)
+    assert pair.state == PairState.ACTIVE
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_killed_while_the_server_works_the_portal_is_flagged_lost(
+    holder, backend, b24, standin, child_env, capsys
+):
+    pair = _installed(backend, b24)
+    standin.oauth_mode = "slow"  # the server acts after slow_seconds, when the holder is dead
+    standin.slow_seconds = 2.0
+    rotated_before = standin.stats["refresh_ok"]
+    requests_before = standin.stats["oauth_requests"]
+    stack: list = []
+    try:
+        _start_holder(holder, standin, child_env, pair, stack)
+        attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+        _wait(lambda: standin.stats["oauth_requests"] > requests_before, what="the refresh request")
+        os.kill(attempt.holder_pid, signal.SIGKILL)
+        _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's rotation")
+    finally:
+        for context in stack:
+            context.__exit__(None, None, None)
+    standin.oauth_mode = "ok"
+
+    output, failed = _resolve(capsys)
+
+    assert failed, output  # renew_tokens exits non-zero when it finds a portal lost
+    assert "LOST" in output
+    pair.refresh_from_db()
+    assert pair.state == PairState.LOST
+    assert pair.last_error.startswith("lost in a renewal interrupted at ")
+    portal = Portal.objects.get(pk=pair.portal_id)
+    assert portal.state == PortalState.NEEDS_REINSTALL
+    assert portal.state_reason == pair.last_error[:255]
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
+    holder, backend, b24, standin, child_env, capsys
+):
+    pair = _installed(backend, b24)
+    standin.oauth_latency = 1.0
+    rotated_before = standin.stats["refresh_ok"]
+    stack: list = []
+    try:
+        _start_holder(holder, standin, child_env, pair, stack)
+        attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+        with _store_held(pair):
+            _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
+            _wait(lambda: journal.find(attempt.pk), what="the second copy")
+            time.sleep(0.3)  # the holder is now waiting on the held store
+            os.kill(attempt.holder_pid, signal.SIGKILL)
+            _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
+    finally:
+        for context in stack:
+            context.__exit__(None, None, None)
+    standin.oauth_latency = 0.0
+    assert _in_flight(pair) is not None  # the store never happened
+    requests_before = standin.stats["oauth_requests"]
+
+    output, failed = _resolve(capsys)
+
+    assert not failed, output
+    assert "recovered" in output
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.RECOVERED
+    assert standin.stats["oauth_requests"] == requests_before  # stored from the copy, nothing re-sent
+    assert _is_live(standin, pair)
+    assert journal.find(attempt.pk) is None  # the copy is dropped once stored
+
+
+def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(backend, b24, standin, capsys):
+    pair = _installed(backend, b24)
+    holder = journal.current_holder()  # this very process: alive
+    attempt = RenewalAttempt.objects.create(
+        pair=pair,
+        portal_id=pair.portal_id,
+        trigger="command",
+        old_fingerprint="x",
+        holder_host=holder.host,
+        holder_pid=holder.pid,
+        holder_start=holder.start,
+        lease_expires_at=timezone.now() + timedelta(minutes=5),
+    )
+    requests_before = standin.stats["oauth_requests"]
+
+    output, _ = _resolve(capsys)
+
+    assert "still running" in output
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.IN_FLIGHT
+    assert standin.stats["oauth_requests"] == requests_before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_polite_stop_of_renew_tokens_finishes_the_refresh_in_hand(
+    signum, backend, b24, standin, child_env, capsys
+):
+    pair = _installed(backend, b24)
+    old_refresh = pair.refresh_token
+    standin.oauth_latency = 2.0
+    requests_before = standin.stats["oauth_requests"]
+    proc = _renew_tokens_process(standin, child_env, b24.member_id)
+    _wait(lambda: _in_flight(pair), what="the journaled attempt")
+    _wait(lambda: standin.stats["oauth_requests"] > requests_before, what="the refresh request")
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=60)[0]
+
+    assert proc.returncode != 0, output  # it says it was stopped
+    assert "Stopped by a signal after the renewal in hand" in output
+    pair.refresh_from_db()
+    assert pair.refresh_token != old_refresh
+    assert _is_live(standin, pair)
+    assert _in_flight(pair) is None
+    standin.oauth_latency = 0.0
+    call_command("renew_tokens", "--portal", b24.member_id, "--force")  # and it renews again
+    assert _is_live(standin, pair)
+
+
+def test_sigterm_to_a_workers_process_group_finishes_the_refresh_in_hand(backend, b24, standin, child_env):
+    """As honcho or a container runtime stops a worker: SIGTERM to every process of its group."""
+    pair = _installed(backend, b24)
+    old_refresh = pair.refresh_token
+    standin.oauth_latency = 2.0
+    requests_before = standin.stats["oauth_requests"]
+    with _worker(standin, child_env) as worker:
+        renew_pair_task.apply_async(args=(pair.pk, "staff", True))
+        _wait(lambda: _in_flight(pair), what="the journaled attempt")
+        _wait(lambda: standin.stats["oauth_requests"] > requests_before, what="the refresh request")
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    pair.refresh_from_db()
+    assert pair.refresh_token != old_refresh
+    assert _is_live(standin, pair)
+    assert RenewalAttempt.objects.get(pair=pair).state == AttemptState.STORED
+
+
+def test_the_database_away_after_the_answer_loses_nothing(backend, b24, standin, child_env):
+    """The store waits out a database that cannot be written (held here for 4 s) and then stores."""
+    pair = _installed(backend, b24)
+    standin.oauth_latency = 1.0
+    rotated_before = standin.stats["refresh_ok"]
+    proc = _renew_tokens_process(standin, child_env, b24.member_id)
+    attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+    with _store_held(pair):
+        _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
+        time.sleep(4)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.STORED
+    assert _is_live(standin, pair)
+
+
+def test_sqlite_launches_and_events_are_served_while_a_renewal_waits_on_the_oauth_server(
+    backend, b24, standin, child_env
+):
+    """No database lock is held during the refresh: on SQLite one write lock for the whole database
+    would otherwise hold every launch and event for as long as the OAuth server takes."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the database-wide write lock is SQLite's; PostgreSQL locks the pair's row only")
+    pair = _installed(backend, b24)
+    standin.oauth_mode = "slow"
+    standin.slow_seconds = 40.0
+    requests_before = standin.stats["oauth_requests"]
+    proc = _renew_tokens_process(standin, child_env, b24.member_id, BITRIX24_OAUTH_READ_TIMEOUT="60")
+    _wait(lambda: _in_flight(pair), what="the journaled attempt")
+    _wait(lambda: standin.stats["oauth_requests"] > requests_before, what="the refresh request")
+    sent = time.monotonic()
+    standin.oauth_mode = "ok"  # the refresh in flight keeps its 40 s; app.info answers at once
+    timings: list[tuple[str, float, int]] = []
+
+    def client(index: int) -> None:
+        if index % 2:
+            response = backend.launch(b24, b24.issue_tokens(100 + index))
+            kind = "launch"
+        else:
+            response = backend.post("/events/", data=_event(b24))
+            kind = "event"
+        timings.append((kind, time.monotonic() - sent, response.status_code))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    output = proc.communicate(timeout=90)[0]
+    answered = time.monotonic() - sent
+    print(f"renewal answered after {answered:.1f} s; clients answered after {sorted(t[1] for t in timings)}")
+    assert proc.returncode == 0, output
+    assert len(timings) == 20
+    assert all(status == 200 for _, _, status in timings), timings
+    assert max(t[1] for t in timings) < 38.0 < answered  # every client before the OAuth answer
+    assert _is_live(standin, pair)
+
+
+def _event(b24) -> dict[str, str]:
+    portal = Portal.objects.get(member_id=b24.member_id)
+    return {
+        "event": "ONCRMCONTACTADD",
+        "data[FIELDS][ID]": "7",
+        "auth[member_id]": b24.member_id,
+        "auth[domain]": b24.domain,
+        "auth[application_token]": portal.application_token,
+    }
