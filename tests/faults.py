@@ -20,12 +20,14 @@ import glob
 import grp
 import os
 import pwd
+import secrets
 import selectors
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -625,7 +627,9 @@ class FaultProxy:
             if self._mode == CUT:
                 _reset(client)
                 continue
-            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            thread = threading.Thread(
+                target=self._serve, args=(client,), name=f"FaultProxy:{self.port}:conn", daemon=True
+            )
             with self._lock:
                 self._threads = {t for t in self._threads if t.is_alive()}
                 self._threads.add(thread)
@@ -706,3 +710,107 @@ def proxied(url: str) -> Iterator[tuple[FaultProxy, str]]:
     """A FaultProxy in front of the host:port of `url`, and `url` rewritten to go through it."""
     with FaultProxy.for_url(url) as proxy:
         yield proxy, proxy.url_for(url)
+
+
+# --- The backend as a child process ---------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BackendProcess:
+    """The product's web process (`manage.py runserver --noreload`, as the Procfile runs it) as
+    a real child on a free loopback port, on the given database and broker, with production
+    settings (DJANGO_DEBUG=0) and throw-away secrets. `migrate()` prepares the database first.
+
+    Whatever DATABASE_URL and REDIS_URL the test process has (the shared servers) are replaced,
+    so the child never touches them.
+    """
+
+    def __init__(self, database_url: str, redis_url: str, var_dir: Path, **extra_env: str) -> None:
+        from cryptography.fernet import Fernet
+
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.var_dir = Path(var_dir)
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.var_dir / "backend.log"
+        self.env = dict(os.environ)
+        self.env.update(
+            DJANGO_SETTINGS_MODULE="config.settings",
+            DJANGO_DEBUG="0",
+            DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+            BITRIX24_TOKEN_KEYS=Fernet.generate_key().decode(),
+            DJANGO_VAR_DIR=str(self.var_dir),
+            DJANGO_ALLOWED_HOSTS=LOOPBACK,
+            DATABASE_URL=database_url,
+            REDIS_URL=redis_url,
+            CELERY_QUEUE=f"faults-{self.port}",
+            PYTHONUNBUFFERED="1",
+        )
+        self.env.update(extra_env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise FaultToolError(f"manage.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        return result
+
+    def migrate(self) -> None:
+        self.manage("migrate", "--noinput", "-v0")
+
+    def start(self, timeout: float = 30.0) -> BackendProcess:
+        import requests
+
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed right after
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "manage.py", "runserver", f"{LOOPBACK}:{self.port}", "--noreload"],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        http = requests.Session()
+        http.trust_env = False  # loopback only, whatever proxy the environment names
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise FaultToolError(f"the backend exited at start:\n{_tail(self.log)}")
+            try:
+                # Any answer will do: the test decides which one it expects.
+                http.get(self.url + "/healthz", timeout=5)
+                return self
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FaultToolError(f"the backend did not answer in {timeout}s:\n{_tail(self.log)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> BackendProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
