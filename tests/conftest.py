@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,14 @@ from django.db import connection
 
 from portals.standin import FakePortal, StandIn
 from portals.standin import payloads as bx
+from tests.faults import (
+    BackendProcess,
+    FaultProxy,
+    PrivatePostgres,
+    PrivateRedis,
+    postgres_missing_reason,
+    redis_missing_reason,
+)
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +138,72 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if service in required:
             pytest.fail(f"BITRIX24_TEST_REQUIRE names {service}, which is not configured: {reason}")
         pytest.skip(f"needs {service}: {reason}")
+
+
+# --- Fault tools (tests/faults.py) ------------------------------------------------------------
+
+
+def _unavailable(reason: str) -> None:
+    """Skip on a machine without the binaries; under CI a skip would hide lost coverage, so fail."""
+    if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{reason} (CI is set: fault tests must run here, not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A running PostgreSQL cluster of this test's own (url: a DATABASE_URL), removed afterwards."""
+    reason = postgres_missing_reason()
+    if reason:
+        _unavailable(reason)
+    with PrivatePostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A running redis-server of this test's own (url: a REDIS_URL), stopped afterwards."""
+    reason = redis_missing_reason()
+    if reason:
+        _unavailable(reason)
+    with PrivateRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Factory: `fault_proxy(target)` starts a FaultProxy in front of a URL, a (host, port) pair or
+    a private server; every proxy it made is closed after the test."""
+    proxies: list[FaultProxy] = []
+
+    def make(target: Any) -> FaultProxy:
+        if isinstance(target, str):
+            proxy = FaultProxy.for_url(target)
+        elif isinstance(target, tuple):
+            proxy = FaultProxy(*target)
+        else:
+            proxy = FaultProxy(target.host, target.port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def backend_process(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
+    """Factory: `backend_process(database_url, redis_url)` migrates that database and starts the
+    web process on it as a child; every one it started is stopped after the test."""
+    started: list[BackendProcess] = []
+
+    def make(database_url: str, redis_url: str, migrate: bool = True, **env: str) -> BackendProcess:
+        backend = BackendProcess(database_url, redis_url, tmp_path / f"backend-{len(started)}", **env)
+        started.append(backend)
+        if migrate:
+            backend.migrate()
+        return backend.start()
+
+    yield make
+    for backend in started:
+        backend.stop()
