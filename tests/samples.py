@@ -79,11 +79,23 @@ def shape(value: Any) -> Any:
     return type(value).__name__
 
 
+def _nest(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``[("auth[domain]", "x")]`` as ``{"auth": {"domain": "x"}}`` (keys in the order of the pairs)."""
+    tree: dict[str, Any] = {}
+    for key, value in pairs:
+        head, *rest = key.replace("]", "").split("[")
+        node = tree
+        for part in [head, *rest][:-1]:
+            node = node.setdefault(part, {})
+        node[[head, *rest][-1]] = value
+    return tree
+
+
 def docs_event(name: str, portal: Any, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A documented event as Bitrix24 would send it for a stand-in portal: the sample verbatim, except
-    that ``auth`` names the portal (domain, endpoints, member_id, application token) and carries the given
-    tokens wherever the sample has tokens. Post it as ``phpform.encode(event)``."""
-    event = load_json(name)
+    """A documented event (JSON, or the PHP array literal) as Bitrix24 would send it for a stand-in portal:
+    the sample verbatim, except that ``auth`` names the portal (domain, endpoints, member_id, application
+    token) and carries the given tokens wherever the sample has tokens. Post ``phpform.encode(event)``."""
+    event = load_json(name) if name.endswith(".json") else _nest(load_php_array(name))
     auth = event["auth"]
     auth.update(
         domain=portal.domain,
