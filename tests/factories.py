@@ -103,6 +103,7 @@ class TokenPairFactory(DjangoModelFactory):
         model = TokenPair
 
     class Params:
+        expires_in = 3600  # seconds the access token lives from now
         issued_days_ago = 0.0
         expired_access = factory.Trait(
             access_expires_at=factory.LazyFunction(lambda: timezone.now() - timedelta(seconds=1))
@@ -113,7 +114,7 @@ class TokenPairFactory(DjangoModelFactory):
     is_background = True
     access_token = factory.LazyFunction(_token)
     refresh_token = factory.LazyFunction(_token)
-    access_expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(hours=1))
+    access_expires_at = factory.LazyAttribute(lambda o: timezone.now() + timedelta(seconds=o.expires_in))
     refresh_issued_at = factory.LazyAttribute(lambda o: timezone.now() - timedelta(days=o.issued_days_ago))
     scope = factory.SelfAttribute("portal.scope")
 
@@ -129,13 +130,13 @@ class TokenPairFactory(DjangoModelFactory):
     ) -> TokenPair:
         """A pair whose tokens ``fake`` issued just now to ``user_id`` (a portal admin unless told)."""
         tokens = fake.issue_tokens(user_id, admin=admin)
-        fields.setdefault("access_expires_at", timezone.now() + timedelta(seconds=int(tokens["expires_in"])))
         return cls(
             portal=portal if portal is not None else PortalFactory.for_standin(fake, users=()),
             user_id=user_id,
             access_token=tokens["access_token"],
             refresh_token=tokens["refresh_token"],
             scope=tokens["scope"],
+            expires_in=int(tokens["expires_in"]),
             **fields,
         )
 
