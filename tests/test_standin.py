@@ -563,10 +563,16 @@ def test_launch_payload_has_the_documented_fields(portal: FakePortal, sample: st
     assert body["PLACEMENT"] == documented["PLACEMENT"]
     assert query["LANG"] == documented["LANG"]
     assert len(query["APP_SID"]) == len(documented["APP_SID"])
-    if options is not None:
-        # PHP's json_encode escapes "/" as the docs show it.
-        assert json.loads(body["PLACEMENT_OPTIONS"]) == options
-        assert "\\/crm\\/deal\\/details\\/8061\\/" in body["PLACEMENT_OPTIONS"]
+
+
+def test_placement_options_are_encoded_as_the_docs_show(portal: FakePortal) -> None:
+    documented = load_print_r("launch-placement-docs.txt")["PLACEMENT_OPTIONS"]
+    options = json.loads(documented)
+    _, body = payloads.launch(portal, portal.issue_tokens(), placement="CRM_DEAL_DETAIL_TAB", options=options)
+    assert json.loads(body["PLACEMENT_OPTIONS"]) == options
+    # PHP's json_encode escapes "/" as "\/", as the docs show it.
+    assert "\\/crm\\/deal\\/details\\/8061\\/" in documented
+    assert "\\/crm\\/deal\\/details\\/8061\\/" in body["PLACEMENT_OPTIONS"]
 
 
 # ---- phpform
