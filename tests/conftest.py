@@ -52,6 +52,24 @@ def b24(standin: StandIn) -> FakePortal:
     return standin.add_portal()
 
 
+@pytest.fixture
+def installed_portal(db: None, b24: FakePortal) -> Any:
+    """b24 as its install leaves it in the database: the portal row and the installing admin's (user 1)
+    background pair, with tokens the stand-in issued. Tests of the install itself post the event instead."""
+    # Imported here: the models need Django, and test_standin.py also runs without it (-p no:django).
+    from tests.factories import PortalFactory
+
+    return PortalFactory.for_standin(b24)
+
+
+@pytest.fixture
+def staff_user(db: None) -> Any:
+    """A staff user (no permissions of its own); password ``pw-<username>``."""
+    from tests.factories import UserFactory
+
+    return UserFactory(staff=True)
+
+
 class Backend:
     """The backend as Bitrix24 sees it: a base URL to post forms to."""
 

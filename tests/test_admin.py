@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import time_machine
 from celery.signals import before_task_publish
 from django.contrib import admin
 from django.db import connection, transaction
@@ -32,50 +33,10 @@ from portals.models import (
 )
 from portals.standin import payloads as bx
 from portals.tasks import renew_pair_task
+from tests.factories import InboundRequestFactory, PortalFactory, RenewalLogFactory
 
 PORTALS = "/admin/portals/portal/"
 DAY = timedelta(days=1)
-
-
-def _portal(
-    standin,
-    *,
-    state=PortalState.INSTALLED,
-    pair_state=PairState.ACTIVE,
-    issued_days_ago=1.0,
-    users=(1,),
-    **pair_fields,
-):
-    """A portal stored as an install leaves it, with real stand-in tokens for each user (the first
-    one is the background pair)."""
-    fake = standin.add_portal()
-    now = timezone.now()
-    portal = Portal.objects.create(
-        member_id=fake.member_id,
-        domain=fake.domain,
-        protocol="http",
-        oauth_server=standin.oauth_url,
-        app_status="F",
-        state=state,
-        application_token=fake.application_token,
-        installed_at=now - 30 * DAY,
-    )
-    tokens = {}
-    for index, user_id in enumerate(users):
-        issued = fake.issue_tokens(user_id, admin=index == 0)
-        tokens[user_id] = issued
-        TokenPair.objects.create(
-            portal=portal,
-            user_id=user_id,
-            is_background=index == 0,
-            access_token=issued["access_token"],
-            refresh_token=issued["refresh_token"],
-            access_expires_at=now + timedelta(hours=1),
-            refresh_issued_at=now - issued_days_ago * DAY,
-            state=pair_state,
-            **pair_fields,
-        )
-    return portal, fake, tokens
 
 
 def _sweep_task() -> PeriodicTask:
@@ -201,18 +162,19 @@ def test_portal_list_costs_the_same_queries_at_10_and_1000_portals(admin_client)
 def test_list_columns_and_filters_show_token_health(admin_client, standin, settings):
     settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = 28
     settings.BITRIX24_RENEW_MARGIN_DAYS = 7
-    healthy, _, _ = _portal(standin, issued_days_ago=2)
-    due, _, _ = _portal(standin, issued_days_ago=24)
-    failing, _, _ = _portal(standin, issued_days_ago=27.5, consecutive_failures=3, last_error="Timeout")
-    dead, _, _ = _portal(standin, state=PortalState.NEEDS_REINSTALL, pair_state=PairState.DEAD)
-    bare = Portal.objects.create(member_id="nopair00", domain="bare.bitrix24.com", oauth_server="https://x")
-    RenewalLog.objects.create(
-        portal=failing,
-        user_id=1,
-        trigger=RenewalTrigger.BEAT,
-        outcome=RenewalOutcome.TRANSIENT,
-        error="Timeout",
+    healthy = PortalFactory.for_standin(standin.add_portal(), pair__issued_days_ago=2)
+    due = PortalFactory.for_standin(standin.add_portal(), pair__issued_days_ago=24)
+    failing = PortalFactory.for_standin(
+        standin.add_portal(),
+        pair__issued_days_ago=27.5,
+        pair__consecutive_failures=3,
+        pair__last_error="Timeout",
     )
+    dead = PortalFactory.for_standin(
+        standin.add_portal(), state=PortalState.NEEDS_REINSTALL, pair__state=PairState.DEAD
+    )
+    bare = PortalFactory(domain="bare.bitrix24.com")
+    RenewalLogFactory(portal=failing, outcome=RenewalOutcome.TRANSIENT, error="Timeout")
 
     def listed(query: str) -> set[str]:
         html = admin_client.get(PORTALS + query).content.decode()
@@ -246,7 +208,7 @@ def test_no_token_field_is_searchable():
 
 @pytest.mark.django_db
 def test_no_token_field_is_in_any_admin_form(rf, admin_user, standin):
-    portal, _, _ = _portal(standin)
+    portal = PortalFactory.for_standin(standin.add_portal())
     pair = TokenPair.objects.get(portal=portal)
     request = rf.get("/admin/")
     request.user = admin_user
@@ -266,8 +228,10 @@ def test_no_token_field_is_in_any_admin_form(rf, admin_user, standin):
 def test_renew_now_queues_a_forced_staff_renewal_per_pair_after_commit(
     admin_client, standin, monkeypatch, django_capture_on_commit_callbacks
 ):
-    portal, _, tokens = _portal(standin, users=(1, 7))
-    bare = Portal.objects.create(member_id="nopair01", domain="bare.bitrix24.com", oauth_server="https://x")
+    portal = PortalFactory.for_standin(standin.add_portal(), users=(1, 7))
+    issued = dict(TokenPair.objects.filter(portal=portal).values_list("user_id", "refresh_token"))
+    assert len(issued) == 2
+    bare = PortalFactory(domain="bare.bitrix24.com")
     sent: list[tuple] = []
     monkeypatch.setattr(renew_pair_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
 
@@ -285,7 +249,7 @@ def test_renew_now_queues_a_forced_staff_renewal_per_pair_after_commit(
         assert renew_pair_task.apply(args=args).get() == "done"
     for pair in pairs:
         pair.refresh_from_db()
-        assert pair.refresh_token != tokens[pair.user_id]["refresh_token"]
+        assert pair.refresh_token != issued[pair.user_id]
     assert (
         RenewalLog.objects.filter(
             portal=portal, trigger=RenewalTrigger.STAFF, outcome=RenewalOutcome.RENEWED
@@ -296,7 +260,7 @@ def test_renew_now_queues_a_forced_staff_renewal_per_pair_after_commit(
 
 @pytest.mark.django_db(transaction=True)
 def test_queue_renewal_publishes_only_once_the_transaction_commits(standin):
-    portal, _, _ = _portal(standin, users=(1, 2, 3))
+    portal = PortalFactory.for_standin(standin.add_portal(), users=(1, 2, 3))
     published: list[list] = []
 
     def record(sender=None, body=None, **kwargs):
@@ -314,7 +278,7 @@ def test_queue_renewal_publishes_only_once_the_transaction_commits(standin):
             TokenPair.objects.filter(portal=portal).values_list("pk", flat=True)
         )
         assert {(args[1], args[2]) for args in published} == {(RenewalTrigger.STAFF, True)}
-        uninstalled, _, _ = _portal(standin, users=())
+        uninstalled = PortalFactory.for_standin(standin.add_portal(), users=())
         assert operations.queue_renewal(portal=uninstalled) == 0
     finally:
         before_task_publish.disconnect(record)
@@ -325,7 +289,7 @@ def test_queue_renewal_publishes_only_once_the_transaction_commits(standin):
 def test_renew_button_on_the_portal_page(
     admin_client, standin, monkeypatch, django_capture_on_commit_callbacks
 ):
-    portal, _, _ = _portal(standin)
+    portal = PortalFactory.for_standin(standin.add_portal())
     sent: list[tuple] = []
     monkeypatch.setattr(renew_pair_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
     url = reverse("admin:portals_portal_operate", args=(portal.pk, "renew"))
@@ -348,7 +312,8 @@ def test_renew_button_on_the_portal_page(
 
 @pytest.mark.django_db
 def test_verify_asks_app_info_with_the_portals_own_token_and_stores_the_status(admin_client, standin):
-    portal, fake, _ = _portal(standin)
+    fake = standin.add_portal()
+    portal = PortalFactory.for_standin(fake)
     fake.status = "P"  # the customer paid since we last heard
     before = standin.stats["app_info"]
 
@@ -364,29 +329,32 @@ def test_verify_asks_app_info_with_the_portals_own_token_and_stores_the_status(a
 
 @pytest.mark.django_db
 def test_verify_renews_an_expired_access_token_first(standin):
-    portal, _, tokens = _portal(standin)
-    TokenPair.objects.filter(portal=portal).update(access_expires_at=timezone.now() - timedelta(minutes=1))
-    info = operations.verify_portal(portal=portal)
+    portal = PortalFactory.for_standin(standin.add_portal())
+    issued = TokenPair.objects.get(portal=portal).refresh_token
+    # An hour and a minute later the access token has expired, for us and for Bitrix24.
+    with time_machine.travel(timezone.now() + timedelta(hours=1, minutes=1)):
+        info = operations.verify_portal(portal=portal)
     assert info.member_id == portal.member_id
-    assert TokenPair.objects.get(portal=portal).refresh_token != tokens[1]["refresh_token"]
+    assert TokenPair.objects.get(portal=portal).refresh_token != issued
 
 
 @pytest.mark.django_db
 def test_verify_explains_why_it_cannot(admin_client, standin):
-    dead, _, _ = _portal(standin, pair_state=PairState.DEAD)
-    gone, _, _ = _portal(standin, state=PortalState.UNINSTALLED, users=())
+    dead = PortalFactory.for_standin(standin.add_portal(), pair__state=PairState.DEAD)
+    gone = PortalFactory.for_standin(standin.add_portal(), state=PortalState.UNINSTALLED, users=())
     with pytest.raises(operations.OperationRefused, match="no usable background token pair"):
         operations.verify_portal(portal=dead)
     with pytest.raises(operations.OperationRefused, match="uninstalled"):
         operations.verify_portal(portal=gone)
 
-    uninstalled_on_bitrix, fake, _ = _portal(standin)
+    fake = standin.add_portal()
+    uninstalled_on_bitrix = PortalFactory.for_standin(fake)
     fake.uninstall()  # its tokens die on Bitrix24's side
     with pytest.raises(operations.OperationRefused, match=r"app\.info refused the portal's token"):
         operations.verify_portal(portal=uninstalled_on_bitrix)
 
     standin.oauth_mode = "down"
-    healthy, _, _ = _portal(standin)
+    healthy = PortalFactory.for_standin(standin.add_portal())
     with pytest.raises(services.UpstreamUnavailable):
         operations.verify_portal(portal=healthy)
     response = _action(admin_client, "verify_with_app_info", dead, healthy)
@@ -400,9 +368,9 @@ def test_verify_explains_why_it_cannot(admin_client, standin):
 
 @pytest.mark.django_db
 def test_mark_needs_reinstall_from_the_list_and_from_the_portal_page(admin_client, standin):
-    first, _, _ = _portal(standin)
-    second, _, _ = _portal(standin)
-    gone, _, _ = _portal(standin, state=PortalState.UNINSTALLED, users=())
+    first = PortalFactory.for_standin(standin.add_portal())
+    second = PortalFactory.for_standin(standin.add_portal())
+    gone = PortalFactory.for_standin(standin.add_portal(), state=PortalState.UNINSTALLED, users=())
 
     response = _action(admin_client, "mark_needs_reinstall", first, gone)
     first.refresh_from_db()
@@ -430,15 +398,11 @@ def test_mark_needs_reinstall_from_the_list_and_from_the_portal_page(admin_clien
 
 @pytest.mark.django_db
 def test_purge_asks_first_then_deletes_an_uninstalled_portals_data(admin_client, standin):
-    gone, _, _ = _portal(standin, state=PortalState.UNINSTALLED)
-    alive, _, _ = _portal(standin)
+    gone = PortalFactory.for_standin(standin.add_portal(), state=PortalState.UNINSTALLED)
+    alive = PortalFactory.for_standin(standin.add_portal())
     for portal in (gone, alive):
-        RenewalLog.objects.create(
-            portal=portal, user_id=1, trigger=RenewalTrigger.BEAT, outcome=RenewalOutcome.RENEWED
-        )
-        InboundRequest.objects.create(
-            kind=InboundKind.EVENT, event="ONAPPINSTALL", member_id=portal.member_id
-        )
+        RenewalLogFactory(portal=portal, outcome=RenewalOutcome.RENEWED)
+        InboundRequestFactory(kind=InboundKind.EVENT, event="ONAPPINSTALL", member_id=portal.member_id)
 
     confirm = _action(admin_client, "purge_data", gone, alive)
     html = confirm.content.decode()
@@ -462,7 +426,7 @@ def test_purge_asks_first_then_deletes_an_uninstalled_portals_data(admin_client,
 
 @pytest.mark.django_db
 def test_purge_button_confirms_on_its_own_page(admin_client, standin):
-    gone, _, _ = _portal(standin, state=PortalState.UNINSTALLED)
+    gone = PortalFactory.for_standin(standin.add_portal(), state=PortalState.UNINSTALLED)
     url = reverse("admin:portals_portal_operate", args=(gone.pk, "purge"))
     page = admin_client.get(url)
     assert page.status_code == 200 and "Yes, purge their data" in page.content.decode()
@@ -475,11 +439,11 @@ def test_purge_button_confirms_on_its_own_page(admin_client, standin):
 
 
 @pytest.mark.django_db
-def test_operations_need_a_staff_user_with_the_right(client, django_user_model, standin):
-    portal, _, _ = _portal(standin)
+def test_operations_need_a_staff_user_with_the_right(client, staff_user, standin):
+    portal = PortalFactory.for_standin(standin.add_portal())
     url = reverse("admin:portals_portal_operate", args=(portal.pk, "reinstall"))
     assert client.post(url).status_code == 302  # to the login page
-    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer = staff_user
     from django.contrib.auth.models import Permission
 
     viewer.user_permissions.add(Permission.objects.get(codename="view_portal"))
@@ -498,9 +462,11 @@ def test_dashboard_counts_chart_activity_and_next_sweep(admin_client, standin, s
     settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = 28
     settings.BITRIX24_RENEW_MARGIN_DAYS = 7
     for days in (0.5, 0.5, 1.5, 10.5, 24.5, 29):
-        _portal(standin, issued_days_ago=days)
-    _portal(standin, state=PortalState.NEEDS_REINSTALL, pair_state=PairState.DEAD)
-    _portal(standin, state=PortalState.UNINSTALLED, users=())
+        PortalFactory.for_standin(standin.add_portal(), pair__issued_days_ago=days)
+    PortalFactory.for_standin(
+        standin.add_portal(), state=PortalState.NEEDS_REINSTALL, pair__state=PairState.DEAD
+    )
+    PortalFactory.for_standin(standin.add_portal(), state=PortalState.UNINSTALLED, users=())
     portal = Portal.objects.first()
     assert portal is not None
     now = timezone.now()
@@ -509,13 +475,7 @@ def test_dashboard_counts_chart_activity_and_next_sweep(admin_client, standin, s
         (RenewalOutcome.RENEWED, 30),
         (RenewalOutcome.REFUSED, 2),
     ]:
-        RenewalLog.objects.create(
-            portal=portal,
-            user_id=1,
-            trigger=RenewalTrigger.BEAT,
-            outcome=outcome,
-            created_at=now - timedelta(hours=hours),
-        )
+        RenewalLogFactory(portal=portal, outcome=outcome, created_at=now - timedelta(hours=hours))
     task = _sweep_task()
     task.last_run_at = now - timedelta(minutes=5)
     task.save()
@@ -647,7 +607,7 @@ def test_no_admin_page_shows_a_token_in_full(backend, b24, standin, admin_client
 
 @pytest.mark.django_db
 def test_staff_set_a_portals_rest_limits_and_nothing_else(admin_client, standin):
-    portal, _, _ = _portal(standin)
+    portal = PortalFactory.for_standin(standin.add_portal())
     url = f"{PORTALS}{portal.pk}/change/"
     page = admin_client.get(url).content.decode()
     assert 'name="rate_limit"' in page and 'name="rate_burst"' in page

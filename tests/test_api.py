@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import requests
+import time_machine
 from celery.signals import before_task_publish
-from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -20,13 +20,11 @@ from rest_framework.test import APIClient
 from config.celery import app as celery_app
 from portals.models import (
     PairState,
-    Portal,
-    PortalState,
-    RenewalLog,
     RenewalOutcome,
     RenewalTrigger,
     TokenPair,
 )
+from tests.factories import PortalFactory, RenewalLogFactory, TokenPairFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,21 +53,10 @@ class Api:
         return self.http.post(self.url + path, timeout=30, allow_redirects=False, **kwargs)
 
 
-def _user(username: str, *, staff: bool) -> Any:
-    return get_user_model().objects.create_user(username, password="pw-" + username, is_staff=staff)
-
-
 @pytest.fixture
-def staff(backend) -> Api:
-    token = Token.objects.create(user=_user("support", staff=True))
+def staff(backend, staff_user) -> Api:
+    token = Token.objects.create(user=staff_user)
     return Api(backend.url, {"Authorization": f"Token {token.key}"})
-
-
-@pytest.fixture
-def installed(backend, b24) -> Portal:
-    """b24, installed through its ONAPPINSTALL event (background pair of user 1)."""
-    assert backend.install_event(b24).status_code == 200
-    return Portal.objects.get(member_id=b24.member_id)
 
 
 def _frame(backend, b24, token: str, member_id: str | None = None) -> Api:
@@ -89,24 +76,24 @@ def _is_error(response: requests.Response, status: int, code: str | None = None)
 # --- staff endpoints refuse everyone else ---------------------------------------------------------------
 
 
-def test_staff_endpoints_refuse_anonymous_and_non_staff_users(backend, installed):
-    plain = Token.objects.create(user=_user("employee", staff=False))
+def test_staff_endpoints_refuse_anonymous_and_non_staff_users(backend, installed_portal):
+    plain = Token.objects.create(user=UserFactory(username="employee"))
     anonymous = Api(backend.url)
     employee = Api(backend.url, {"Authorization": f"Token {plain.key}"})
     forged = Api(backend.url, {"Authorization": "Token " + "0" * 40})
     for method, template in STAFF_PATHS:
-        path = template.format(member_id=installed.member_id)
+        path = template.format(member_id=installed_portal.member_id)
         kwargs = {"json": {"method": "profile"}} if method == "post" else {}
         _is_error(getattr(anonymous, method)(path, **kwargs), 401, "not_authenticated")
         _is_error(getattr(forged, method)(path, **kwargs), 401, "authentication_failed")
         _is_error(getattr(employee, method)(path, **kwargs), 403, "permission_denied")
     # Frontend credentials are no way in either, genuine as they are.
-    frame = _frame(backend, installed, installed.token_pairs.get().access_token)
+    frame = _frame(backend, installed_portal, installed_portal.token_pairs.get().access_token)
     _is_error(frame.get("/api/portals/"), 401)
 
 
-def test_staff_session_works_and_unsafe_methods_need_the_csrf_token(backend, installed):
-    _user("admin", staff=True)
+def test_staff_session_works_and_unsafe_methods_need_the_csrf_token(backend, installed_portal):
+    UserFactory(username="admin", staff=True)  # password pw-admin
     browser = requests.Session()
     login = backend.url + "/admin/login/"
     browser.get(login, timeout=10)
@@ -124,38 +111,32 @@ def test_staff_session_works_and_unsafe_methods_need_the_csrf_token(backend, ins
     assert answer.status_code == 302, answer.text
     listing = browser.get(backend.url + "/api/portals/", timeout=10)
     assert listing.status_code == 200 and listing.json()["count"] == 1
-    renew = backend.url + f"/api/portals/{installed.member_id}/renew/"
+    renew = backend.url + f"/api/portals/{installed_portal.member_id}/renew/"
     refused = browser.post(renew, timeout=10)
     _is_error(refused, 403, "permission_denied")
     assert "CSRF" in refused.json()["error_description"]
     # The browsable API is on for people.
     page = browser.get(backend.url + "/api/portals/", headers={"Accept": "text/html"}, timeout=10)
-    assert page.status_code == 200 and "<html" in page.text and installed.domain in page.text
+    assert page.status_code == 200 and "<html" in page.text and installed_portal.domain in page.text
 
 
 # --- the portal list and token health ------------------------------------------------------------------
 
 
-def test_portal_list_shows_token_health_and_filters(backend, standin, staff, settings):
+def test_portal_list_shows_token_health_and_filters(backend, staff, settings):
     settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = 28
     settings.BITRIX24_RENEW_MARGIN_DAYS = 7
-    fakes = [standin.add_portal() for _ in range(4)]
-    for fake in fakes:
-        assert backend.install_event(fake).status_code == 200
-    healthy, due, failing, gone = (Portal.objects.get(member_id=f.member_id) for f in fakes)
-    now = timezone.now()
-    TokenPair.objects.filter(portal=due).update(refresh_issued_at=now - timedelta(days=25))
-    TokenPair.objects.filter(portal=failing).update(consecutive_failures=2, last_error="OAuthUnavailable")
-    RenewalLog.objects.create(
-        portal=failing,
-        pair=failing.token_pairs.get(),
-        user_id=1,
+    healthy = TokenPairFactory().portal
+    due = TokenPairFactory(issued_days_ago=25).portal
+    failing_pair = TokenPairFactory(consecutive_failures=2, last_error="OAuthUnavailable")
+    failing = failing_pair.portal
+    RenewalLogFactory(
+        pair=failing_pair,
         trigger=RenewalTrigger.BEAT,
         outcome=RenewalOutcome.TRANSIENT,
         error="OAuth server error (HTTP 500)",
     )
-    Portal.objects.filter(pk=gone.pk).update(state=PortalState.UNINSTALLED)
-    TokenPair.objects.filter(portal=gone).delete()
+    gone = PortalFactory(uninstalled=True)  # its tokens went with the uninstall
 
     everything = staff.get("/api/portals/")
     assert everything.status_code == 200, everything.text
@@ -190,31 +171,15 @@ def test_portal_list_shows_token_health_and_filters(backend, standin, staff, set
     assert set(bad["fields"]) == {"state", "due"}
 
 
-def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(standin):
-    staff_user = _user("counter", staff=True)
+def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(staff_user):
     client = APIClient()
     client.force_authenticate(staff_user)
-    now = timezone.now()
 
     def add(n: int) -> None:
-        for _ in range(n):
-            fake = standin.add_portal()
-            portal = Portal.objects.create(
-                member_id=fake.member_id, domain=fake.domain, protocol="http", oauth_server=standin.oauth_url
-            )
+        for portal in PortalFactory.create_batch(n):
             for user_id in (1, 2):
-                pair = TokenPair.objects.create(
-                    portal=portal,
-                    user_id=user_id,
-                    is_background=user_id == 1,
-                    access_token="a" * 32,
-                    refresh_token="r" * 32,
-                    access_expires_at=now + timedelta(hours=1),
-                    refresh_issued_at=now,
-                )
-                RenewalLog.objects.create(
-                    portal=portal, pair=pair, user_id=user_id, trigger="beat", outcome="renewed"
-                )
+                pair = TokenPairFactory(portal=portal, user_id=user_id, is_background=user_id == 1)
+                RenewalLogFactory(pair=pair, trigger="beat", outcome="renewed")
 
     def queries() -> int:
         with CaptureQueriesContext(connection) as captured:
@@ -231,15 +196,18 @@ def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(standin)
 # --- one portal: masked tokens -----------------------------------------------------------------------
 
 
-def test_portal_detail_masks_every_token(backend, b24, installed, staff):
+def test_portal_detail_masks_every_token(backend, b24, installed_portal, staff):
     employee = b24.issue_tokens(7, admin=False)
     assert backend.launch(b24, employee).status_code == 200
     assert (
         staff.post(f"/api/portals/{b24.member_id}/call/", json={"method": "server.time"}).status_code == 200
     )
-    TokenPair.objects.filter(portal=installed, user_id=1).update(access_expires_at=timezone.now())
-    # An on-demand renewal puts a row in the renewal log (fingerprints only).
-    assert staff.post(f"/api/portals/{b24.member_id}/call/", json={"method": "profile"}).status_code == 200
+    # An hour on, the background pair's access token has expired: an on-demand renewal puts a row in the
+    # renewal log (fingerprints only).
+    with time_machine.travel(timezone.now() + timedelta(hours=1, seconds=1)):
+        assert (
+            staff.post(f"/api/portals/{b24.member_id}/call/", json={"method": "profile"}).status_code == 200
+        )
 
     response = staff.get(f"/api/portals/{b24.member_id}/")
 
@@ -249,7 +217,7 @@ def test_portal_detail_masks_every_token(backend, b24, installed, staff):
     assert body["recent_renewals"][0]["outcome"] == RenewalOutcome.RENEWED
     text = response.text
     secrets = [b24.application_token, employee["access_token"], employee["refresh_token"]]
-    for pair in TokenPair.objects.filter(portal=installed):
+    for pair in TokenPair.objects.filter(portal=installed_portal):
         secrets += [pair.access_token, pair.refresh_token]
         shown = next(p for p in body["pairs"] if p["user_id"] == pair.user_id)
         assert shown["access_token"].startswith(pair.access_token[:4] + "…")
@@ -261,18 +229,18 @@ def test_portal_detail_masks_every_token(backend, b24, installed, staff):
     _is_error(staff.get("/api/portals/no-such-portal/"), 404, "not_found")
 
 
-def test_the_renewal_log_shows_at_most_twenty_attempts(backend, installed, staff):
-    pair = installed.token_pairs.get()
+def test_the_renewal_log_shows_at_most_twenty_attempts(backend, installed_portal, staff):
+    pair = installed_portal.token_pairs.get()
     for _ in range(25):
-        RenewalLog.objects.create(portal=installed, pair=pair, user_id=1, trigger="beat", outcome="skipped")
-    body = staff.get(f"/api/portals/{installed.member_id}/").json()
+        RenewalLogFactory(pair=pair, trigger="beat", outcome="skipped")
+    body = staff.get(f"/api/portals/{installed_portal.member_id}/").json()
     assert len(body["recent_renewals"]) == 20
 
 
 # --- actions --------------------------------------------------------------------------------------------
 
 
-def test_renew_now_answers_202_and_queues_a_forced_renewal_per_pair(backend, b24, installed, staff):
+def test_renew_now_answers_202_and_queues_a_forced_renewal_per_pair(backend, b24, installed_portal, staff):
     backend.launch(b24, b24.issue_tokens(7, admin=False))
     published: list[Any] = []
 
@@ -290,17 +258,17 @@ def test_renew_now_answers_202_and_queues_a_forced_renewal_per_pair(backend, b24
         celery_app.control.purge()
     assert response.status_code == 202, response.text
     assert response.json() == {"queued": 2}
-    pairs = TokenPair.objects.filter(portal=installed).order_by("pk").values_list("pk", flat=True)
+    pairs = TokenPair.objects.filter(portal=installed_portal).order_by("pk").values_list("pk", flat=True)
     assert sorted(published) == [(pk, RenewalTrigger.STAFF, True) for pk in pairs]
 
 
-def test_renew_now_of_a_portal_without_pairs_is_a_conflict(backend, b24, installed, staff):
-    TokenPair.objects.filter(portal=installed).delete()
+def test_renew_now_of_a_portal_without_pairs_is_a_conflict(backend, b24, installed_portal, staff):
+    TokenPair.objects.filter(portal=installed_portal).delete()
     _is_error(staff.post(f"/api/portals/{b24.member_id}/renew/"), 409, "no_pairs")
     _is_error(staff.get(f"/api/portals/{b24.member_id}/renew/"), 405, "method_not_allowed")
 
 
-def test_call_runs_a_method_on_the_portal(backend, b24, installed, staff):
+def test_call_runs_a_method_on_the_portal(backend, b24, installed_portal, staff):
     b24.seed("crm.contact", 3)
     response = staff.post(
         f"/api/portals/{b24.member_id}/call/",
@@ -312,7 +280,7 @@ def test_call_runs_a_method_on_the_portal(backend, b24, installed, staff):
     assert b24.calls[-1][1] == "crm.contact.list"
 
 
-def test_a_bitrix24_refusal_is_a_502_not_our_500(backend, b24, installed, staff):
+def test_a_bitrix24_refusal_is_a_502_not_our_500(backend, b24, installed_portal, staff):
     call = f"/api/portals/{b24.member_id}/call/"
     body = _is_error(staff.post(call, json={"method": "no.such.method"}), 502, "ERROR_METHOD_NOT_FOUND")
     assert "Method not found" in body["error_description"]
@@ -320,7 +288,7 @@ def test_a_bitrix24_refusal_is_a_502_not_our_500(backend, b24, installed, staff)
     _is_error(staff.post(call, json={"method": "crm.contact.list"}), 502, "insufficient_scope")
 
 
-def test_call_validates_its_input(backend, b24, installed, staff):
+def test_call_validates_its_input(backend, b24, installed_portal, staff):
     call = f"/api/portals/{b24.member_id}/call/"
     for method in ("", "crm.contact.list?x=1", "../oauth/token", "a" * 101, "profile/", "prof ile"):
         body = _is_error(staff.post(call, json={"method": method}), 400, "invalid")
@@ -336,15 +304,15 @@ def test_call_validates_its_input(backend, b24, installed, staff):
     assert b24.calls == []
 
 
-def test_call_on_a_portal_without_usable_tokens_is_a_conflict(backend, b24, installed, staff):
-    TokenPair.objects.filter(portal=installed).update(state=PairState.DEAD)
+def test_call_on_a_portal_without_usable_tokens_is_a_conflict(backend, b24, installed_portal, staff):
+    TokenPair.objects.filter(portal=installed_portal).update(state=PairState.DEAD)
     _is_error(
         staff.post(f"/api/portals/{b24.member_id}/call/", json={"method": "profile"}), 409, "no_usable_pair"
     )
 
 
-def test_health_counts_portals_and_failing_pairs(backend, b24, installed, staff):
-    TokenPair.objects.filter(portal=installed).update(consecutive_failures=1)
+def test_health_counts_portals_and_failing_pairs(backend, b24, installed_portal, staff):
+    TokenPair.objects.filter(portal=installed_portal).update(consecutive_failures=1)
     response = staff.get("/api/health/")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -364,7 +332,7 @@ def test_unknown_api_paths_answer_json(backend, staff):
 # --- the app's frontend ---------------------------------------------------------------------------------
 
 
-def test_frontend_me_answers_for_the_verified_portal_and_user(backend, b24, installed, standin):
+def test_frontend_me_answers_for_the_verified_portal_and_user(backend, b24, installed_portal, standin):
     employee = b24.issue_tokens(7, admin=False)
     backend.launch(b24, employee)
     frame = _frame(backend, b24, employee["access_token"])
@@ -379,7 +347,7 @@ def test_frontend_me_answers_for_the_verified_portal_and_user(backend, b24, inst
     assert standin.stats["app_info"] == before + 1  # the second request was answered from the cache
 
 
-def test_frontend_refuses_a_forged_auth_id(backend, b24, installed, standin):
+def test_frontend_refuses_a_forged_auth_id(backend, b24, installed_portal, standin):
     before = standin.stats["app_info"]
     for _ in range(2):
         _is_error(_frame(backend, b24, "f" * 32).get("/api/app/me/"), 401, "invalid_token")
@@ -388,7 +356,7 @@ def test_frontend_refuses_a_forged_auth_id(backend, b24, installed, standin):
     assert response.headers["WWW-Authenticate"].startswith("Bitrix24")
 
 
-def test_frontend_refuses_a_genuine_token_of_another_portal(backend, b24, installed, standin):
+def test_frontend_refuses_a_genuine_token_of_another_portal(backend, b24, installed_portal, standin):
     other = standin.add_portal()
     theirs = other.issue_tokens(1, admin=True)["access_token"]
     for _ in range(2):  # also once it is cached
@@ -396,7 +364,7 @@ def test_frontend_refuses_a_genuine_token_of_another_portal(backend, b24, instal
         _is_error(_frame(backend, b24, theirs).get("/api/app/profile/"), 403, "wrong_portal")
 
 
-def test_frontend_refuses_missing_malformed_and_unknown_portals(backend, b24, installed, standin):
+def test_frontend_refuses_missing_malformed_and_unknown_portals(backend, b24, installed_portal, standin):
     token = b24.issue_tokens(7, admin=False)["access_token"]
     before = standin.stats["app_info"]
     _is_error(Api(backend.url).get("/api/app/me/"), 401, "not_authenticated")
@@ -409,7 +377,7 @@ def test_frontend_refuses_missing_malformed_and_unknown_portals(backend, b24, in
     assert standin.stats["app_info"] == before  # nothing was sent to the OAuth server
 
 
-def test_frontend_access_ends_with_the_uninstall_even_when_cached(backend, b24, installed):
+def test_frontend_access_ends_with_the_uninstall_even_when_cached(backend, b24, installed_portal):
     from portals.standin import payloads as bx
 
     token = b24.issue_tokens(7, admin=False)["access_token"]
@@ -419,12 +387,12 @@ def test_frontend_access_ends_with_the_uninstall_even_when_cached(backend, b24, 
     _is_error(frame.get("/api/app/me/"), 401, "unknown_portal")
 
 
-def test_frontend_oauth_server_down_is_a_503(backend, b24, installed, standin):
+def test_frontend_oauth_server_down_is_a_503(backend, b24, installed_portal, standin):
     standin.oauth_mode = "500"
     _is_error(_frame(backend, b24, b24.issue_tokens(7)["access_token"]).get("/api/app/me/"), 503)
 
 
-def test_frontend_profile_uses_the_users_own_pair(backend, b24, installed):
+def test_frontend_profile_uses_the_users_own_pair(backend, b24, installed_portal):
     employee = b24.issue_tokens(7, admin=False)
     backend.launch(b24, employee)
     response = _frame(backend, b24, employee["access_token"]).get("/api/app/profile/")
@@ -542,7 +510,7 @@ def _fuzz(
 
 
 @pytest.mark.slow
-def test_schema_driven_fuzz_finds_no_server_error(backend, b24, installed, staff, capsys):
+def test_schema_driven_fuzz_finds_no_server_error(backend, b24, installed_portal, staff, capsys):
     b24.seed("crm.contact", 5)
     employee = b24.issue_tokens(7, admin=False)
     backend.launch(b24, employee)

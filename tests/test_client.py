@@ -20,38 +20,32 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def installed(backend, b24):
-    assert backend.install_event(b24, b24.issue_tokens(1, admin=True)).status_code == 200
-    return Portal.objects.get(member_id=b24.member_id)
-
-
 def _calls(b24, method: str) -> list[tuple[str, str, dict]]:
     return [c for c in b24.calls if c[1] == method]
 
 
-def test_list_returns_every_item_in_pages_of_fifty(installed, b24):
+def test_list_returns_every_item_in_pages_of_fifty(installed_portal, b24):
     b24.seed("crm.contact", 120)
-    items = list(PortalClient(installed).list("crm.contact.list", {"select": ["ID", "NAME"]}))
+    items = list(PortalClient(installed_portal).list("crm.contact.list", {"select": ["ID", "NAME"]}))
     assert len(items) == 120
     assert len({item["ID"] for item in items}) == 120
     assert len(_calls(b24, "crm.contact.list")) == 3
 
 
-def test_list_fast_path_uses_start_minus_one(installed, b24):
+def test_list_fast_path_uses_start_minus_one(installed_portal, b24):
     b24.seed("crm.contact", 120)
-    items = list(PortalClient(installed).list("crm.contact.list", fast=True))
+    items = list(PortalClient(installed_portal).list("crm.contact.list", fast=True))
     assert [int(i["ID"]) for i in items] == sorted(int(i["ID"]) for i in items)
     assert len(items) == 120
     calls = _calls(b24, "crm.contact.list")
     assert len(calls) == 3 and all(str(c[2].get("start")) == "-1" for c in calls)
 
 
-def test_batch_of_120_commands_goes_out_as_3_requests_with_errors_per_command(installed, b24):
+def test_batch_of_120_commands_goes_out_as_3_requests_with_errors_per_command(installed_portal, b24):
     b24.seed("crm.contact", 5)
     commands = {f"c{i}": ("crm.contact.get", {"id": 1 + i % 5}) for i in range(119)}
     commands["broken"] = ("no.such.method", {})
-    result = PortalClient(installed).batch(commands)
+    result = PortalClient(installed_portal).batch(commands)
     assert result.requests == 3
     assert len(_calls(b24, "batch")) == 3
     assert len(result.results) == 119
@@ -62,35 +56,35 @@ def test_batch_of_120_commands_goes_out_as_3_requests_with_errors_per_command(in
         result.raise_for_errors()
 
 
-def test_batch_with_halt_stops_at_the_first_error(installed, b24):
+def test_batch_with_halt_stops_at_the_first_error(installed_portal, b24):
     b24.seed("crm.contact", 3)
     commands = {
         "a": ("crm.contact.get", {"id": 1}),
         "bad": ("no.such.method", {}),
         "c": ("crm.contact.get", {"id": 2}),
     }
-    result = PortalClient(installed).batch(commands, halt=True)
+    result = PortalClient(installed_portal).batch(commands, halt=True)
     assert "bad" in result.errors
     assert "c" not in result.results
 
 
-def test_typed_errors(installed, b24):
+def test_typed_errors(installed_portal, b24):
     with pytest.raises(client.MethodNotFound):
-        PortalClient(installed).call("no.such.method")
+        PortalClient(installed_portal).call("no.such.method")
     b24.deleted = True
     with pytest.raises(client.PortalDeleted):
-        PortalClient(installed).call("server.time")
+        PortalClient(installed_portal).call("server.time")
 
 
-def test_expired_token_mid_run_renews_once_and_carries_on(installed, b24, standin):
-    api = PortalClient(installed)
+def test_expired_token_mid_run_renews_once_and_carries_on(installed_portal, b24, standin):
+    api = PortalClient(installed_portal)
     assert api.call("profile")["ID"]
     before = standin.stats["refresh_ok"]
     standin.advance(3601)  # Bitrix24's clock: the access token has expired, our records do not know yet
     for _ in range(3):
         assert api.call("server.time")
     assert standin.stats["refresh_ok"] == before + 1
-    assert TokenPair.objects.get(portal=installed).access_token == api._pair.access_token
+    assert TokenPair.objects.get(portal=installed_portal).access_token == api._pair.access_token
 
 
 CALLER = """
@@ -128,8 +122,10 @@ def _run_callers(child_env, standin, member_id: str, processes: int, calls: int,
     return [p.returncode for p in procs], outputs, time.time() - start_at
 
 
-def test_two_processes_meeting_expired_token_renew_once_between_them(installed, b24, standin, child_env):
-    PortalClient(installed).call("server.time")
+def test_two_processes_meeting_expired_token_renew_once_between_them(
+    installed_portal, b24, standin, child_env
+):
+    PortalClient(installed_portal).call("server.time")
     before = standin.stats["refresh_ok"], standin.stats["refresh_invalid_grant"]
     standin.advance(3601)
     codes, outputs, _ = _run_callers(child_env, standin, b24.member_id, processes=2, calls=2)
@@ -156,22 +152,24 @@ def test_500_calls_from_4_processes_stay_within_the_portals_limit(standin, backe
     assert wall >= 17
 
 
-def test_query_limit_exceeded_is_absorbed_when_the_portal_is_stricter_than_configured(installed, b24):
-    Portal.objects.filter(pk=installed.pk).update(rate_limit=100.0, rate_burst=100)  # we believe too much
+def test_query_limit_exceeded_is_absorbed_when_the_portal_is_stricter_than_configured(installed_portal, b24):
+    Portal.objects.filter(pk=installed_portal.pk).update(
+        rate_limit=100.0, rate_burst=100
+    )  # we believe too much
     b24.rate, b24.burst = 5.0, 5
-    installed.refresh_from_db()
-    api = PortalClient(installed)
+    installed_portal.refresh_from_db()
+    api = PortalClient(installed_portal)
     for _ in range(12):
         assert api.call("server.time")
     assert b24.bucket_stats["rejected"] > 0  # the portal did say no …
     # … and the client backed off and re-sent each refused call: every caller got its answer.
 
 
-def test_a_write_that_timed_out_is_not_sent_again(installed, b24, settings):
+def test_a_write_that_timed_out_is_not_sent_again(installed_portal, b24, settings):
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)
     b24.write_delay = 1.5
     with pytest.raises(client.TransportError) as failure:
-        PortalClient(installed).call("crm.contact.add", {"fields": {"NAME": "Once"}})
+        PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "Once"}})
     assert failure.value.maybe_sent
     assert "not re-sent" in str(failure.value)
     time.sleep(1.2)
@@ -179,33 +177,33 @@ def test_a_write_that_timed_out_is_not_sent_again(installed, b24, settings):
     assert [c["NAME"] for c in b24.items["crm.contact"]] == ["Once"]  # it did land, once
 
 
-def test_a_read_that_timed_out_is_retried(installed, b24, settings):
+def test_a_read_that_timed_out_is_retried(installed_portal, b24, settings):
     b24.seed("crm.contact", 3)
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)
     b24.rest_latency = 0.8
     with pytest.raises(client.TransportError):
-        PortalClient(installed).call("crm.contact.get", {"id": 1})
+        PortalClient(installed_portal).call("crm.contact.get", {"id": 1})
     assert len(_calls(b24, "crm.contact.get")) == 3  # first try and two retries
 
 
-def test_an_idempotent_write_may_be_retried(installed, b24, settings):
+def test_an_idempotent_write_may_be_retried(installed_portal, b24, settings):
     b24.seed("crm.contact", 1)
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)
     b24.write_delay = 0.8
     with pytest.raises(client.TransportError):
-        PortalClient(installed).call(
+        PortalClient(installed_portal).call(
             "crm.contact.update", {"id": 1, "fields": {"NAME": "x"}}, idempotent=True
         )
     assert len(_calls(b24, "crm.contact.update")) == 3
 
 
-def test_renamed_portal_gets_the_post_resent_as_a_post(installed, b24):
+def test_renamed_portal_gets_the_post_resent_as_a_post(installed_portal, b24):
     old = b24.domain
     b24.rename()
-    new_id = PortalClient(installed).call("crm.contact.add", {"fields": {"NAME": "After rename"}})
+    new_id = PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "After rename"}})
     assert new_id
-    installed.refresh_from_db()
-    assert installed.domain == b24.domain != old
+    installed_portal.refresh_from_db()
+    assert installed_portal.domain == b24.domain != old
     adds = _calls(b24, "crm.contact.add")
     assert len(adds) == 1
     http_method, _, params = adds[0]
@@ -213,15 +211,15 @@ def test_renamed_portal_gets_the_post_resent_as_a_post(installed, b24):
     assert params["fields"]["NAME"] == "After rename"
 
 
-def test_form_bodies_with_nested_keys(installed, b24):
-    new_id = PortalClient(installed, form=True).call("crm.contact.add", {"fields": {"NAME": "Form"}})
+def test_form_bodies_with_nested_keys(installed_portal, b24):
+    new_id = PortalClient(installed_portal, form=True).call("crm.contact.add", {"fields": {"NAME": "Form"}})
     assert new_id
     assert b24.items["crm.contact"][-1]["NAME"] == "Form"
 
 
-def test_operation_time_limit_fails_fast_when_asked_and_figures_are_kept(installed, b24):
+def test_operation_time_limit_fails_fast_when_asked_and_figures_are_kept(installed_portal, b24):
     b24.seed("crm.contact", 3)
-    api = PortalClient(installed)
+    api = PortalClient(installed_portal)
     api.call("crm.contact.list")
     figures = api.operating("crm.contact.list")
     assert figures is not None and "operating" in figures and figures["reset_at"]
@@ -232,25 +230,25 @@ def test_operation_time_limit_fails_fast_when_asked_and_figures_are_kept(install
     assert failure.value.reset_at
 
 
-def test_user_pair_is_used_when_asked(installed, backend, b24):
+def test_user_pair_is_used_when_asked(installed_portal, backend, b24):
     employee = b24.issue_tokens(7, admin=False)
     backend.launch(b24, employee)
-    assert str(PortalClient(installed, user_id=7).call("profile")["ID"]) == "7"
-    assert str(PortalClient(installed).call("profile")["ID"]) == "1"
+    assert str(PortalClient(installed_portal, user_id=7).call("profile")["ID"]) == "7"
+    assert str(PortalClient(installed_portal).call("profile")["ID"]) == "1"
 
 
 # --- event bindings ---------------------------------------------------------------------------------
 
 
-def test_bind_events_is_idempotent_and_rebinds_after_an_update(installed, b24, backend, settings):
+def test_bind_events_is_idempotent_and_rebinds_after_an_update(installed_portal, b24, backend, settings):
     settings.BITRIX24_PUBLIC_URL = "https://app.example.com"
     settings.BITRIX24_EVENTS = ["ONCRMCONTACTADD"]
-    assert bindings.bind_events(portal=installed) == ["ONAPPUNINSTALL", "ONCRMCONTACTADD"]
+    assert bindings.bind_events(portal=installed_portal) == ["ONAPPUNINSTALL", "ONCRMCONTACTADD"]
     assert {(e["event"], e["handler"]) for e in b24.events} == {
         ("ONAPPUNINSTALL", "https://app.example.com/events/"),
         ("ONCRMCONTACTADD", "https://app.example.com/events/"),
     }
-    assert bindings.bind_events(portal=installed) == []
+    assert bindings.bind_events(portal=installed_portal) == []
     assert len(_calls(b24, "event.bind")) == 2
     # An update drops the portal's bindings; the update event schedules binding them again.
     published = []
@@ -265,14 +263,14 @@ def test_bind_events_is_idempotent_and_rebinds_after_an_update(installed, b24, b
         before_task_publish.disconnect(record)
         celery_app.control.purge()
     assert response.status_code == 200
-    assert ("portals.tasks.bind_events_task", [installed.pk]) in published
+    assert ("portals.tasks.bind_events_task", [installed_portal.pk]) in published
     assert b24.events == []
-    assert bindings.bind_events(portal=installed) == ["ONAPPUNINSTALL", "ONCRMCONTACTADD"]
+    assert bindings.bind_events(portal=installed_portal) == ["ONAPPUNINSTALL", "ONCRMCONTACTADD"]
 
 
-def test_no_binding_without_a_public_url(installed, b24, settings):
+def test_no_binding_without_a_public_url(installed_portal, b24, settings):
     settings.BITRIX24_PUBLIC_URL = ""
-    assert bindings.bind_events(portal=installed) == []
+    assert bindings.bind_events(portal=installed_portal) == []
     assert _calls(b24, "event.get") == []
 
 
@@ -310,16 +308,19 @@ def redirector():
     ["http://169.254.169.254/rest/profile.json", "http://localhost:8000/rest/x.json", "http://2130706433/"],
 )
 def test_a_redirect_to_a_host_that_is_not_a_portal_is_refused_and_stores_nothing(
-    installed, redirector, location
+    installed_portal, redirector, location
 ):
     server, handler = redirector
     handler.location = location
-    before = (installed.domain, installed.protocol)
-    Portal.objects.filter(pk=installed.pk).update(domain=f"127.0.0.1:{server.server_port}")
-    installed.refresh_from_db()
+    before = (installed_portal.domain, installed_portal.protocol)
+    Portal.objects.filter(pk=installed_portal.pk).update(domain=f"127.0.0.1:{server.server_port}")
+    installed_portal.refresh_from_db()
     with pytest.raises(client.RestError) as failure:
-        PortalClient(installed).call("crm.contact.add", {"fields": {"NAME": "x"}})
+        PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "x"}})
     assert failure.value.code == "bad_redirect"
     assert handler.hits == 1
-    installed.refresh_from_db()
-    assert (installed.domain, installed.protocol) == (f"127.0.0.1:{server.server_port}", before[1])
+    installed_portal.refresh_from_db()
+    assert (installed_portal.domain, installed_portal.protocol) == (
+        f"127.0.0.1:{server.server_port}",
+        before[1],
+    )

@@ -36,11 +36,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _installed(backend, b24) -> TokenPair:
-    assert backend.install_event(b24, b24.issue_tokens(1, admin=True)).status_code == 200
-    return TokenPair.objects.get(portal__member_id=b24.member_id, user_id=1)
-
-
 def _is_live(standin, pair: TokenPair) -> bool:
     pair.refresh_from_db()
     answer = requests.get(f"{standin.oauth_url}/rest/app.info", params={"auth": pair.access_token}, timeout=5)
@@ -151,8 +146,10 @@ HOLDERS = ["command", "worker"]
 
 
 @pytest.mark.parametrize("holder", HOLDERS)
-def test_killed_before_the_server_acts_the_resolver_renews(holder, backend, b24, standin, child_env, capsys):
-    pair = _installed(backend, b24)
+def test_killed_before_the_server_acts_the_resolver_renews(
+    holder, installed_portal, b24, standin, child_env, capsys
+):
+    pair = installed_portal.token_pairs.get(user_id=1)
     standin.oauth_mode = "hang"  # the request arrives and is never acted on: as if never sent
     requests_before = standin.stats["oauth_requests"]
     stack: list = []
@@ -180,9 +177,9 @@ def test_killed_before_the_server_acts_the_resolver_renews(holder, backend, b24,
 
 @pytest.mark.parametrize("holder", HOLDERS)
 def test_killed_while_the_server_works_the_portal_is_flagged_lost(
-    holder, backend, b24, standin, child_env, capsys
+    holder, installed_portal, b24, standin, child_env, capsys
 ):
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     standin.oauth_mode = "slow"  # the server acts after slow_seconds, when the holder is dead
     standin.slow_seconds = 2.0
     rotated_before = standin.stats["refresh_ok"]
@@ -213,9 +210,9 @@ def test_killed_while_the_server_works_the_portal_is_flagged_lost(
 
 @pytest.mark.parametrize("holder", HOLDERS)
 def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
-    holder, backend, b24, standin, child_env, capsys
+    holder, installed_portal, b24, standin, child_env, capsys
 ):
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     standin.oauth_latency = 1.0
     rotated_before = standin.stats["refresh_ok"]
     stack: list = []
@@ -246,8 +243,8 @@ def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
     assert journal.find(attempt.pk) is None  # the copy is dropped once stored
 
 
-def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(backend, b24, standin, capsys):
-    pair = _installed(backend, b24)
+def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(installed_portal, b24, standin, capsys):
+    pair = installed_portal.token_pairs.get(user_id=1)
     holder = journal.current_holder()  # this very process: alive
     attempt = RenewalAttempt.objects.create(
         pair=pair,
@@ -271,9 +268,9 @@ def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(backend, b24, stan
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_polite_stop_of_renew_tokens_finishes_the_refresh_in_hand(
-    signum, backend, b24, standin, child_env, capsys
+    signum, installed_portal, b24, standin, child_env, capsys
 ):
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     old_refresh = pair.refresh_token
     standin.oauth_latency = 2.0
     requests_before = standin.stats["oauth_requests"]
@@ -294,9 +291,11 @@ def test_a_polite_stop_of_renew_tokens_finishes_the_refresh_in_hand(
     assert _is_live(standin, pair)
 
 
-def test_sigterm_to_a_workers_process_group_finishes_the_refresh_in_hand(backend, b24, standin, child_env):
+def test_sigterm_to_a_workers_process_group_finishes_the_refresh_in_hand(
+    installed_portal, b24, standin, child_env
+):
     """As honcho or a container runtime stops a worker: SIGTERM to every process of its group."""
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     old_refresh = pair.refresh_token
     standin.oauth_latency = 2.0
     requests_before = standin.stats["oauth_requests"]
@@ -312,9 +311,9 @@ def test_sigterm_to_a_workers_process_group_finishes_the_refresh_in_hand(backend
     assert RenewalAttempt.objects.get(pair=pair).state == AttemptState.STORED
 
 
-def test_the_database_away_after_the_answer_loses_nothing(backend, b24, standin, child_env):
+def test_the_database_away_after_the_answer_loses_nothing(installed_portal, b24, standin, child_env):
     """The store waits out a database that cannot be written (held here for 4 s) and then stores."""
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     standin.oauth_latency = 1.0
     rotated_before = standin.stats["refresh_ok"]
     proc = _renew_tokens_process(standin, child_env, b24.member_id)
@@ -330,13 +329,13 @@ def test_the_database_away_after_the_answer_loses_nothing(backend, b24, standin,
 
 
 def test_sqlite_launches_and_events_are_served_while_a_renewal_waits_on_the_oauth_server(
-    backend, b24, standin, child_env
+    backend, installed_portal, b24, standin, child_env
 ):
     """No database lock is held during the refresh: on SQLite one write lock for the whole database
     would otherwise hold every launch and event for as long as the OAuth server takes."""
     if connection.vendor != "sqlite":
         pytest.skip("the database-wide write lock is SQLite's; PostgreSQL locks the pair's row only")
-    pair = _installed(backend, b24)
+    pair = installed_portal.token_pairs.get(user_id=1)
     standin.oauth_mode = "slow"
     standin.slow_seconds = 40.0
     requests_before = standin.stats["oauth_requests"]

@@ -8,8 +8,10 @@ import pytest
 import requests
 
 from install.models import InboundRequest, InboundStatus
+from portals import phpform
 from portals.models import Portal, PortalState, TokenPair
 from portals.standin import payloads as bx
+from tests.samples import docs_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,6 +37,48 @@ def test_install_event_from_the_docs_is_verified_and_stored(backend, b24, standi
     assert pair.refresh_token == tokens["refresh_token"]
     row = InboundRequest.objects.get(member_id=b24.member_id)
     assert (row.event, row.status, row.http_status) == ("ONAPPINSTALL", InboundStatus.ACCEPTED, 200)
+
+
+@pytest.mark.parametrize("sample", ["onappinstall-docs.json", "onappinstall-docs-2025-phparray.txt"])
+def test_install_event_exactly_as_the_docs_print_it(backend, b24, sample):
+    """The docs' event, field for field (only the portal and its tokens are the stand-in's)."""
+    tokens = b24.issue_tokens(1, admin=True)
+    event = docs_event(sample, b24, tokens)
+    response = backend.post("/events/", data=phpform.encode(event))
+    assert response.status_code == 200, response.text
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.application_token == b24.application_token
+    assert portal.app_version == event["data"]["VERSION"]
+    pair = TokenPair.objects.get(portal=portal)
+    assert (pair.user_id, pair.is_background) == (1, True)
+    assert (pair.access_token, pair.refresh_token) == (tokens["access_token"], tokens["refresh_token"])
+
+
+def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b24, standin):
+    backend.install_event(b24)
+    b24.update_app()  # the portal's side of an update: a new application token
+    tokens = b24.issue_tokens(1, admin=True)
+    update = docs_event("onappupdate-docs.json", b24, tokens)
+    assert backend.post("/events/", data=phpform.encode(update)).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.application_token == b24.application_token
+    assert portal.app_version == update["data"]["VERSION"]
+    assert TokenPair.objects.get(portal=portal, is_background=True).refresh_token == tokens["refresh_token"]
+
+    before = standin.stats["app_info"]
+    payment = docs_event("onapppayment-docs.json", b24)
+    assert backend.post("/events/", data=phpform.encode(payment)).status_code == 200
+    assert standin.stats["app_info"] == before + 1
+
+    b24.uninstall()
+    uninstall = docs_event("onappuninstall-docs.json", b24)  # CLEAN: 1
+    assert backend.post("/events/", data=phpform.encode(uninstall)).status_code == 200
+    portal.refresh_from_db()
+    assert portal.state == PortalState.UNINSTALLED
+    assert not TokenPair.objects.filter(portal=portal).exists()
+    assert list(InboundRequest.objects.filter(member_id=b24.member_id).values_list("event", flat=True)) == [
+        "ONAPPUNINSTALL"
+    ]
 
 
 def test_install_event_is_idempotent_on_member_id(backend, b24):
@@ -266,15 +310,9 @@ def test_payment_event_for_an_unknown_portal_is_refused(backend, b24):
 
 def test_other_events_are_logged_and_acknowledged_when_their_application_token_matches(backend, b24):
     backend.install_event(b24)
-    event = [
-        ("event", "ONCRMCONTACTADD"),
-        ("event_handler_id", "11"),
-        ("data[FIELDS][ID]", "89"),
-        ("ts", "1724695689"),
-        ("auth[domain]", b24.domain),
-        ("auth[member_id]", b24.member_id),
-        ("auth[application_token]", b24.application_token),
-    ]
+    # The docs' ONCRMCONTACTADD, field for field, for this portal (its auth carries a user's tokens).
+    event = phpform.encode(docs_event("oncrmcontactadd-docs.json", b24, b24.issue_tokens(1, admin=True)))
+    assert ("data[FIELDS][ID]", "89") in event and ("event_handler_id", "11") in event
     response = backend.post("/events/", data=event)
     assert response.status_code == 200, response.text
     row = InboundRequest.objects.get(event="ONCRMCONTACTADD")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import time_machine
 from django.core.management import CommandError, call_command
 from django.db import connections
 from django.utils import timezone
@@ -26,15 +27,11 @@ from portals.models import (
     TokenPair,
 )
 from portals.tasks import renew_pair_task
+from tests.factories import TokenPairFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _installed(backend, b24, user_id: int = 1) -> TokenPair:
-    assert backend.install_event(b24, b24.issue_tokens(user_id, admin=True)).status_code == 200
-    return TokenPair.objects.get(portal__member_id=b24.member_id, user_id=user_id)
 
 
 def _is_live(standin, pair: TokenPair) -> bool:
@@ -43,19 +40,11 @@ def _is_live(standin, pair: TokenPair) -> bool:
     return answer.status_code == 200
 
 
-def _expire_access(pair: TokenPair) -> None:
-    TokenPair.objects.filter(pk=pair.pk).update(access_expires_at=timezone.now() - timedelta(seconds=1))
-
-
-def _age(pair: TokenPair, days: float) -> None:
-    TokenPair.objects.filter(pk=pair.pk).update(refresh_issued_at=timezone.now() - timedelta(days=days))
-
-
 # --- the command ----------------------------------------------------------------------------------
 
 
-def test_renew_tokens_for_one_portal_persists_the_rotated_pair(backend, b24, standin, capsys):
-    pair = _installed(backend, b24)
+def test_renew_tokens_for_one_portal_persists_the_rotated_pair(b24, standin, capsys):
+    pair = TokenPairFactory.for_standin(b24)
     old_refresh = pair.refresh_token
 
     call_command("renew_tokens", "--portal", b24.member_id, "--force")
@@ -74,11 +63,14 @@ def test_renew_tokens_for_one_portal_persists_the_rotated_pair(backend, b24, sta
     assert old_refresh not in out and pair.refresh_token not in out
 
 
-def test_renew_tokens_without_force_renews_only_due_pairs(backend, b24, standin, capsys, settings):
-    due = _installed(backend, b24, user_id=1)
-    other = standin.add_portal()
-    fresh = _installed(backend, other, user_id=1)
-    _age(due, settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS - settings.BITRIX24_RENEW_MARGIN_DAYS + 1)
+def test_renew_tokens_without_force_renews_only_due_pairs(b24, standin, capsys, settings):
+    due = TokenPairFactory.for_standin(
+        b24,
+        issued_days_ago=settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS
+        - settings.BITRIX24_RENEW_MARGIN_DAYS
+        + 1,
+    )
+    fresh = TokenPairFactory.for_standin(standin.add_portal())
     fresh_refresh = fresh.refresh_token
 
     call_command("renew_tokens")
@@ -90,8 +82,8 @@ def test_renew_tokens_without_force_renews_only_due_pairs(backend, b24, standin,
     assert due.refresh_issued_at > timezone.now() - timedelta(minutes=1)
 
 
-def test_renew_tokens_reports_nothing_due(backend, b24, capsys):
-    _installed(backend, b24)
+def test_renew_tokens_reports_nothing_due(b24, capsys):
+    TokenPairFactory.for_standin(b24)
     call_command("renew_tokens")
     assert "Nothing to renew" in capsys.readouterr().out
 
@@ -101,8 +93,8 @@ def test_renew_tokens_unknown_portal_is_a_clear_error(db):
         call_command("renew_tokens", "--portal", "nope")
 
 
-def test_renew_tokens_exits_non_zero_when_a_renewal_fails(backend, b24, standin, child_env):
-    _installed(backend, b24)
+def test_renew_tokens_exits_non_zero_when_a_renewal_fails(b24, standin, child_env):
+    TokenPairFactory.for_standin(b24)
     standin.oauth_mode = "500"
     result = subprocess.run(
         [sys.executable, "manage.py", "renew_tokens", "--force"],
@@ -143,9 +135,8 @@ def _race(pair_id: int, workers: int) -> list[BaseException | None]:
     return outcomes
 
 
-def test_many_threads_renewing_the_same_pair_renew_it_once(backend, b24, standin):
-    pair = _installed(backend, b24)
-    _expire_access(pair)
+def test_many_threads_renewing_the_same_pair_renew_it_once(b24, standin):
+    pair = TokenPairFactory.for_standin(b24, expired_access=True)
     standin.oauth_latency = 0.2  # widen the window in which a race would happen
     before_ok, before_bad = standin.stats["refresh_ok"], standin.stats["refresh_invalid_grant"]
 
@@ -159,13 +150,12 @@ def test_many_threads_renewing_the_same_pair_renew_it_once(backend, b24, standin
     assert _is_live(standin, pair)
 
 
-def test_the_same_race_without_the_lock_burns_refresh_tokens(backend, b24, standin, monkeypatch):
+def test_the_same_race_without_the_lock_burns_refresh_tokens(b24, standin, monkeypatch):
     """Proof that the race test above can fail: with the lock and the lease taken away, the workers send the same
     single-use refresh token several times and the stand-in answers invalid_grant. Whether the pair
     then survives depends on which write lands last (the re-read after invalid_grant saves it only
     when the winner has already committed): with the lock, the question never arises."""
-    pair = _installed(backend, b24)
-    _expire_access(pair)
+    pair = TokenPairFactory.for_standin(b24, expired_access=True)
     standin.oauth_latency = 0.2
     before_bad = standin.stats["refresh_invalid_grant"]
     monkeypatch.setattr(renewal.transaction, "atomic", contextlib.nullcontext)
@@ -192,9 +182,8 @@ print("ok")
 """
 
 
-def test_many_processes_renewing_the_same_pair_renew_it_once(backend, b24, standin, child_env):
-    pair = _installed(backend, b24)
-    _expire_access(pair)
+def test_many_processes_renewing_the_same_pair_renew_it_once(b24, standin, child_env):
+    pair = TokenPairFactory.for_standin(b24, expired_access=True)
     standin.oauth_latency = 0.2
     before_ok, before_bad = standin.stats["refresh_ok"], standin.stats["refresh_invalid_grant"]
     import time
@@ -223,8 +212,8 @@ def test_many_processes_renewing_the_same_pair_renew_it_once(backend, b24, stand
 
 
 @pytest.mark.parametrize("mode", ["down", "500", "html"])
-def test_oauth_server_trouble_leaves_the_pair_intact_and_heals(backend, b24, standin, settings, mode):
-    pair = _installed(backend, b24)
+def test_oauth_server_trouble_leaves_the_pair_intact_and_heals(b24, standin, settings, mode):
+    pair = TokenPairFactory.for_standin(b24)
     before = (pair.access_token, pair.refresh_token)
     standin.oauth_mode = mode
     requests_before = standin.stats["oauth_requests"]
@@ -248,8 +237,8 @@ def test_oauth_server_trouble_leaves_the_pair_intact_and_heals(backend, b24, sta
     assert _is_live(standin, pair)
 
 
-def test_a_slow_oauth_server_is_waited_for(backend, b24, standin, settings):
-    pair = _installed(backend, b24)
+def test_a_slow_oauth_server_is_waited_for(b24, standin, settings):
+    pair = TokenPairFactory.for_standin(b24)
     standin.oauth_mode = "slow"
     standin.slow_seconds = 1.5
     settings.BITRIX24_OAUTH_TIMEOUT = (1.0, 5.0)
@@ -258,10 +247,10 @@ def test_a_slow_oauth_server_is_waited_for(backend, b24, standin, settings):
     assert _is_live(standin, result.pair)
 
 
-def test_an_answer_lost_to_a_timeout_is_named_as_such(backend, b24, standin, settings):
+def test_an_answer_lost_to_a_timeout_is_named_as_such(b24, standin, settings):
     """Past the read timeout the server still rotates the pair: the refresh token is gone with its
     answer. The next attempt is refused; the pair is marked dead with a reason staff can act on."""
-    pair = _installed(backend, b24)
+    pair = TokenPairFactory.for_standin(b24)
     standin.oauth_mode = "slow"
     standin.slow_seconds = 0.6
     settings.BITRIX24_OAUTH_ATTEMPTS = 1
@@ -281,8 +270,8 @@ def test_an_answer_lost_to_a_timeout_is_named_as_such(backend, b24, standin, set
     assert "previous attempt timed out" in pair.last_error
 
 
-def test_oauth_client_retries_until_the_server_is_back(backend, b24, standin, settings):
-    pair = _installed(backend, b24)
+def test_oauth_client_retries_until_the_server_is_back(b24, standin, settings):
+    pair = TokenPairFactory.for_standin(b24)
     settings.BITRIX24_OAUTH_ATTEMPTS = 6
     settings.BITRIX24_OAUTH_BACKOFF = 0.2
     standin.oauth_mode = "html"
@@ -294,8 +283,8 @@ def test_oauth_client_retries_until_the_server_is_back(backend, b24, standin, se
     assert _is_live(standin, result.pair)
 
 
-def test_invalid_grant_marks_the_portal_and_stops(backend, b24, standin, caplog):
-    pair = _installed(backend, b24)
+def test_invalid_grant_marks_the_portal_and_stops(b24, standin, caplog):
+    pair = TokenPairFactory.for_standin(b24)
     b24.uninstall()  # every token of the portal dies on the OAuth server
     before = standin.stats["oauth_requests"]
 
@@ -308,14 +297,15 @@ def test_invalid_grant_marks_the_portal_and_stops(backend, b24, standin, caplog)
     assert portal.state == PortalState.NEEDS_REINSTALL
     assert "invalid_grant" in portal.state_reason
     # A dead pair is no longer due, and is not retried by the sweep or on demand.
-    assert not selectors.due_pairs(timezone.now() + timedelta(days=365)).filter(pk=pair.pk).exists()
+    with time_machine.travel(timezone.now() + timedelta(days=365)):
+        assert not selectors.due_pairs().filter(pk=pair.pk).exists()
     with pytest.raises(renewal.NoUsablePair):
         renewal.access_token_for(portal)
     assert sum("refused for good" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_payment_required_is_a_refusal(backend, b24):
-    pair = _installed(backend, b24)
+def test_payment_required_is_a_refusal(b24):
+    pair = TokenPairFactory.for_standin(b24)
     b24.payment_required = True
     with pytest.raises(renewal.RenewalFailed) as failure:
         renewal.renew_pair(pair.pk, trigger=RenewalTrigger.STAFF, force=True)
@@ -324,8 +314,8 @@ def test_payment_required_is_a_refusal(backend, b24):
     assert pair.state == PairState.DEAD
 
 
-def test_invalid_client_keeps_the_pair_for_when_the_secret_is_fixed(backend, b24, standin, settings):
-    pair = _installed(backend, b24)
+def test_invalid_client_keeps_the_pair_for_when_the_secret_is_fixed(b24, standin, settings):
+    pair = TokenPairFactory.for_standin(b24)
     settings.BITRIX24_CLIENT_SECRET = "wrong"
     with pytest.raises(renewal.RenewalFailed):
         renewal.renew_pair(pair.pk, trigger=RenewalTrigger.STAFF, force=True)
@@ -337,7 +327,7 @@ def test_invalid_client_keeps_the_pair_for_when_the_secret_is_fixed(backend, b24
 
 
 def test_a_fresh_launch_brings_a_dead_pair_back(backend, b24):
-    pair = _installed(backend, b24)
+    pair = TokenPairFactory.for_standin(b24)
     TokenPair.objects.filter(pk=pair.pk).update(state=PairState.DEAD)
     Portal.objects.filter(pk=pair.portal_id).update(state=PortalState.NEEDS_REINSTALL)
     assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 200
@@ -346,15 +336,16 @@ def test_a_fresh_launch_brings_a_dead_pair_back(backend, b24):
     assert Portal.objects.get(pk=pair.portal_id).state == PortalState.INSTALLED
 
 
-def test_on_demand_token_is_renewed_only_when_expiring(backend, b24, standin):
-    pair = _installed(backend, b24)
+def test_on_demand_token_is_renewed_only_when_expiring(b24, standin):
+    pair = TokenPairFactory.for_standin(b24)
     portal = pair.portal
     before = standin.stats["refresh_ok"]
     assert renewal.access_token_for(portal) == pair.access_token
     assert standin.stats["refresh_ok"] == before
-    _expire_access(pair)
-    token = renewal.access_token_for(portal)
-    assert token != pair.access_token
-    assert standin.stats["refresh_ok"] == before + 1
-    # Renewed on demand: no longer due for the sweep.
-    assert not selectors.due_pairs().filter(pk=pair.pk).exists()
+    # An hour on, the access token has expired (for Bitrix24 too): the next ask renews it.
+    with time_machine.travel(timezone.now() + timedelta(hours=1, seconds=1)):
+        token = renewal.access_token_for(portal)
+        assert token != pair.access_token
+        assert standin.stats["refresh_ok"] == before + 1
+        # Renewed on demand: no longer due for the sweep.
+        assert not selectors.due_pairs().filter(pk=pair.pk).exists()

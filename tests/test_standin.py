@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +14,8 @@ from hypothesis import strategies as st
 
 from portals import phpform
 from portals.standin import FakePortal, StandIn, payloads
+from tests.samples import load_json, load_php_array, load_print_r, shape
 
-SAMPLES = Path("/work/shared/payloads")
 TIMEOUT = 5
 
 
@@ -60,11 +59,6 @@ def rest(http: requests.Session, portal: FakePortal, method: str, **params: Any)
     return http.post(f"{portal.url}/rest/{method}.json", json=params, timeout=TIMEOUT)
 
 
-def sample_keys(name: str) -> set[str]:
-    text = (SAMPLES / name).read_text()
-    return set(json.loads("\n".join(line for line in text.splitlines() if not line.startswith("#"))))
-
-
 # ---- OAuth server: refresh
 
 
@@ -75,8 +69,9 @@ def test_refresh_answer_has_the_documented_shape(
     answer = refresh(http, standin, tokens["refresh_token"])
     assert answer.status_code == 200
     body = answer.json()
-    if SAMPLES.exists():
-        assert set(body) == sample_keys("refresh-response-docs.json")
+    # Field for field the docs' answer, with the same JSON types.
+    assert shape(body) == shape(load_json("refresh-response-docs.json"))
+    assert list(body) == list(load_json("refresh-response-docs.json"))
     assert body["member_id"] == portal.member_id
     assert body["user_id"] == 7
     assert body["domain"] == standin.oauth_url.split("://")[1]
@@ -163,6 +158,7 @@ def test_payment_required_refresh(http: requests.Session, standin: StandIn, port
     portal.payment_required = True
     answer = refresh(http, standin, tokens["refresh_token"])
     assert answer.json() == {"error": "PAYMENT_REQUIRED", "error_description": "Payment required"}
+    assert answer.json() == load_json("oauth-error-payment-required-docs.json")
     portal.payment_required = False
     assert refresh(http, standin, tokens["refresh_token"]).status_code == 200
 
@@ -179,6 +175,11 @@ def test_authorization_code_is_single_use_and_short_lived(
     first = http.get(standin.oauth_url + "/oauth/token/", params={**form, "code": code}, timeout=TIMEOUT)
     assert first.status_code == 200
     assert first.json()["user_id"] == 3
+    # The docs' authorization_code answer, plus expires and user_id as the newer refresh answer has them.
+    documented = load_json("authcode-response-docs.json")
+    assert shape({key: first.json()[key] for key in documented}) == shape(documented)
+    assert set(first.json()) - set(documented) == {"expires", "user_id"}
+    assert shape(first.json()) == shape(load_json("refresh-response-docs.json"))
     again = http.get(standin.oauth_url + "/oauth/token/", params={**form, "code": code}, timeout=TIMEOUT)
     assert again.json()["error"] == "invalid_grant"
     late = portal.issue_code()
@@ -293,9 +294,14 @@ def test_portal_app_info_profile_and_time(http: requests.Session, portal: FakePo
     info = http.get(f"{portal.url}/rest/app.info", params={"auth": token}, timeout=TIMEOUT).json()
     assert info["result"]["STATUS"] == "P"
     assert info["result"]["INSTALLED"] is True
+    documented = load_json("appinfo-portal-docs.json")
+    assert list(info) == list(documented)
+    assert shape(info["result"]) == shape(documented["result"])
     for key in ("start", "finish", "duration", "processing", "date_start", "date_finish", "operating"):
         assert key in info["time"]
-    assert "operating_reset_at" in info["time"]
+    assert set(documented["time"]) < set(info["time"])
+    # The time block as the newer pages print it, operating_reset_at included.
+    assert shape(info["time"]) == shape(load_json("list-next-total-docs.json")["time"])
     profile = rest(http, portal, "profile", auth=token).json()["result"]
     assert (profile["ID"], profile["ADMIN"]) == ("9", False)
     assert isinstance(rest(http, portal, "server.time", auth=token).json()["result"], str)
@@ -331,6 +337,10 @@ def test_list_pages_of_fifty_with_next_and_total(http: requests.Session, portal:
         seen += [row["ID"] for row in body["result"]]
         start = body.get("next")
     assert [len(p["result"]) for p in pages] == [50, 50, 20]
+    documented = load_json("list-next-total-docs.json")
+    assert set(pages[0]) == set(documented) == {"result", "next", "total", "time"}
+    assert shape(pages[0]["time"]) == shape(documented["time"])
+    assert set(pages[-1]) == set(documented) - {"next"}
     assert [p.get("next") for p in pages] == [50, 100, None]
     assert all(p["total"] == 120 for p in pages)
     assert seen == [str(i) for i in range(1, 121)]
@@ -382,6 +392,9 @@ def test_batch_limits_errors_and_references(http: requests.Session, portal: Fake
     )
     body = http.post(f"{portal.url}/rest/batch", data=form, timeout=TIMEOUT).json()["result"]
     assert set(body) == {"result", "result_error", "result_total", "result_next", "result_time"}
+    documented = load_json("batch-result-error-docs.json")["result"]
+    assert list(body) == list(documented)
+    assert shape(body["result_error"]["bad"]) == shape(documented["result_error"]["get_user"])
     assert body["result"]["one"]["ID"] == "3"
     assert body["result_total"] == {"first": 10}
     assert body["result_error"]["bad"]["error"] == "ERROR_METHOD_NOT_FOUND"
@@ -482,11 +495,26 @@ def test_install_event_payload(portal: FakePortal) -> None:
         "auth[refresh_token]",
         "auth[application_token]",
     ]
+    # The same fields in the same order as the docs' install event (settings/oauth/simple-way.md).
+    assert [key for key, _ in pairs] == [
+        key for key, _ in load_php_array("onappinstall-docs-2025-phparray.txt")
+    ]
+    # The event page's version carries the same auth block, and more in data than the builder sends.
+    documented = load_json("onappinstall-docs.json")
+    decoded = phpform.decode(pairs)
+    assert set(decoded) == set(documented)
+    assert set(decoded["auth"]) == set(documented["auth"])
+    assert set(decoded["data"]) < set(documented["data"])
     auth = phpform.decode(pairs)["auth"]
     assert auth["domain"] == portal.domain
     assert auth["server_endpoint"] == portal.standin.oauth_url + "/rest/"
     assert auth["client_endpoint"] == portal.url + "/rest/"
     assert auth["application_token"] == portal.application_token
+
+
+def _key_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """The nested keys of a decoded form or a JSON object (values dropped: forms carry only strings)."""
+    return {key: _key_tree(value) if isinstance(value, dict) else None for key, value in tree.items()}
 
 
 def test_other_event_payloads(portal: FakePortal) -> None:
@@ -500,6 +528,12 @@ def test_other_event_payloads(portal: FakePortal) -> None:
     update = phpform.decode(payloads.onappupdate(portal, portal.issue_tokens()))
     assert update["auth"]["application_token"] == portal.application_token != before
     assert update["data"]["PREVIOUS_VERSION"] == "1" and update["data"]["VERSION"] == "2"
+    # Each builder sends exactly the fields of the docs' page for its event.
+    assert _key_tree(uninstall) == _key_tree(load_json("onappuninstall-docs.json"))
+    assert _key_tree(payment) == _key_tree(load_json("onapppayment-docs.json"))
+    assert _key_tree(update) == _key_tree(load_json("onappupdate-docs.json"))
+    for name, built in (("onappuninstall", uninstall), ("onapppayment", payment), ("onappupdate", update)):
+        assert built["event"] == load_json(f"{name}-docs.json")["event"]
 
 
 def test_launch_payload(portal: FakePortal) -> None:
@@ -512,6 +546,33 @@ def test_launch_payload(portal: FakePortal) -> None:
     assert body["SERVER_ENDPOINT"] == portal.standin.oauth_url + "/rest/"
     _, placed = payloads.launch(portal, tokens, placement="CRM_DEAL_DETAIL_TAB", options={"ID": "8061"})
     assert json.loads(placed["PLACEMENT_OPTIONS"]) == {"ID": "8061"}
+
+
+@pytest.mark.parametrize(
+    ("sample", "placement"),
+    [("launch-default-docs.txt", "DEFAULT"), ("launch-placement-docs.txt", "CRM_DEAL_DETAIL_TAB")],
+)
+def test_launch_payload_has_the_documented_fields(portal: FakePortal, sample: str, placement: str) -> None:
+    documented = load_print_r(sample)
+    options = json.loads(documented["PLACEMENT_OPTIONS"]) if "PLACEMENT_OPTIONS" in documented else None
+    query, body = payloads.launch(portal, portal.issue_tokens(), placement=placement, options=options)
+    # The docs: DOMAIN, PROTOCOL, LANG and APP_SID in the query string, the rest in the body.
+    assert set(query) | set(body) == set(documented)
+    assert not set(query) & set(body)
+    assert set(query) == {"DOMAIN", "PROTOCOL", "LANG", "APP_SID"}
+    assert body["PLACEMENT"] == documented["PLACEMENT"]
+    assert query["LANG"] == documented["LANG"]
+    assert len(query["APP_SID"]) == len(documented["APP_SID"])
+
+
+def test_placement_options_are_encoded_as_the_docs_show(portal: FakePortal) -> None:
+    documented = load_print_r("launch-placement-docs.txt")["PLACEMENT_OPTIONS"]
+    options = json.loads(documented)
+    _, body = payloads.launch(portal, portal.issue_tokens(), placement="CRM_DEAL_DETAIL_TAB", options=options)
+    assert json.loads(body["PLACEMENT_OPTIONS"]) == options
+    # PHP's json_encode escapes "/" as "\/", as the docs show it.
+    assert "\\/crm\\/deal\\/details\\/8061\\/" in documented
+    assert "\\/crm\\/deal\\/details\\/8061\\/" in body["PLACEMENT_OPTIONS"]
 
 
 # ---- phpform

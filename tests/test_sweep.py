@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import time_machine
 from celery.signals import before_task_publish
 from django.db import transaction
 from django.utils import timezone
@@ -17,76 +18,64 @@ from config.celery import app as celery_app
 from portals import selectors, tasks
 from portals.models import (
     PairState,
-    Portal,
-    PortalState,
     RenewalLog,
     RenewalOutcome,
     RenewalTrigger,
     TokenPair,
 )
 from portals.tasks import sweep_due_pairs
+from tests.factories import PortalFactory, TokenPairFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = timedelta(days=1)
-
-
-def _pair(standin, *, issued_days_ago: float, now=None, **fields) -> TokenPair:
-    """A portal with one stored pair whose refresh token was issued `issued_days_ago` before `now`."""
-    fake = standin.add_portal()
-    tokens = fake.issue_tokens(1, admin=True)
-    now = now or timezone.now()
-    portal = Portal.objects.create(
-        member_id=fake.member_id,
-        domain=fake.domain,
-        protocol="http",
-        oauth_server=standin.oauth_url,
-        state=fields.pop("portal_state", PortalState.INSTALLED),
-    )
-    return TokenPair.objects.create(
-        portal=portal,
-        user_id=1,
-        is_background=True,
-        access_token=tokens["access_token"],
-        refresh_token=tokens["refresh_token"],
-        access_expires_at=now + timedelta(hours=1),
-        refresh_issued_at=now - issued_days_ago * DAY,
-        **fields,
-    )
 
 
 @pytest.mark.django_db
 def test_due_pairs_time_travel(standin, settings):
     settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = 28
     settings.BITRIX24_RENEW_MARGIN_DAYS = 7
-    now = timezone.now()
-    fresh = _pair(standin, issued_days_ago=1, now=now)
-    almost = _pair(standin, issued_days_ago=20.9, now=now)
-    due = _pair(standin, issued_days_ago=21.1, now=now)
-    overdue = _pair(standin, issued_days_ago=27, now=now)
-    dead = _pair(standin, issued_days_ago=25, now=now, state=PairState.DEAD)
-    rejected = _pair(standin, issued_days_ago=25, now=now, state=PairState.CREDENTIALS_REJECTED)
-    backing_off = _pair(standin, issued_days_ago=25, now=now, next_attempt_at=now + timedelta(minutes=30))
-    retry_now = _pair(standin, issued_days_ago=25, now=now, next_attempt_at=now - timedelta(minutes=1))
-    uninstalled = _pair(standin, issued_days_ago=25, now=now, portal_state=PortalState.UNINSTALLED)
 
-    def selected(at):
-        return set(selectors.due_pairs(at).values_list("pk", flat=True))
+    def pair(days: float, **fields):
+        """A stored background pair of a stand-in portal, its refresh token issued `days` ago."""
+        return TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=days, **fields)
 
-    assert selected(now) == {due.pk, overdue.pk, retry_now.pk}
-    # An hour later the back-off is over; two hours less than a day later, "almost" has become due.
-    assert selected(now + timedelta(hours=1)) == {due.pk, overdue.pk, retry_now.pk, backing_off.pk}
-    assert almost.pk in selected(now + timedelta(hours=3))
-    # Twenty days on, even the fresh pair is due; dead, rejected and uninstalled ones never are.
-    far = selected(now + 20 * DAY)
-    assert fresh.pk in far
-    assert not far & {dead.pk, rejected.pk, uninstalled.pk}
+    def selected():
+        return set(selectors.due_pairs().values_list("pk", flat=True))
+
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        now = timezone.now()
+        fresh = pair(1)
+        almost = pair(20.9)
+        due = pair(21.1)
+        overdue = pair(27)
+        dead = pair(25, state=PairState.DEAD)
+        rejected = pair(25, state=PairState.CREDENTIALS_REJECTED)
+        backing_off = pair(25, next_attempt_at=now + timedelta(minutes=30))
+        retry_now = pair(25, next_attempt_at=now - timedelta(minutes=1))
+        fake = standin.add_portal()
+        uninstalled = TokenPairFactory.for_standin(
+            fake, portal=PortalFactory.for_standin(fake, users=(), uninstalled=True), issued_days_ago=25
+        )
+
+        assert selected() == {due.pk, overdue.pk, retry_now.pk}
+        # An hour later the back-off is over; two hours less than a day later, "almost" has become due.
+        clock.shift(timedelta(hours=1))
+        assert selected() == {due.pk, overdue.pk, retry_now.pk, backing_off.pk}
+        assert almost.pk not in selected()
+        clock.shift(timedelta(hours=2))
+        assert almost.pk in selected()
+        # Twenty days on, even the fresh pair is due; dead, rejected and uninstalled ones never are.
+        clock.move_to(now + 20 * DAY)
+        far = selected()
+        assert fresh.pk in far
+        assert not far & {dead.pk, rejected.pk, uninstalled.pk}
 
 
 @pytest.mark.django_db(transaction=True)
 def test_sweep_queues_each_due_pair_once_spread_over_the_window(standin, settings):
     settings.BITRIX24_RENEW_SPREAD_SECONDS = 600
-    due = [_pair(standin, issued_days_ago=25) for _ in range(40)]
-    _pair(standin, issued_days_ago=2)
+    due = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(40)]
+    TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=2)
     published: list[tuple[int, str]] = []
 
     def record(sender=None, body=None, headers=None, **kwargs):
@@ -118,7 +107,7 @@ def test_sweep_queues_each_due_pair_once_spread_over_the_window(standin, setting
 @pytest.mark.django_db(transaction=True)
 def test_a_sweep_over_many_portals_runs_through_a_real_worker(standin, settings, child_env):
     n = 30
-    pairs = [_pair(standin, issued_days_ago=25) for _ in range(n)]
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(n)]
     old = {p.pk: p.refresh_token for p in pairs}
     standin.oauth_latency = 0.05
     ok_before, bad_before = standin.stats["refresh_ok"], standin.stats["refresh_invalid_grant"]
