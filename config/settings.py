@@ -144,6 +144,20 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # which serialises token rotation across the web, worker and beat processes of one machine.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
+else:
+    # A database host that accepts connections and never answers must not hang a request (or a
+    # renewal's store) for ever: give up connecting after DATABASE_CONNECT_TIMEOUT seconds, and drop a
+    # connection whose sent data stays unacknowledged for as long (libpq's tcp_user_timeout).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "connect_timeout": env_int("DATABASE_CONNECT_TIMEOUT", 5),
+            "tcp_user_timeout": env_int("DATABASE_CONNECT_TIMEOUT", 5) * 1000,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -8,6 +8,7 @@ Runs on whichever database the suite runs on (CI: PostgreSQL, then SQLite).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -27,7 +28,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
-from portals import journal
+from portals import crypto, journal
 from portals.models import AttemptState, PairState, Portal, PortalState, RenewalAttempt, TokenPair
 from portals.tasks import renew_pair_task
 
@@ -379,3 +380,86 @@ def _event(b24) -> dict[str, str]:
         "auth[domain]": b24.domain,
         "auth[application_token]": portal.application_token,
     }
+
+
+SEED_SCRIPT = """
+import json, sys
+import django
+django.setup()
+from django.core.management import call_command
+from django.utils import timezone
+from datetime import timedelta
+from portals.models import Portal, TokenPair
+call_command("migrate", verbosity=0)
+data = json.loads(sys.argv[1])
+portal = Portal.objects.create(
+    member_id=data["member_id"], domain=data["domain"], protocol="http", oauth_server=data["oauth_server"]
+)
+pair = TokenPair.objects.create(
+    portal=portal, user_id=1, is_background=True, access_token=data["access_token"],
+    refresh_token=data["refresh_token"], access_expires_at=timezone.now() + timedelta(hours=1),
+    refresh_issued_at=timezone.now(),
+)
+print(pair.pk)
+"""
+
+
+def test_private_postgres_stopped_for_20_s_when_the_answer_arrives_the_pair_is_stored_on_its_return(
+    b24, standin, child_env, private_postgres
+):
+    """A real outage: the holder's database stops while the OAuth server works and comes back 20 s
+    later; the holder keeps the answer (second copy) and keeps retrying the store until it can."""
+    tokens = b24.issue_tokens(1, admin=True)
+    env = {**child_env(standin), "DATABASE_URL": private_postgres.url, "DATABASE_CONN_MAX_AGE": "0"}
+    seed = {
+        "member_id": b24.member_id,
+        "domain": b24.domain,
+        "oauth_server": standin.oauth_url,
+        "access_token": tokens["access_token"],
+        "refresh_token": tokens["refresh_token"],
+    }
+    seeded = subprocess.run(
+        [sys.executable, "-c", SEED_SCRIPT, json.dumps(seed)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    standin.oauth_latency = 3.0
+    rotated_before = standin.stats["refresh_ok"]
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "renew_tokens", "--force"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait(lambda: standin.stats["oauth_requests"] and _private_attempts(private_postgres), what="the attempt")
+    private_postgres.stop()
+    stopped = time.monotonic()
+    _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
+    time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+    private_postgres.start()
+    output = proc.communicate(timeout=120)[0]
+
+    assert proc.returncode == 0, output
+    assert "1 renewed" in output
+    assert "Cannot store renewed pair" in output  # it did meet the outage
+    with psycopg.connect(private_postgres.url) as conn:
+        state, refresh = conn.execute(
+            "SELECT a.state, p.refresh_token FROM portals_renewalattempt a "
+            "JOIN portals_tokenpair p ON p.id = a.pair_id"
+        ).fetchone()
+    assert state == AttemptState.STORED
+    assert crypto.decrypt(refresh) in standin._refresh  # the stored refresh token is the live one
+
+
+def _private_attempts(server) -> int:
+    try:
+        with psycopg.connect(server.url, connect_timeout=2) as conn:
+            return conn.execute("SELECT count(*) FROM portals_renewalattempt").fetchone()[0]
+    except psycopg.Error:
+        return 0
