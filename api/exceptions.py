@@ -21,6 +21,7 @@ class UpstreamUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = "Bitrix24 cannot be reached right now; try again shortly."
     default_code = "bitrix24_unavailable"
+    wait = 15  # Retry-After, seconds
 
 
 class NotConfigured(exceptions.APIException):

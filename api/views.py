@@ -137,14 +137,17 @@ class PortalRenew(generics.GenericAPIView):
         responses={
             202: RenewQueuedSerializer,
             **_PORTAL_ERRORS,
-            409: OpenApiResponse(ErrorSerializer, description="The portal has no token pairs."),
+            409: OpenApiResponse(
+                ErrorSerializer, description="No pair can be renewed (none, or all dead: reinstall needed)."
+            ),
         },
     )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         portal = self.get_object()
-        queued = operations.queue_renewal(portal=portal)
-        if not queued:
-            raise Conflict(f"{portal.domain} has no token pairs to renew.", code="no_pairs")
+        try:
+            queued = operations.queue_renewal(portal=portal)
+        except operations.OperationRefused as exc:
+            raise Conflict(str(exc), code="nothing_to_renew") from exc
         logger.info("Staff %s queued renewal of portal %s via the API", request.user, portal.member_id)
         return Response({"queued": queued}, status=status.HTTP_202_ACCEPTED)
 

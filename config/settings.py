@@ -111,6 +111,8 @@ MIDDLEWARE = [
     # Pages shown inside a portal opt out with xframe_options_exempt and send a
     # Content-Security-Policy frame-ancestors naming that portal instead.
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Token renewals needed by a request are carried out by a Celery worker (portals/middleware.py).
+    "portals.middleware.RenewalsInWorkers",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -217,6 +219,9 @@ BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS",
 # How long a renewal whose answer arrived keeps trying to store it while the database is unreachable
 # (the new pair waits in the second copy meanwhile; see portals.journal).
 BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)
+# How long a web request waits for a worker to renew a token it needs before answering 503
+# (gunicorn's worker timeout is derived from it: config/gunicorn.py).
+BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", 10)
 
 # REST calls to portals: Bitrix24's leaky bucket per portal (2/s, burst 50; Enterprise 5/s, 250,
 # set per portal in the admin), and how long a call may wait for the operating-time limit to reset.

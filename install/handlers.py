@@ -51,7 +51,15 @@ def _install(*, verified: services.Verified, access_token: str, **fields: Any) -
     portal = services.install_portal(verified=verified, access_token=access_token, trusted=trusted, **fields)
     if trusted:
         tasks.queue_bindings(portal=portal)
+    _confirm(portal)
     return portal
+
+
+def _confirm(portal: Portal) -> None:
+    """A portal that had lost its tokens counts as installed once its new background pair renewed."""
+    pair = services.needs_confirmation(portal)
+    if pair is not None:
+        tasks.queue_confirmation(pair=pair)
 
 
 def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
@@ -78,6 +86,7 @@ def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
         expires_in=auth.expires_in,
         scope=auth.scope,
     )
+    _confirm(portal)
     context = {
         "portal": portal,
         "user_id": verified.info.user_id,

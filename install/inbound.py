@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from portals.errors import NoUsablePair
+from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
 from portals.services import UpstreamUnavailable, VerificationError
 
@@ -139,7 +139,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         logger.error("Inbound %s #%s cannot be verified: %s", kind, row.pk, exc)
         status, error = InboundStatus.FAILED, str(exc)
         response = error_response(request, status=503, code="not_configured", message=str(exc), html=html)
-    except UpstreamUnavailable as exc:
+    except (UpstreamUnavailable, RenewalPending) as exc:
         status, error = InboundStatus.FAILED, str(exc)
         response = error_response(
             request, status=503, code="bitrix24_unavailable", message=str(exc), html=html

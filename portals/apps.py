@@ -4,3 +4,10 @@ from django.apps import AppConfig
 class PortalsConfig(AppConfig):
     name = "portals"
     verbose_name = "Portals and tokens"
+
+    def ready(self) -> None:
+        # The renewal service sits below the task module and may not import it; web requests still
+        # need to hand renewals to a worker, so the task module's queueing function is passed down.
+        from . import renewal, tasks  # noqa: PLC0415  (AppConfig.ready: apps are loaded only now)
+
+        renewal.set_queue(tasks.queue_on_demand_renewal)

@@ -22,7 +22,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from . import governor, http, phpform, renewal
-from .models import Portal, RenewalTrigger, TokenPair
+from .models import Portal, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -332,11 +332,8 @@ class PortalClient:
 
     def _renew_rejected(self, token: str) -> str:
         assert self._pair is not None
-        result = renewal.renew_pair(
-            self._pair.pk, trigger=RenewalTrigger.ON_DEMAND, rejected_access_token=token
-        )
-        self._pair = result.pair
-        return result.pair.access_token
+        self._pair = renewal.renewed(self._pair, rejected_access_token=token)
+        return self._pair.access_token
 
     def is_admin(self) -> bool:
         """Whether the acting user is a portal admin, per `profile` (no scope needed). False when unsure."""

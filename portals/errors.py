@@ -20,3 +20,13 @@ class RenewalFailed(Exception):
         self.code = code
         # The pair was lost in an interrupted renewal: the portal needs a reinstall.
         self.lost = lost
+
+
+class RenewalPending(RenewalFailed):
+    """A web request waited its budget (BITRIX24_WEB_TOKEN_WAIT_SECONDS) for a worker to renew the
+    token, or could not queue the renewal: ask again shortly (503 with Retry-After)."""
+
+    retry_after = 15
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True, code="renewal_pending")

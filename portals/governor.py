@@ -13,6 +13,7 @@ setup runs; the README says so.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Any
 
 import redis
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 # KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), seconds the key outlives
 # the last reserved slot.
@@ -83,20 +86,55 @@ class Governor:
 
 
 class RedisGovernor(Governor):
+    """The shared bucket in Redis. While Redis cannot be reached, each process falls back to its own
+    bucket at a fraction of the portal's limit (several processes together then still stay under it),
+    and asks Redis again after a pause instead of on every call."""
+
+    FALLBACK_SHARE = 0.25  # of the rate and the burst, per process, while Redis is away
+    RETRY_AFTER = 10.0  # seconds between attempts to reach Redis again
+
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # Short timeouts: a hung Redis must cost a call a second at most, not the default minutes.
+        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         # Closed while the interpreter still works, not from __del__ during its shutdown.
         atexit.register(self.client.close)
         self._gcra = self.client.register_script(_GCRA)
         self._fill = self.client.register_script(_FILL)
+        self._local = LocalGovernor()
+        self._down_until = 0.0
+
+    def _fallback(self, limit: Limit) -> Limit:
+        return Limit(
+            rate=limit.rate * self.FALLBACK_SHARE, burst=max(1, int(limit.burst * self.FALLBACK_SHARE))
+        )
+
+    def _away(self, exc: redis.RedisError) -> None:
+        if time.monotonic() >= self._down_until:
+            logger.warning(
+                "Rate governor: Redis unavailable (%s); each process keeps %d%% of the portal limits",
+                type(exc).__name__,
+                int(self.FALLBACK_SHARE * 100),
+            )
+        self._down_until = time.monotonic() + self.RETRY_AFTER
 
     def reserve(self, key: str, limit: Limit) -> float:
-        interval, tolerance = limit.governed()
-        return float(self._gcra(keys=[key], args=[interval, tolerance, 60]))
+        if time.monotonic() >= self._down_until:
+            interval, tolerance = limit.governed()
+            try:
+                return float(self._gcra(keys=[key], args=[interval, tolerance, 60]))
+            except redis.RedisError as exc:
+                self._away(exc)
+        return self._local.reserve(key, self._fallback(limit))
 
     def fill(self, key: str, limit: Limit) -> None:
+        self._local.fill(key, self._fallback(limit))
+        if time.monotonic() < self._down_until:
+            return
         interval, tolerance = limit.governed()
-        self._fill(keys=[key], args=[tolerance + interval, 60])
+        try:
+            self._fill(keys=[key], args=[tolerance + interval, 60])
+        except redis.RedisError as exc:
+            self._away(exc)
 
 
 class LocalGovernor(Governor):

@@ -318,3 +318,67 @@ class RenewalAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.state} {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class WantedKind(models.TextChoices):
+    BIND_EVENTS = "bind_events", "Bind the app's events"
+    RENEW_PAIR = "renew_pair", "Renew a token pair"
+
+
+class WantedAction(models.Model):
+    """Work that must happen, recorded before any task is queued for it.
+
+    A broker message is never the only record of work: if publishing fails (Redis away) or the task
+    is lost (a killed worker, a purged queue), the beat sweep finds the action still open and queues
+    it again. Done once `done_at` is set.
+    """
+
+    kind = models.CharField(max_length=16, choices=WantedKind.choices, help_text="What must be done.")
+    portal = models.ForeignKey(
+        Portal, on_delete=models.CASCADE, related_name="wanted_actions", help_text="The portal concerned."
+    )
+    pair = models.ForeignKey(
+        TokenPair,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="wanted_actions",
+        help_text="The token pair concerned (renewals).",
+    )
+    force = models.BooleanField(default=False, help_text="Renew even if the pair is not due (staff).")
+    trigger = models.CharField(
+        max_length=16,
+        choices=RenewalTrigger.choices,
+        default=RenewalTrigger.STAFF,
+        help_text="Who asked for it.",
+    )
+    requested_at = models.DateTimeField(default=timezone.now, help_text="When it was asked for.")
+    attempts = models.PositiveIntegerField(default=0, help_text="Times a task tried to carry it out.")
+    last_error = models.CharField(max_length=500, blank=True, help_text="Why the last try failed.")
+    next_attempt_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        db_index=True,
+        help_text="When the sweep may queue it again (after a failure, or while a queued task is pending).",
+    )
+    done_at = models.DateTimeField(null=True, blank=True, db_index=True, help_text="When it was done.")
+    note = models.CharField(max_length=500, blank=True, help_text="How it ended, when not plainly.")
+
+    class Meta:
+        ordering = ["-requested_at"]
+        constraints = [
+            # Asking twice for the same open work is one action, not two.
+            models.UniqueConstraint(
+                fields=["kind", "portal"],
+                condition=models.Q(done_at__isnull=True, pair__isnull=True),
+                name="one_open_portal_action",
+            ),
+            models.UniqueConstraint(
+                fields=["kind", "pair"],
+                condition=models.Q(done_at__isnull=True, pair__isnull=False),
+                name="one_open_pair_action",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {'done' if self.done_at else 'open'}"

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import errors, oauth, renewal, services, tasks
-from .models import Portal, PortalState, RenewalTrigger, TokenPair
+from .models import PairState, Portal, PortalState, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +23,26 @@ class OperationRefused(Exception):
 
 
 def queue_renewal(*, portal: Portal) -> int:
-    """Queue a forced renewal of each of the portal's pairs, sent once the transaction commits.
+    """Queue a forced renewal of each of the portal's usable pairs, recorded first, sent after commit.
 
     Forced: a pair is renewed even if not due, and a pair whose credentials were rejected is tried
-    again (after a fixed BITRIX24_CLIENT_SECRET that brings it back). The worker renews each one
-    under its lock, so a renewal already running elsewhere is not repeated. Returns how many
-    renewals were queued (0 for a portal without pairs, such as an uninstalled one).
+    again (after a fixed BITRIX24_CLIENT_SECRET that brings it back). A dead or lost pair cannot be
+    renewed at all: when no pair is usable, OperationRefused says why (the portal needs a reinstall)
+    instead of pretending to queue. Returns how many renewals were queued.
     """
-    ids = TokenPair.objects.filter(portal=portal).order_by("pk").values_list("pk", flat=True)
-    count = tasks.queue_renewals(ids, trigger=RenewalTrigger.STAFF, force=True)
-    if count:
-        logger.info("Staff queued renewal of %d pair(s) of portal %s", count, portal.member_id)
-    return count
+    pairs = list(TokenPair.objects.filter(portal=portal).select_related("portal").order_by("pk"))
+    usable = [p for p in pairs if p.state in (PairState.ACTIVE, PairState.CREDENTIALS_REJECTED)]
+    if not usable:
+        if not pairs:
+            raise OperationRefused(f"{portal.domain} has no token pairs: there is nothing to renew")
+        reasons = "; ".join(sorted({f"{p.get_state_display()}: {p.last_error}".rstrip(": ") for p in pairs}))
+        raise OperationRefused(
+            f"{portal.domain}: no pair can be renewed ({reasons}); the customer must reinstall the app"
+        )
+    for pair in usable:
+        tasks.queue_staff_renewal(pair=pair)
+    logger.info("Staff queued renewal of %d pair(s) of portal %s", len(usable), portal.member_id)
+    return len(usable)
 
 
 def verify_portal(*, portal: Portal) -> oauth.AppInfo:
@@ -53,6 +61,8 @@ def verify_portal(*, portal: Portal) -> oauth.AppInfo:
         raise OperationRefused(
             f"{portal.domain} has no usable background token pair: it needs a reinstall"
         ) from exc
+    except errors.RenewalPending as exc:
+        raise services.UpstreamUnavailable(f"{portal.domain}: {exc}") from exc
     except errors.RenewalFailed as exc:
         raise OperationRefused(
             f"{portal.domain}: its access token had expired and renewing it failed ({exc.code})"

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -34,7 +37,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from . import journal, oauth, stopping
-from .errors import NoUsablePair, RenewalFailed
+from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
     AttemptState,
@@ -87,13 +90,17 @@ def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, reject
     if force:
         return True
     if rejected:
-        # A portal answered expired_token for this access token: renew unless it was already replaced.
-        return pair.state == PairState.ACTIVE and pair.access_token == rejected
+        # A portal answered expired_token for this access token (given by its fingerprint: it travels
+        # through the broker): renew unless it was already replaced.
+        return pair.state == PairState.ACTIVE and fingerprint(pair.access_token) == rejected
     if pair.state != PairState.ACTIVE:
         return False
     if trigger == RenewalTrigger.ON_DEMAND:
         return pair.access_expires_at <= now + timedelta(seconds=settings.BITRIX24_ACCESS_TOKEN_MIN_SECONDS)
-    return pair.refresh_issued_at <= renewal_due_before(now)
+    # An issue time ahead of the clock cannot be aged: renew, and the new one is stamped right.
+    return pair.refresh_issued_at <= renewal_due_before(now) or pair.refresh_issued_at > now + timedelta(
+        minutes=5
+    )
 
 
 def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "") -> None:
@@ -109,6 +116,12 @@ def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: 
     )
 
 
+# Why a portal may be "needs reinstall" that a working background pair disproves. A reason staff
+# typed in is not among them: only staff take their own mark back.
+CONFIRMING = "new background pair: confirming it with a renewal"
+TOKEN_REASONS = ("renewal refused", "lost in a renewal", CONFIRMING)
+
+
 def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> None:
     pair.access_token = grant.access_token
     pair.refresh_token = grant.refresh_token
@@ -122,6 +135,13 @@ def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> Non
     pair.consecutive_failures = 0
     pair.next_attempt_at = None
     pair.save()
+    if pair.is_background:
+        # The background pair has now renewed: it proves the portal's tokens work again.
+        revived = Portal.objects.filter(pk=pair.portal_id, state=PortalState.NEEDS_REINSTALL)
+        for reason in TOKEN_REASONS:
+            revived.filter(state_reason__startswith=reason).update(
+                state=PortalState.INSTALLED, state_reason=""
+            )
 
 
 def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
@@ -345,22 +365,29 @@ def _store(claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, s
 
 
 def renew_pair(
-    pair_id: int, *, trigger: str, force: bool = False, rejected_access_token: str = ""
+    pair_id: int,
+    *,
+    trigger: str,
+    force: bool = False,
+    rejected_access_token: str = "",
+    rejected_fingerprint: str = "",
 ) -> Renewal:
     """Rotate one pair if it still needs it (see the module's docstring for how).
 
-    `rejected_access_token`: the token a portal just answered `expired_token` for; the pair is
-    renewed only if it still holds that token (two callers meeting it renew once between them).
+    `rejected_access_token` (or its `rejected_fingerprint`): the token a portal just answered
+    `expired_token` for; the pair is renewed only if it still holds that token (two callers meeting
+    it renew once between them).
 
     Raises TokenPair.DoesNotExist when the pair is gone (portal uninstalled) and RenewalFailed
     when the OAuth server did not hand out a new pair; the pair's state says why.
     """
     oauth.credentials()  # missing credentials fail here, before anything is journaled
     started = time.monotonic()
-    wait = trigger == RenewalTrigger.ON_DEMAND or bool(rejected_access_token)
+    rejected = rejected_fingerprint or fingerprint(rejected_access_token)
+    wait = trigger == RenewalTrigger.ON_DEMAND or bool(rejected)
     deadline = started + lease_seconds()
     while True:
-        claim = _claim(pair_id, trigger, force, rejected_access_token, started)
+        claim = _claim(pair_id, trigger, force, rejected, started)
         if not isinstance(claim, _Busy):
             break
         if not wait:
@@ -437,11 +464,66 @@ def pair_for(portal: Portal, user_id: int | None = None) -> TokenPair:
     return pair
 
 
+# --- renewals asked for by a web request ------------------------------------------------------------
+# A web worker may be killed by its server's timeout at any moment, so a web request never calls the
+# token endpoint itself: it queues the renewal for a Celery worker and waits for it, at most a budget.
+
+_web_wait: ContextVar[float | None] = ContextVar("renewal_web_wait", default=None)
+_queue: Callable[[int, str], bool] | None = None
+
+
+def set_queue(queue: Callable[[int, str], bool]) -> None:
+    """How a web request gets a renewal done elsewhere: `queue(pair_id, rejected_fingerprint)` -> queued?
+    Set at start-up (portals.apps) to the task module's function, which this module may not import."""
+    global _queue
+    _queue = queue
+
+
+@contextmanager
+def renewals_in_workers(wait_seconds: float) -> Iterator[None]:
+    """Within this block (a web request), renewals are queued for a worker and waited for."""
+    token = _web_wait.set(wait_seconds)
+    try:
+        yield
+    finally:
+        _web_wait.reset(token)
+
+
+def renewed(pair: TokenPair, *, rejected_access_token: str = "") -> TokenPair:
+    """The pair with a fresh access token: renewed here or, inside a web request, by a worker while the
+    request waits (RenewalPending past the budget)."""
+    wait = _web_wait.get()
+    if wait is None:
+        return renew_pair(
+            pair.pk, trigger=RenewalTrigger.ON_DEMAND, rejected_access_token=rejected_access_token
+        ).pair
+    rejected = fingerprint(rejected_access_token)
+    running = RenewalAttempt.objects.filter(pair_id=pair.pk, state=AttemptState.IN_FLIGHT).first()
+    already = running is not None and holder_may_live(running)
+    if not already and (_queue is None or not _queue(pair.pk, rejected)):
+        raise RenewalPending("the token needs renewing and the renewal cannot be queued right now")
+    if connection.vendor == "sqlite" and connection.in_atomic_block:
+        # This transaction holds SQLite's write lock: the worker could not store the pair meanwhile.
+        raise RenewalPending("the token is being renewed")
+    deadline = time.monotonic() + wait
+    while True:
+        current = TokenPair.objects.select_related("portal").get(pk=pair.pk)
+        if current.state != PairState.ACTIVE:
+            raise RenewalFailed(
+                current.last_error or f"the pair is {current.state}", transient=False, code=current.state
+            )
+        if not _is_needed(current, RenewalTrigger.ON_DEMAND, False, timezone.now(), rejected):
+            return current
+        if time.monotonic() >= deadline:
+            raise RenewalPending(f"the token is being renewed; not done within {wait:.0f} s")
+        time.sleep(WAIT_POLL_SECONDS)
+
+
 def valid_pair(portal: Portal, user_id: int | None = None) -> TokenPair:
     """The pair to act with, its access token renewed first if it has expired or is about to."""
     pair = pair_for(portal, user_id)
     if _is_needed(pair, RenewalTrigger.ON_DEMAND, False, timezone.now()):
-        pair = renew_pair(pair.pk, trigger=RenewalTrigger.ON_DEMAND).pair
+        pair = renewed(pair)
     return pair
 
 

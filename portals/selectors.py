@@ -26,19 +26,58 @@ from django_celery_beat.models import (
     SolarSchedule,
 )
 
-from .models import PairState, Portal, PortalState, RenewalLog, RenewalOutcome, TokenPair, renewal_due_before
+from .models import (
+    PairState,
+    Portal,
+    PortalState,
+    RenewalLog,
+    RenewalOutcome,
+    TokenPair,
+    WantedAction,
+    renewal_due_before,
+)
 
 SWEEP_TASK = "portals.tasks.sweep_due_pairs"
 
 
+# A refresh issue time further ahead than this is a clock gone wrong, not network jitter.
+CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
+
+
 def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
-    """Pairs the beat sweep renews: active, refresh token past `LIFETIME - MARGIN` days, not backing off."""
+    """Pairs the beat sweep renews: active, refresh token past `LIFETIME - MARGIN` days (or issued
+    "in the future", which no lifetime arithmetic can be trusted with), not backing off."""
     now = now or timezone.now()
     return (
-        TokenPair.objects.filter(state=PairState.ACTIVE, refresh_issued_at__lte=renewal_due_before(now))
+        TokenPair.objects.filter(state=PairState.ACTIVE)
+        .filter(
+            Q(refresh_issued_at__lte=renewal_due_before(now))
+            | Q(refresh_issued_at__gt=now + CLOCK_SKEW_TOLERANCE)
+        )
         .exclude(portal__state=PortalState.UNINSTALLED)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
     )
+
+
+def pairs_issued_in_the_future(now: datetime | None = None) -> QuerySet[TokenPair]:
+    """Pairs whose refresh issue time lies ahead of the clock (a skewed clock wrote it)."""
+    now = now or timezone.now()
+    return TokenPair.objects.filter(refresh_issued_at__gt=now + CLOCK_SKEW_TOLERANCE)
+
+
+def open_actions_due(now: datetime | None = None) -> QuerySet[WantedAction]:
+    """Wanted actions not done whose task is not expected any more: never queued, lost, or due a retry.
+    A just-recorded action is left a minute for the task queued with it."""
+    now = now or timezone.now()
+    return WantedAction.objects.filter(done_at__isnull=True).filter(
+        Q(next_attempt_at__lte=now)
+        | Q(next_attempt_at__isnull=True, requested_at__lte=now - timedelta(minutes=1))
+    )
+
+
+def lost_pairs() -> QuerySet[TokenPair]:
+    """Pairs lost in an interrupted renewal (their portal needs a reinstall)."""
+    return TokenPair.objects.filter(state=PairState.LOST)
 
 
 def _background_pair(field: str) -> Subquery:

@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, oauth
+from . import http, oauth, renewal
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, RenewalLog, TokenPair
 
@@ -193,13 +193,34 @@ def _store_pair(
     return pair
 
 
-def _revive(portal: Portal, now: datetime) -> None:
-    if portal.state != PortalState.INSTALLED:
-        if portal.state == PortalState.UNINSTALLED or portal.installed_at is None:
-            portal.installed_at = now
-        portal.state = PortalState.INSTALLED
-        portal.state_reason = ""
-        portal.uninstalled_at = None
+def _revive(portal: Portal, now: datetime, *, new_background: bool) -> None:
+    """The portal's state after a verified install or launch.
+
+    A portal that needs a reinstall because its background tokens were refused or lost stays so
+    until a new background pair has renewed once (`renewal` then marks it installed): an ordinary
+    user's launch proves nothing about the background pair, and a new pair is only trusted once
+    the OAuth server has taken its refresh token. A reinstall does clear a mark staff set by hand.
+    """
+    if portal.state == PortalState.INSTALLED:
+        return
+    if portal.state == PortalState.NEEDS_REINSTALL:
+        if not new_background:
+            return
+        if portal.state_reason.startswith(renewal.TOKEN_REASONS):
+            portal.state_reason = renewal.CONFIRMING
+            return
+    if portal.state == PortalState.UNINSTALLED or portal.installed_at is None:
+        portal.installed_at = now
+    portal.state = PortalState.INSTALLED
+    portal.state_reason = ""
+    portal.uninstalled_at = None
+
+
+def needs_confirmation(portal: Portal) -> TokenPair | None:
+    """The new background pair to renew once, when the portal waits for that to count as installed."""
+    if portal.state != PortalState.NEEDS_REINSTALL or portal.state_reason != renewal.CONFIRMING:
+        return None
+    return TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
 
 
 def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
@@ -237,7 +258,7 @@ def install_portal(
     """
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope)
-    _revive(portal, now)
+    _revive(portal, now, new_background=trusted and verified.info.user_id is not None)
     if portal.installed_at is None:
         portal.installed_at = now
     if application_token and trusted:
@@ -302,17 +323,19 @@ def _record_launch(
 ) -> tuple[Portal, TokenPair | None]:
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope)
-    _revive(portal, now)
+    user_id = verified.info.user_id
+    background = (
+        user_id is not None
+        and may_take_background
+        and not TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists()
+    )
+    _revive(portal, now, new_background=background)
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
     portal.save()
-    user_id = verified.info.user_id
     if user_id is None:
         return portal, None
-    background = may_take_background and not (
-        TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists()
-    )
     pair = _store_pair(
         portal=portal,
         user_id=user_id,

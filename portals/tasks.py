@@ -1,8 +1,10 @@
 """Celery tasks, and the functions that queue them: thin, idempotent, each one service call.
 
-Tasks sit above the services they call: nothing below this module imports it. Whoever wants work
-done in the background (the beat sweep, staff operations, the install views) calls one of the
-`queue_*` functions here, which publish once the surrounding transaction commits.
+Tasks sit above the services they call: nothing below this module imports it (the renewal service
+is handed `queue_on_demand_renewal` at start-up, see `portals.apps`). Work that must happen (event
+bindings, staff renewals) is first recorded as a `WantedAction`; the task carries it out, and the
+beat sweep queues again whatever a lost task or an outage left undone. Publishing never fails the
+caller: a request that has committed its work answers as such even when the broker is away.
 """
 
 from __future__ import annotations
@@ -10,19 +12,46 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.utils import timezone
 
-from . import bindings, oauth, renewal, selectors
-from .models import Portal, PortalState, RenewalTrigger, TokenPair
+from . import bindings, renewal, selectors
+from .models import (
+    Portal,
+    PortalState,
+    RenewalTrigger,
+    TokenPair,
+    WantedAction,
+    WantedKind,
+)
 
 logger = logging.getLogger(__name__)
+
+# While a queued task is expected to run, the sweep leaves its action alone this long.
+PENDING_GRACE = timedelta(minutes=10)
 
 
 class TransientRenewalError(Exception):
     """Raised to make Celery retry with backoff."""
+
+
+def publish(task: Any, *args: Any, **options: Any) -> bool:
+    """Queue a task; False (and a warning) when the broker cannot take it. Every caller has recorded
+    the work in the database first, so the beat sweep carries it out later."""
+    try:
+        task.apply_async(args=args, **options)
+    except Exception as exc:  # kombu/redis raise many kinds; none may fail the caller
+        logger.warning("Cannot queue %s now (%s); the sweep will", task.name, type(exc).__name__)
+        return False
+    return True
+
+
+# --- renewals ---------------------------------------------------------------------------------------
 
 
 @shared_task(
@@ -33,14 +62,20 @@ class TransientRenewalError(Exception):
     retry_jitter=True,
     max_retries=8,
     acks_late=True,
-    # Never interrupt a refresh in flight: a rollback after the server rotated the pair loses it.
-    soft_time_limit=int(oauth.worst_case_seconds()) + 60,
-    time_limit=int(oauth.worst_case_seconds()) + 90,
+    # Never interrupt a refresh in flight: its journal and second copy survive it, but cleanly is better.
+    soft_time_limit=int(renewal.lease_seconds()) + 60,
+    time_limit=int(renewal.lease_seconds()) + 90,
 )
-def renew_pair_task(self, pair_id: int, trigger: str = RenewalTrigger.BEAT, force: bool = False) -> str:  # type: ignore[no-untyped-def]
-    """Renew one pair if it still needs it. Safe to run twice: the lock and the re-check make it so."""
+def renew_pair_task(  # type: ignore[no-untyped-def]
+    self,
+    pair_id: int,
+    trigger: str = RenewalTrigger.BEAT,
+    force: bool = False,
+    rejected_fingerprint: str = "",
+) -> str:
+    """Renew one pair if it still needs it. Safe to run twice: the journal and the re-check make it so."""
     try:
-        renewal.renew_pair(pair_id, trigger=trigger, force=force)
+        renewal.renew_pair(pair_id, trigger=trigger, force=force, rejected_fingerprint=rejected_fingerprint)
     except TokenPair.DoesNotExist:
         return "gone"
     except renewal.RenewalFailed as exc:
@@ -53,19 +88,24 @@ def renew_pair_task(self, pair_id: int, trigger: str = RenewalTrigger.BEAT, forc
 def queue_renewals(pair_ids: Iterable[int], *, trigger: str, force: bool = False, spread: float = 0) -> int:
     """Queue one renewal task per pair once the transaction commits, each delayed by a random
     0–`spread` seconds so that thousands of portals do not reach the OAuth server in one second.
-    Returns how many were queued."""
+    The pairs' own state is the record of this work: a due pair stays due until renewed."""
     ids = list(pair_ids)
     spread = max(spread, 0)
 
     def send() -> None:
         for pair_id in ids:
-            renew_pair_task.apply_async(
-                args=(pair_id, trigger, force), countdown=random.uniform(0, spread) if spread else 0
+            publish(
+                renew_pair_task, pair_id, trigger, force, countdown=random.uniform(0, spread) if spread else 0
             )
 
     if ids:
         transaction.on_commit(send)
     return len(ids)
+
+
+def queue_on_demand_renewal(pair_id: int, rejected_fingerprint: str = "") -> bool:
+    """For a web request that needs a fresh token: a worker renews it, the request waits for it."""
+    return publish(renew_pair_task, pair_id, RenewalTrigger.ON_DEMAND, False, rejected_fingerprint)
 
 
 def queue_due_renewals() -> int:
@@ -77,36 +117,133 @@ def queue_due_renewals() -> int:
     )
 
 
-@shared_task(acks_late=True, soft_time_limit=240, time_limit=300)
-def sweep_due_pairs() -> int:
-    """Beat: queue a renewal for every pair whose refresh token nears the end of its life."""
-    count = queue_due_renewals()
-    logger.info("Renewal sweep queued %d pair(s)", count)
-    return count
+@shared_task(acks_late=True, soft_time_limit=int(renewal.lease_seconds()) + 60)
+def resolve_attempt_task(attempt_id: int) -> str:
+    """Resolve a renewal an earlier process left unfinished (see portals.renewal)."""
+    result = renewal.resolve_attempt(attempt_id, trigger=RenewalTrigger.BEAT)
+    return result.outcome if result is not None else "nothing to do"
 
 
-@shared_task(
-    autoretry_for=(Exception,),
-    dont_autoretry_for=(Portal.DoesNotExist,),
-    retry_backoff=30,
-    retry_backoff_max=1800,
-    retry_jitter=True,
-    max_retries=6,
-    acks_late=True,
-    soft_time_limit=90,
-    time_limit=120,
-)
-def bind_events_task(portal_id: int) -> list[str]:
-    """After install or update: bind ONAPPUNINSTALL and BITRIX24_EVENTS (idempotent)."""
-    portal = Portal.objects.get(pk=portal_id, state=PortalState.INSTALLED)
-    return bindings.bind_events(portal=portal)
+def queue_resolutions() -> int:
+    """Every unfinished renewal whose holder is gone or whose lease ran out."""
+    ids = [a.pk for a in renewal.unfinished_attempts() if not renewal.holder_may_live(a)]
+    _publish_each(resolve_attempt_task, ids)
+    return len(ids)
+
+
+def _publish_each(task: Any, ids: list[int]) -> None:
+    def send() -> None:
+        for item in ids:
+            publish(task, item)
+
+    if ids:
+        transaction.on_commit(send)
+
+
+# --- wanted actions ---------------------------------------------------------------------------------
+
+
+def want(kind: str, *, portal: Portal, pair: TokenPair | None = None, **fields: Any) -> WantedAction:
+    """Record work that must happen (one open action per portal/pair and kind) and queue it after
+    commit. The record comes first: if the task never runs, the sweep queues it again."""
+    try:
+        with transaction.atomic():
+            action, created = WantedAction.objects.get_or_create(
+                kind=kind, portal=portal, pair=pair, done_at=None, defaults=fields
+            )
+    except IntegrityError:  # a concurrent request recorded the same work first
+        action, created = WantedAction.objects.get(kind=kind, portal=portal, pair=pair, done_at=None), False
+    if not created and fields:
+        WantedAction.objects.filter(pk=action.pk).update(**fields)
+    action_id = action.pk
+    transaction.on_commit(lambda: publish(carry_out_task, action_id))
+    return action
+
+
+def _next_try(action: WantedAction) -> timedelta:
+    return timedelta(minutes=min(2 ** max(action.attempts - 1, 0), 360))
+
+
+@shared_task(acks_late=True, soft_time_limit=int(renewal.lease_seconds()) + 60)
+def carry_out_task(action_id: int) -> str:
+    """Carry out one wanted action; a failure leaves it open with a time for the sweep to retry."""
+    action = WantedAction.objects.select_related("portal").filter(pk=action_id, done_at=None).first()
+    if action is None:
+        return "nothing to do"
+    now = timezone.now()
+    action.attempts += 1
+    WantedAction.objects.filter(pk=action.pk).update(
+        attempts=action.attempts, next_attempt_at=now + PENDING_GRACE
+    )
+    note = ""
+    try:
+        if action.kind == WantedKind.RENEW_PAIR and action.pair_id is not None:
+            renewal.renew_pair(action.pair_id, trigger=action.trigger, force=action.force)
+        elif action.kind == WantedKind.BIND_EVENTS:
+            if action.portal.state != PortalState.UNINSTALLED:
+                bindings.bind_events(portal=action.portal)
+            else:
+                note = "the portal was uninstalled meanwhile"
+    except TokenPair.DoesNotExist:
+        note = "the pair is gone (portal uninstalled)"
+    except renewal.RenewalFailed as exc:
+        if exc.transient:
+            return _failed(action, str(exc))
+        note = f"refused: {exc}"
+    except Exception as exc:  # a portal or broker failure: the sweep retries it later
+        logger.warning("Wanted %s for portal %s failed: %s", action.kind, action.portal.member_id, exc)
+        return _failed(action, f"{type(exc).__name__}: {exc}")
+    WantedAction.objects.filter(pk=action.pk).update(done_at=timezone.now(), note=note[:500], last_error="")
+    return "done" + (f" ({note})" if note else "")
+
+
+def _failed(action: WantedAction, error: str) -> str:
+    WantedAction.objects.filter(pk=action.pk).update(
+        last_error=error[:500], next_attempt_at=timezone.now() + _next_try(action)
+    )
+    return f"failed: {error}"
+
+
+def queue_open_actions() -> int:
+    """The sweep re-drives open actions: never queued (broker away), lost, or due for a retry."""
+    now = timezone.now()
+    ids = list(selectors.open_actions_due(now).values_list("pk", flat=True))
+    WantedAction.objects.filter(pk__in=ids).update(next_attempt_at=now + PENDING_GRACE)
+    _publish_each(carry_out_task, ids)
+    return len(ids)
 
 
 def queue_bindings(*, portal: Portal) -> bool:
-    """After a trusted install or update: bind the events again once the transaction commits
-    (Bitrix24 drops bindings on update). Nothing to do without BITRIX24_PUBLIC_URL."""
+    """After a trusted install or update: bind the events again (Bitrix24 drops bindings on update).
+    Nothing to do without BITRIX24_PUBLIC_URL."""
     if not bindings.handler_url():
         return False
-    portal_id = portal.pk
-    transaction.on_commit(lambda: bind_events_task.delay(portal_id))
+    want(WantedKind.BIND_EVENTS, portal=portal, trigger=RenewalTrigger.ON_DEMAND)
     return True
+
+
+def queue_confirmation(*, pair: TokenPair) -> None:
+    """A new background pair of a portal that lost its tokens: renew it once to prove it works."""
+    want(WantedKind.RENEW_PAIR, portal=pair.portal, pair=pair, force=True, trigger=RenewalTrigger.ON_DEMAND)
+
+
+def queue_staff_renewal(*, pair: TokenPair) -> None:
+    want(WantedKind.RENEW_PAIR, portal=pair.portal, pair=pair, force=True, trigger=RenewalTrigger.STAFF)
+
+
+# --- the sweep --------------------------------------------------------------------------------------
+
+
+@shared_task(acks_late=True, soft_time_limit=240, time_limit=300)
+def sweep_due_pairs() -> int:
+    """Beat: resolve interrupted renewals, re-drive open actions, queue every due pair."""
+    resolving = queue_resolutions()
+    redriven = queue_open_actions()
+    count = queue_due_renewals()
+    skewed = selectors.pairs_issued_in_the_future().count()
+    if skewed:
+        logger.warning("%d token pair(s) claim a refresh issue time in the future: renewed now", skewed)
+    logger.info(
+        "Renewal sweep queued %d renewal(s), %d resolution(s), %d open action(s)", count, resolving, redriven
+    )
+    return count

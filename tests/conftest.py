@@ -225,3 +225,33 @@ def backend_process(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
     yield make
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def renewal_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Renewals that web requests hand to a worker run in a thread of the test process, as a Celery
+    worker would run them (the request waits for the result, see portals.renewal.renewed). Yields the
+    ids of the pairs handed over."""
+    import threading
+
+    from django.db import connection as db_connection
+
+    from portals import renewal
+    from portals.tasks import renew_pair_task
+
+    handed: list[int] = []
+
+    def queue(pair_id: int, rejected_fingerprint: str = "") -> bool:
+        handed.append(pair_id)
+
+        def work() -> None:
+            try:
+                renew_pair_task.apply(args=(pair_id, "on_demand", False, rejected_fingerprint))
+            finally:
+                db_connection.close()
+
+        threading.Thread(target=work, daemon=True).start()
+        return True
+
+    monkeypatch.setattr(renewal, "_queue", queue)
+    return handed

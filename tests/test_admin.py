@@ -30,9 +30,11 @@ from portals.models import (
     RenewalOutcome,
     RenewalTrigger,
     TokenPair,
+    WantedAction,
+    WantedKind,
 )
 from portals.standin import payloads as bx
-from portals.tasks import renew_pair_task
+from portals.tasks import carry_out_task, queue_open_actions, renew_pair_task
 from tests.factories import InboundRequestFactory, PortalFactory, RenewalLogFactory
 
 PORTALS = "/admin/portals/portal/"
@@ -233,20 +235,24 @@ def test_renew_now_queues_a_forced_staff_renewal_per_pair_after_commit(
     assert len(issued) == 2
     bare = PortalFactory(domain="bare.bitrix24.com")
     sent: list[tuple] = []
-    monkeypatch.setattr(renew_pair_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
+    monkeypatch.setattr(carry_out_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
 
     with django_capture_on_commit_callbacks(execute=True):
         response = _action(admin_client, "renew_now", portal, bare)
 
     pairs = list(TokenPair.objects.filter(portal=portal).order_by("pk"))
-    assert sent == [(pair.pk, RenewalTrigger.STAFF, True) for pair in pairs]
+    actions = list(WantedAction.objects.filter(portal=portal).order_by("pair_id"))
+    assert [(a.pair_id, a.kind, a.trigger, a.force, a.done_at) for a in actions] == [
+        (pair.pk, WantedKind.RENEW_PAIR, RenewalTrigger.STAFF, True, None) for pair in pairs
+    ]
+    assert sorted(sent) == [(a.pk,) for a in actions]
     text = " ".join(_messages(response))
     assert "Queued the renewal of 2 token pair(s) on 1 portal(s)" in text
-    assert "No token pair to renew on: bare.bitrix24.com" in text
+    assert "Not queued: bare.bitrix24.com has no token pairs" in text
 
-    # What the worker then does with one of them: a real refresh, logged as the staff's.
+    # What the worker then does with each: a real refresh, logged as the staff's, and the action done.
     for args in sent:
-        assert renew_pair_task.apply(args=args).get() == "done"
+        assert carry_out_task.apply(args=args).get() == "done"
     for pair in pairs:
         pair.refresh_from_db()
         assert pair.refresh_token != issued[pair.user_id]
@@ -256,6 +262,7 @@ def test_renew_now_queues_a_forced_staff_renewal_per_pair_after_commit(
         ).count()
         == 2
     )
+    assert not WantedAction.objects.filter(portal=portal, done_at=None).exists()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -264,7 +271,7 @@ def test_queue_renewal_publishes_only_once_the_transaction_commits(standin):
     published: list[list] = []
 
     def record(sender=None, body=None, **kwargs):
-        if sender == "portals.tasks.renew_pair_task":
+        if sender == "portals.tasks.carry_out_task":
             published.append(body[0])
 
     # Strongly referenced: Celery's publisher keeps the receivers list it saw first, and a weak
@@ -274,24 +281,63 @@ def test_queue_renewal_publishes_only_once_the_transaction_commits(standin):
         with transaction.atomic():
             assert operations.queue_renewal(portal=portal) == 3
             assert published == []
-        assert sorted(args[0] for args in published) == sorted(
+        actions = WantedAction.objects.filter(pk__in=[args[0] for args in published])
+        assert sorted(a.pair_id for a in actions) == sorted(
             TokenPair.objects.filter(portal=portal).values_list("pk", flat=True)
         )
-        assert {(args[1], args[2]) for args in published} == {(RenewalTrigger.STAFF, True)}
         uninstalled = PortalFactory.for_standin(standin.add_portal(), users=())
-        assert operations.queue_renewal(portal=uninstalled) == 0
+        with pytest.raises(operations.OperationRefused, match="no token pairs"):
+            operations.queue_renewal(portal=uninstalled)
     finally:
         before_task_publish.disconnect(record)
         celery_app.control.purge()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
+def test_renew_now_on_dead_pairs_says_what_is_wrong_instead_of_queuing(standin):
+    portal = PortalFactory.for_standin(
+        standin.add_portal(), pair__state=PairState.DEAD, pair__last_error="invalid_grant: token expired"
+    )
+    with pytest.raises(operations.OperationRefused) as refused:
+        operations.queue_renewal(portal=portal)
+    assert "invalid_grant" in str(refused.value) and "reinstall" in str(refused.value)
+    assert not WantedAction.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_staff_renewal_whose_message_was_lost_is_queued_again_by_the_sweep(standin, monkeypatch):
+    """The broker was away when staff clicked: the click answered, the work stayed recorded, and the
+    sweep queues it once the grace for the original message has passed."""
+    portal = PortalFactory.for_standin(standin.add_portal())
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(carry_out_task, "apply_async", broker_down)
+    assert operations.queue_renewal(portal=portal) == 1  # answered, nothing raised
+    action = WantedAction.objects.get(portal=portal)
+    assert action.done_at is None
+    monkeypatch.undo()
+    sent: list[tuple] = []
+    monkeypatch.setattr(carry_out_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
+
+    assert queue_open_actions() == 0  # a freshly recorded action is left to its own message at first
+    with time_machine.travel(timezone.now() + timedelta(minutes=2)):
+        assert queue_open_actions() == 1
+        assert queue_open_actions() == 0  # now pending: not queued twice
+    assert sent == [(action.pk,)]
+    assert carry_out_task.apply(args=(action.pk,)).get() == "done"
+    action.refresh_from_db()
+    assert action.done_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
 def test_renew_button_on_the_portal_page(
     admin_client, standin, monkeypatch, django_capture_on_commit_callbacks
 ):
     portal = PortalFactory.for_standin(standin.add_portal())
     sent: list[tuple] = []
-    monkeypatch.setattr(renew_pair_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
+    monkeypatch.setattr(carry_out_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
     url = reverse("admin:portals_portal_operate", args=(portal.pk, "renew"))
 
     assert admin_client.get(url).status_code == 405  # a GET never acts

@@ -13,8 +13,9 @@ from celery.signals import before_task_publish
 from config.celery import app as celery_app
 from portals import bindings, client
 from portals.client import PortalClient
-from portals.models import Portal, TokenPair
+from portals.models import Portal, TokenPair, WantedAction, WantedKind
 from portals.standin import payloads as bx
+from portals.tasks import carry_out_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,9 +264,14 @@ def test_bind_events_is_idempotent_and_rebinds_after_an_update(installed_portal,
         before_task_publish.disconnect(record)
         celery_app.control.purge()
     assert response.status_code == 200
-    assert ("portals.tasks.bind_events_task", [installed_portal.pk]) in published
+    # Recorded as wanted before it is queued: the sweep queues it again if the message is lost.
+    action = WantedAction.objects.get(portal=installed_portal, kind=WantedKind.BIND_EVENTS, done_at=None)
+    assert ("portals.tasks.carry_out_task", [action.pk]) in published
     assert b24.events == []
-    assert bindings.bind_events(portal=installed_portal) == ["ONAPPUNINSTALL", "ONCRMCONTACTADD"]
+    assert carry_out_task.apply(args=(action.pk,)).get() == "done"
+    assert {e["event"] for e in b24.events} == {"ONAPPUNINSTALL", "ONCRMCONTACTADD"}
+    action.refresh_from_db()
+    assert action.done_at is not None
 
 
 def test_no_binding_without_a_public_url(installed_portal, b24, settings):

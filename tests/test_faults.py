@@ -163,14 +163,6 @@ def test_healthz_postgres_killed_then_restarted(
     assert_healthy(backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=requests.ReadTimeout,
-    reason=(
-        "product bug: the PostgreSQL connection has no connect_timeout (config/settings.py DATABASES), "
-        "so /healthz hangs instead of answering 503 when the database host accepts TCP and never answers"
-    ),
-)
 def test_healthz_postgres_not_answering(
     private_postgres: PrivatePostgres,
     private_redis: PrivateRedis,

@@ -33,14 +33,14 @@ BUTTONS = {
 @admin.action(description="Renew now (queued)", permissions=["change"])
 def renew_now(modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]) -> None:
     queued = portals = 0
-    empty = []
+    refused = []
     for portal in queryset:
-        count = operations.queue_renewal(portal=portal)
-        if count:
-            queued += count
-            portals += 1
-        else:
-            empty.append(portal.domain)
+        try:
+            queued += operations.queue_renewal(portal=portal)
+        except operations.OperationRefused as exc:
+            refused.append(str(exc))
+            continue
+        portals += 1
     if queued:
         modeladmin.message_user(
             request,
@@ -48,8 +48,8 @@ def renew_now(modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, querys
             "them in a moment; the renewal log shows the outcome.",
             messages.SUCCESS,
         )
-    if empty:
-        modeladmin.message_user(request, f"No token pair to renew on: {', '.join(empty)}.", messages.WARNING)
+    for message in refused:
+        modeladmin.message_user(request, f"Not queued: {message}", messages.WARNING)
 
 
 @admin.action(description="Verify with app.info", permissions=["change"])
