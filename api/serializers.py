@@ -240,7 +240,10 @@ class HealthSerializer(serializers.Serializer):
     pairs = PairCountsSerializer()
     background = serializers.DictField(
         child=serializers.IntegerField(),
-        help_text="Portals by background-pair health: due_soon, lapsing, failing, no_usable_pair.",
+        help_text=(
+            "Portals by token health: due_soon, lapsing, failing, no_usable_pair, lost (a pair lost in "
+            "an interrupted renewal), clock_skew (a refresh issue time in the future)."
+        ),
     )
 
 

@@ -204,7 +204,9 @@ class Health(APIView):
         except DatabaseError:
             ok = False  # the probe passed a moment ago; report what is known
             data["status"] = "unavailable"
-        return Response(data, status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+        if ok:
+            return Response(data)
+        return Response(data, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "10"})
 
 
 # --- the app's frontend (the page in the portal's iframe) ---------------------------------------

@@ -222,6 +222,9 @@ BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)
 # How long a web request waits for a worker to renew a token it needs before answering 503
 # (gunicorn's worker timeout is derived from it: config/gunicorn.py).
 BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", 10)
+# A wanted action (event bindings, a staff renewal) is queued when recorded; the beat sweep queues it
+# again when it is still open this long after (its message was lost, or never sent).
+BITRIX24_WANTED_GRACE_SECONDS = env_int("BITRIX24_WANTED_GRACE_SECONDS", 60)
 
 # REST calls to portals: Bitrix24's leaky bucket per portal (2/s, burst 50; Enterprise 5/s, 250,
 # set per portal in the admin), and how long a call may wait for the operating-time limit to reset.
@@ -237,7 +240,13 @@ REDIS_URL = env_str("REDIS_URL")
 CELERY_FS_BROKER_DIR = VAR_DIR / "celery-broker"
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
-    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        "visibility_timeout": 3600,
+        # A Redis that is down or hung must fail a publish in seconds: the work is recorded in the
+        # database first and the sweep queues it again (portals.tasks.publish).
+        "socket_timeout": 2,
+        "socket_connect_timeout": 2,
+    }
 else:
     # The filesystem transport works across the web, worker and beat processes of one machine
     # (memory:// would not): the product runs with no broker server at all.
@@ -260,6 +269,15 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
+# One quick retry when publishing: callers record their work before publishing, so a broker that is
+# away is waited for by the beat sweep, not by the request.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
@@ -279,6 +297,8 @@ if REDIS_URL:
             "LOCATION": REDIS_URL,
             # Two deployments sharing one Redis have different queue names: their keys differ too.
             "KEY_PREFIX": CELERY_TASK_DEFAULT_QUEUE,
+            # The cache only saves work: a Redis that is away must cost a second, not a hang.
+            "OPTIONS": {"socket_timeout": 1, "socket_connect_timeout": 1},
         }
     }
 else:

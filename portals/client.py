@@ -316,7 +316,11 @@ class PortalClient:
 
     def operating(self, method: str) -> dict[str, Any] | None:
         """The last `time.operating` figures seen for a method on this portal (shared by all processes)."""
-        value = cache.get(self._operating_key(method))
+        try:
+            value = cache.get(self._operating_key(method))
+        except Exception as exc:  # the shared cache (Redis) is away: the figures are a hint, not a need
+            logger.warning("Cache unavailable, operating-time figures unknown: %s", type(exc).__name__)
+            return None
         return value if isinstance(value, dict) else None
 
     # -- internals
@@ -372,7 +376,10 @@ class PortalClient:
         timing = answer.get("time")
         if isinstance(timing, dict) and "operating" in timing:
             figures = {"operating": timing.get("operating"), "reset_at": timing.get("operating_reset_at")}
-            cache.set(self._operating_key(method), figures, timeout=900)
+            try:
+                cache.set(self._operating_key(method), figures, timeout=900)
+            except Exception as exc:  # the shared cache (Redis) is away: the figures are a hint
+                logger.warning("Cache unavailable, operating-time figures not kept: %s", type(exc).__name__)
 
     def _send(
         self, method: str, params: dict[str, Any], *, policy: http.RetryPolicy, fail_fast: bool

@@ -67,11 +67,11 @@ def pairs_issued_in_the_future(now: datetime | None = None) -> QuerySet[TokenPai
 
 def open_actions_due(now: datetime | None = None) -> QuerySet[WantedAction]:
     """Wanted actions not done whose task is not expected any more: never queued, lost, or due a retry.
-    A just-recorded action is left a minute for the task queued with it."""
+    A just-recorded action is left BITRIX24_WANTED_GRACE_SECONDS for the task queued with it."""
     now = now or timezone.now()
+    fresh = now - timedelta(seconds=settings.BITRIX24_WANTED_GRACE_SECONDS)
     return WantedAction.objects.filter(done_at__isnull=True).filter(
-        Q(next_attempt_at__lte=now)
-        | Q(next_attempt_at__isnull=True, requested_at__lte=now - timedelta(minutes=1))
+        Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True, requested_at__lte=fresh)
     )
 
 
@@ -139,7 +139,7 @@ def _issued_before_days_left(days: float, now: datetime) -> datetime:
 # --- filters used by the portal list -------------------------------------------------------------
 
 
-_BROKEN_PAIR_STATES = (PairState.DEAD, PairState.CREDENTIALS_REJECTED)
+_BROKEN_PAIR_STATES = (PairState.DEAD, PairState.CREDENTIALS_REJECTED, PairState.LOST)
 
 
 def _background_exists(*conditions: Q, **lookups: Any) -> Exists:
@@ -176,6 +176,17 @@ def without_usable_pair(queryset: QuerySet[Portal]) -> QuerySet[Portal]:
     return queryset.exclude(state=PortalState.UNINSTALLED).exclude(_background_exists(state=PairState.ACTIVE))
 
 
+def lost(queryset: QuerySet[Portal]) -> QuerySet[Portal]:
+    """Portals with a pair lost in an interrupted renewal (the background one: they need a reinstall)."""
+    return queryset.filter(Exists(TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.LOST)))
+
+
+def clock_skewed(queryset: QuerySet[Portal], now: datetime | None = None) -> QuerySet[Portal]:
+    """Portals with a pair whose refresh issue time lies in the future (renewed by the next sweep)."""
+    ahead = pairs_issued_in_the_future(now).filter(portal=OuterRef("pk"))
+    return queryset.filter(Exists(ahead))
+
+
 # --- dashboard ----------------------------------------------------------------------------------
 
 
@@ -195,6 +206,8 @@ def health_counts(now: datetime | None = None) -> dict[str, int]:
         "lapsing": lapsing(base, now).count(),
         "failing": failing(base).count(),
         "no_usable_pair": without_usable_pair(base).count(),
+        "lost": lost(base).count(),
+        "clock_skew": clock_skewed(base, now).count(),
     }
 
 

@@ -8,7 +8,7 @@ from . import health
 def healthz(request: HttpRequest) -> JsonResponse:
     """Liveness and readiness: the database answers and the broker is reachable."""
     result = health.check()
-    return JsonResponse(
+    response = JsonResponse(
         {
             "status": "ok" if result.ok else "unavailable",
             "database": result.database,
@@ -16,3 +16,6 @@ def healthz(request: HttpRequest) -> JsonResponse:
         },
         status=200 if result.ok else 503,
     )
+    if not result.ok:
+        response["Retry-After"] = "10"
+    return response

@@ -28,9 +28,20 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
-from portals import crypto, journal
-from portals.models import AttemptState, PairState, Portal, PortalState, RenewalAttempt, TokenPair
-from portals.tasks import renew_pair_task
+from portals import crypto, journal, renewal, selectors
+from portals.models import (
+    AttemptState,
+    PairState,
+    Portal,
+    PortalState,
+    RenewalAttempt,
+    TokenPair,
+    WantedAction,
+    WantedKind,
+)
+from portals.standin import payloads as bx
+from portals.tasks import carry_out_task, renew_pair_task
+from tests.factories import PortalFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -463,3 +474,90 @@ def _private_attempts(server) -> int:
             return conn.execute("SELECT count(*) FROM portals_renewalattempt").fetchone()[0]
     except psycopg.Error:
         return 0
+
+
+# --- states tell the truth ----------------------------------------------------------------------------
+
+
+def _lost_tokens(b24) -> Portal:
+    portal = PortalFactory.for_standin(
+        b24,
+        state=PortalState.NEEDS_REINSTALL,
+        state_reason="renewal refused: invalid_grant",
+        pair__state=PairState.DEAD,
+        pair__last_error="invalid_grant: token expired",
+    )
+    return portal
+
+
+def test_an_ordinary_users_launch_does_not_clear_needs_reinstall(backend, b24):
+    portal = _lost_tokens(b24)
+
+    assert backend.launch(b24, b24.issue_tokens(7, admin=False)).status_code == 200
+
+    portal.refresh_from_db()
+    assert portal.state == PortalState.NEEDS_REINSTALL
+    assert portal.state_reason == "renewal refused: invalid_grant"
+    assert not TokenPair.objects.get(portal=portal, user_id=7).is_background
+
+
+def test_an_admins_launch_brings_the_portal_back_once_its_new_pair_has_renewed(backend, b24, standin):
+    portal = _lost_tokens(b24)
+
+    assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 200
+
+    portal.refresh_from_db()
+    assert portal.state == PortalState.NEEDS_REINSTALL  # not before the new pair has proved itself
+    assert portal.state_reason.startswith("new background pair: confirming it")
+    pair = TokenPair.objects.get(portal=portal, is_background=True)
+    assert pair.state == PairState.ACTIVE
+    action = WantedAction.objects.get(portal=portal, pair=pair, kind=WantedKind.RENEW_PAIR, done_at=None)
+    rotated = standin.stats["refresh_ok"]
+
+    assert carry_out_task.apply(args=(action.pk,)).get() == "done"  # what the worker does
+
+    assert standin.stats["refresh_ok"] == rotated + 1
+    portal.refresh_from_db()
+    assert (portal.state, portal.state_reason) == (PortalState.INSTALLED, "")
+
+
+def test_a_refresh_issue_time_in_the_future_is_due_flagged_and_renewed(b24, standin, capsys):
+    portal = PortalFactory.for_standin(b24, pair__issued_days_ago=-3)  # a skewed clock wrote it
+    pair = portal.token_pairs.get()
+
+    assert selectors.due_pairs().filter(pk=pair.pk).exists()
+    assert selectors.health_counts()["clock_skew"] == 1
+
+    call_command("renew_tokens")
+
+    pair.refresh_from_db()
+    assert abs((pair.refresh_issued_at - timezone.now()).total_seconds()) < 60
+    assert selectors.health_counts()["clock_skew"] == 0
+    assert _is_live(standin, pair)
+
+
+# --- web requests never call the token endpoint ---------------------------------------------------------
+
+
+def test_a_web_request_hands_its_renewal_to_a_worker_and_answers_503_past_its_budget(
+    backend, b24, standin, settings, monkeypatch
+):
+    settings.BITRIX24_WEB_TOKEN_WAIT_SECONDS = 1
+    portal = PortalFactory.for_standin(b24, pair__expired_access=True)
+    pair = portal.token_pairs.get()
+    handed: list[tuple] = []
+    monkeypatch.setattr(renewal, "_queue", lambda pair_id, fp="": handed.append((pair_id, fp)) or True)
+    refreshes = standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"]
+
+    started = time.monotonic()
+    response = backend.post("/events/", data=bx.onapppayment(b24))
+
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+    assert 1 <= time.monotonic() - started < 5  # it waited its budget, no more
+    assert handed == [(pair.pk, "")]
+    # The web process sent no refresh of its own.
+    assert standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"] == refreshes
+
+    assert renew_pair_task.apply(args=(pair.pk, "on_demand", False, "")).get() == "done"  # the worker
+    assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 200

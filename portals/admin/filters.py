@@ -42,6 +42,20 @@ HEALTH = (
         "without a usable token pair",
         selectors.without_usable_pair,
     ),
+    Health(
+        "lost",
+        "lost",
+        "Lost in an interrupted renewal",
+        "lost in an interrupted renewal",
+        selectors.lost,
+    ),
+    Health(
+        "clock_skew",
+        "clock_skew",
+        "Refresh issued in the future (clock skew)",
+        "with a refresh time in the future",
+        selectors.clock_skewed,
+    ),
 )
 
 
