@@ -16,6 +16,8 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
+from config import timeouts
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DJANGO_VAR_DIR", BASE_DIR / "var"))
 
@@ -202,12 +204,16 @@ BITRIX24_TOKEN_KEYS = env_list("BITRIX24_TOKEN_KEYS") or [
 BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS = env_int("BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS", 28)
 BITRIX24_RENEW_MARGIN_DAYS = env_int("BITRIX24_RENEW_MARGIN_DAYS", 7)
 # Outbound HTTP: seconds to connect / to read, and the OAuth client's retry policy.
-BITRIX24_HTTP_TIMEOUT = (env_float("BITRIX24_CONNECT_TIMEOUT", 5.0), env_float("BITRIX24_READ_TIMEOUT", 20.0))
+BITRIX24_HTTP_TIMEOUT = (
+    env_float("BITRIX24_CONNECT_TIMEOUT", timeouts.CONNECT_TIMEOUT_DEFAULT),
+    env_float("BITRIX24_READ_TIMEOUT", 20.0),
+)
 # The token endpoint gets a long read timeout: a refresh whose answer is lost has usually been
-# carried out by the server, and the single-use refresh token is gone with it.
+# carried out by the server, and the single-use refresh token is gone with it. Process managers wait
+# for one such attempt before they kill (config.timeouts.stop_grace_seconds).
 BITRIX24_OAUTH_TIMEOUT = (
-    env_float("BITRIX24_CONNECT_TIMEOUT", 5.0),
-    env_float("BITRIX24_OAUTH_READ_TIMEOUT", 60.0),
+    env_float("BITRIX24_CONNECT_TIMEOUT", timeouts.CONNECT_TIMEOUT_DEFAULT),
+    env_float("BITRIX24_OAUTH_READ_TIMEOUT", timeouts.OAUTH_READ_TIMEOUT_DEFAULT),
 )
 BITRIX24_OAUTH_ATTEMPTS = env_int("BITRIX24_OAUTH_ATTEMPTS", 4)
 BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
@@ -216,6 +222,9 @@ BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
+# The longest a web request waits for a token renewal (its own or another process's); gunicorn's
+# worker timeout is derived from it (config/gunicorn.py).
+BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", timeouts.WEB_TOKEN_WAIT_DEFAULT)
 # How long a renewal whose answer arrived keeps trying to store it while the database is unreachable
 # (the new pair waits in the second copy meanwhile; see portals.journal).
 BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)

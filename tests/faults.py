@@ -718,7 +718,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class BackendProcess:
-    """The product's web process (`manage.py runserver --noreload`, as the Procfile runs it) as
+    """The product's web process (`manage.py runserver --noreload`, as bin/run runs it) as
     a real child on a free loopback port, on the given database and broker, with production
     settings (DJANGO_DEBUG=0) and throw-away secrets. `migrate()` prepares the database first.
 

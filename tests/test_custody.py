@@ -306,7 +306,8 @@ def test_a_polite_stop_of_renew_tokens_finishes_the_refresh_in_hand(
 def test_sigterm_to_a_workers_process_group_finishes_the_refresh_in_hand(
     installed_portal, b24, standin, child_env
 ):
-    """As honcho or a container runtime stops a worker: SIGTERM to every process of its group."""
+    """As a container runtime or systemd (KillMode=control-group) may stop a worker: SIGTERM to every
+    process of its group."""
     pair = installed_portal.token_pairs.get(user_id=1)
     old_refresh = pair.refresh_token
     standin.oauth_latency = 2.0

@@ -2,7 +2,7 @@
 
 Every test runs on servers of its own (tests/faults.py): the shared PostgreSQL and Redis the
 rest of the suite uses are never stopped. The backend is a real child process (runserver, as
-the Procfile runs it) with production settings, so what is measured is what a load balancer sees.
+bin/run runs it) with production settings, so what is measured is what a load balancer sees.
 """
 
 from __future__ import annotations

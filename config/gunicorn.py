@@ -1,0 +1,39 @@
+"""gunicorn's settings in production: `gunicorn -c config/gunicorn.py config.wsgi` (README "Running in
+production"). Every figure can still be overridden on the command line or in GUNICORN_CMD_ARGS."""
+
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+# gunicorn loads this file by path: make the project importable for config.timeouts.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import timeouts
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+
+# Sync workers: one request per process, so a renewal made for a request runs on the main thread,
+# where portals.stopping can hold a stop until the new pair is stored. Requests mostly wait on
+# Bitrix24, not on the CPU; past a dozen processes per machine, add machines rather than workers.
+worker_class = "sync"
+workers = int(os.environ.get("WEB_CONCURRENCY", "0")) or min(2 * multiprocessing.cpu_count() + 1, 12)
+
+# A request may wait BITRIX24_WEB_TOKEN_WAIT_SECONDS for a token renewal and then still do its own
+# work; a worker silent for longer than that is stuck, and the master replaces it. (The kill is a
+# SIGKILL: a timeout shorter than one OAuth attempt could cut a refresh in half, so requests must
+# never wait for longer than BITRIX24_WEB_TOKEN_WAIT_SECONDS.)
+timeout = timeouts.web_request_timeout_seconds()
+
+# On a stop (SIGTERM, or a restart's SIGHUP) a worker finishes the request in hand. A request that is
+# itself refreshing a pair finishes that refresh: as long as the worker of the process manager
+# (config/supervisord.conf stopwaitsecs) gets, one OAuth attempt plus storing.
+graceful_timeout = timeouts.stop_grace_seconds()
+
+# The TLS-terminating proxy sets X-Forwarded-Proto (Django trusts it: SECURE_PROXY_SSL_HEADER).
+# gunicorn trusts forwarded headers only from these addresses; when the proxy is on another host,
+# set FORWARDED_ALLOW_IPS to its address(es). Never "*" on a port the internet can reach directly.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+# No access log here: the proxy keeps one, and request lines may carry query strings that
+# portals.logging's token filter (on Django's loggers) never sees.
