@@ -222,15 +222,13 @@ BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
-# The longest a web request waits for a token renewal (its own or another process's); gunicorn's
-# worker timeout is derived from it (config/gunicorn.py).
+# The longest a web request waits for a Celery worker to renew a token it needs before answering 503
+# (web requests never call the token endpoint themselves); gunicorn's worker timeout is derived from
+# it (config/gunicorn.py).
 BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", timeouts.WEB_TOKEN_WAIT_DEFAULT)
 # How long a renewal whose answer arrived keeps trying to store it while the database is unreachable
 # (the new pair waits in the second copy meanwhile; see portals.journal).
 BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)
-# How long a web request waits for a worker to renew a token it needs before answering 503
-# (gunicorn's worker timeout is derived from it: config/gunicorn.py).
-BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", 10)
 # A wanted action (event bindings, a staff renewal) is queued when recorded; the beat sweep queues it
 # again when it is still open this long after (its message was lost, or never sent).
 BITRIX24_WANTED_GRACE_SECONDS = env_int("BITRIX24_WANTED_GRACE_SECONDS", 60)
