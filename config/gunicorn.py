@@ -25,9 +25,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "0")) or min(2 * multiprocessing
 # never wait for longer than BITRIX24_WEB_TOKEN_WAIT_SECONDS.)
 timeout = timeouts.web_request_timeout_seconds()
 
-# On a stop (SIGTERM, or a restart's SIGHUP) a worker finishes the request in hand. A request that is
-# itself refreshing a pair finishes that refresh: as long as the worker of the process manager
-# (config/supervisord.conf stopwaitsecs) gets, one OAuth attempt plus storing.
+# On a stop (SIGTERM, or a restart's SIGHUP) a worker finishes the request in hand. Requests never
+# refresh tokens themselves (portals/middleware.py hands renewals to Celery workers), so this is the
+# same grace the process manager gives (config/supervisord.conf stopwaitsecs), with room to spare.
 graceful_timeout = timeouts.stop_grace_seconds()
 
 # The TLS-terminating proxy sets X-Forwarded-Proto (Django trusts it: SECURE_PROXY_SSL_HEADER).

@@ -546,7 +546,14 @@ def test_dashboard_counts_chart_activity_and_next_sweep(admin_client, standin, s
     assert sweep.next_run_at == task.last_run_at + timedelta(minutes=15)
     assert re.search(r"in (9|10).minutes", html)  # next sweep: last run + 15 minutes
     health = {card["key"]: card["count"] for card in response.context["health"]}
-    assert health == {"due_soon": 2, "lapsing": 1, "failing": 1, "no_usable_pair": 1}
+    assert health == {
+        "due_soon": 2,
+        "lapsing": 1,
+        "failing": 1,
+        "no_usable_pair": 1,
+        "lost": 0,
+        "clock_skew": 0,
+    }
     # Linked from the admin index.
     assert reverse("admin_dashboard") in admin_client.get("/admin/").content.decode()
 

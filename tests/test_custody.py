@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -562,3 +563,72 @@ def test_a_web_request_hands_its_renewal_to_a_worker_and_answers_503_past_its_bu
 
     assert renew_pair_task.apply(args=(pair.pk, "on_demand", False, "")).get() == "done"  # the worker
     assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 200
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_gunicorn_answers_503_while_a_45_s_renewal_completes_in_the_worker(b24, standin, child_env):
+    """With the shipped gunicorn config, a request that needs a token whose OAuth answer takes 45 s gets
+    503 with Retry-After after its wait budget (not gunicorn's kill), and a worker stores the renewal."""
+    portal = PortalFactory.for_standin(b24, pair__expired_access=True)
+    pair = portal.token_pairs.get()
+    old_refresh = pair.refresh_token
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**child_env(standin), "PORT": port, "WEB_CONCURRENCY": "2", "BITRIX24_OAUTH_READ_TIMEOUT": "60"}
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "config.wsgi"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        with _worker(standin, child_env, BITRIX24_OAUTH_READ_TIMEOUT="60"):
+            url = f"http://127.0.0.1:{port}"
+            _wait(lambda: _answers(url + "/healthz"), what="gunicorn")
+            standin.oauth_mode = "slow"
+            standin.slow_seconds = 45.0
+            requests_before = standin.stats["oauth_requests"]
+            started = time.monotonic()
+            response = requests.post(url + "/events/", data=bx.onapppayment(b24), timeout=120)
+            waited = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"]
+            assert 10 <= waited < 25, waited  # BITRIX24_WEB_TOKEN_WAIT_SECONDS (10), not gunicorn's 30 s kill
+            attempt = _wait(lambda: _in_flight(pair), what="the worker's attempt")
+            assert attempt.holder_pid not in {web.pid, *_children(web.pid)}  # the worker holds it
+            assert standin.stats["oauth_requests"] == requests_before + 1  # the worker's refresh only
+            standin.oauth_mode = "ok"  # the refresh in flight keeps its 45 s
+            _wait(
+                lambda: RenewalAttempt.objects.filter(pk=attempt.pk, state=AttemptState.STORED).exists(),
+                timeout=90,
+                what="the stored renewal",
+            )
+            pair.refresh_from_db()
+            assert pair.refresh_token != old_refresh
+            assert _is_live(standin, pair)
+            assert requests.post(url + "/events/", data=bx.onapppayment(b24), timeout=30).status_code == 200
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        print(web.communicate(timeout=60)[0][-3000:])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code in (200, 503)
+    except requests.RequestException:
+        return False
