@@ -53,8 +53,18 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace: two containers on one kernel share the boot id and may share a
+    host name, and a process id means nothing across their namespaces."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def process_start(pid: int) -> str | None:
-    """A process's identity beyond its id: boot id and start time. None when no such process runs."""
+    """A process's identity beyond its id: PID namespace, boot id and start time, as seen from this
+    process's namespace. None when no such process runs here."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
@@ -65,7 +75,8 @@ def process_start(pid: int) -> str | None:
     fields = stat.rsplit(")", 1)[-1].split()
     if fields and fields[0] == "Z":  # a zombie has finished; only its parent has not reaped it
         return None
-    return f"{_boot_id()}:{fields[19]}" if len(fields) > 19 else ""
+    # "|" between the parts: the namespace reads like "pid:[4026531836]".
+    return f"{_pid_namespace()}|{_boot_id()}|{fields[19]}" if len(fields) > 19 else ""
 
 
 def current_holder() -> Holder:
@@ -74,10 +85,12 @@ def current_holder() -> Holder:
 
 
 def holder_is_dead(host: str, pid: int, start: str) -> bool:
-    """True only when the holder is proven gone: on this host, and its process id is not running or
-    is running as another process. A lost database session proves nothing."""
+    """True only when the holder is proven gone: on this host and in this PID namespace, and its process
+    id is not running or is running as another process. A lost database session proves nothing."""
     if host != socket.gethostname() or not start:
         return False
+    if start.split("|", 1)[0] != _pid_namespace():
+        return False  # another container on this kernel: its processes are not ours to see
     running = process_start(pid)
     return running is None or (running != "" and running != start)
 
@@ -98,21 +111,32 @@ def _redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
-def _encode(grant: TokenGrant) -> str:
+def _encode(grant: TokenGrant, pair_id: int, old_fingerprint: str) -> str:
     data = asdict(grant)
     data["expires_at"] = grant.expires_at.isoformat()
-    return crypto.encrypt(json.dumps(data))
+    # Which pair and which old token it answers: a copy found under a reused attempt id (a restored
+    # database, two deployments on one Redis) must not be taken for another pair's.
+    return crypto.encrypt(json.dumps({"pair_id": pair_id, "old_fingerprint": old_fingerprint, "grant": data}))
 
 
-def _decode(blob: str) -> TokenGrant:
+def _decode(blob: str, pair_id: int, old_fingerprint: str) -> TokenGrant | None:
     data = json.loads(crypto.decrypt(blob))
-    data["expires_at"] = datetime.fromisoformat(data["expires_at"])
-    return TokenGrant(**data)
+    if data.get("pair_id") != pair_id or data.get("old_fingerprint") != old_fingerprint:
+        logger.error("A second copy under this attempt id belongs to another pair; ignored")
+        return None
+    grant = data["grant"]
+    grant["expires_at"] = datetime.fromisoformat(grant["expires_at"])
+    return TokenGrant(**grant)
 
 
-def keep(attempt_id: int, grant: TokenGrant) -> bool:
-    """Write the second copy; True when at least one store has it."""
-    blob = _encode(grant)
+def keep(attempt_id: int, grant: TokenGrant, *, pair_id: int, old_fingerprint: str) -> bool:
+    """Write the second copy; True when at least one store has it. Never raises: the caller still
+    holds the grant and stores it in the database either way."""
+    try:
+        blob = _encode(grant, pair_id, old_fingerprint)
+    except Exception:
+        logger.exception("Cannot encode the second copy of renewal %s", attempt_id)
+        return False
     kept = False
     folder = _folder()
     try:
@@ -124,6 +148,12 @@ def keep(attempt_id: int, grant: TokenGrant) -> bool:
             os.fsync(handle.fileno())
         tmp.chmod(0o600)
         tmp.replace(folder / f"{attempt_id}.grant")
+        # The rename is durable only once the folder itself is synced.
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         kept = True
     except OSError as exc:
         logger.error("Cannot write the second copy of renewal %s to %s: %s", attempt_id, folder, exc)
@@ -136,14 +166,17 @@ def keep(attempt_id: int, grant: TokenGrant) -> bool:
     return kept
 
 
-def find(attempt_id: int) -> TokenGrant | None:
-    """The second copy of an attempt's answer, from whichever store has it."""
+def find(attempt_id: int, *, pair_id: int, old_fingerprint: str) -> TokenGrant | None:
+    """The second copy of an attempt's answer, from whichever store has it. An unreadable copy (for
+    example encrypted with a key since removed) counts as none, loudly: it must not wedge the pair."""
     path = _folder() / f"{attempt_id}.grant"
     try:
-        return _decode(path.read_text())
+        found = _decode(path.read_text(), pair_id, old_fingerprint)
+        if found is not None:
+            return found
     except FileNotFoundError:
         pass
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
         logger.error("Unreadable second copy %s: %s", path, exc)
     if settings.REDIS_URL:
         try:
@@ -152,7 +185,12 @@ def find(attempt_id: int) -> TokenGrant | None:
             logger.warning("Cannot read the second copy of renewal %s from Redis: %s", attempt_id, exc)
             return None
         if blob:
-            return _decode(blob.decode() if isinstance(blob, bytes) else str(blob))
+            try:
+                return _decode(
+                    blob.decode() if isinstance(blob, bytes) else str(blob), pair_id, old_fingerprint
+                )
+            except Exception as exc:
+                logger.error("Unreadable second copy of renewal %s in Redis: %s", attempt_id, exc)
     return None
 
 

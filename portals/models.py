@@ -25,6 +25,12 @@ class PortalState(models.TextChoices):
     UNINSTALLED = "uninstalled", "Uninstalled"
 
 
+class ReinstallCause(models.TextChoices):
+    TOKENS = "tokens", "Its tokens were refused or lost"
+    CONFIRMING = "confirming", "A new background pair is being confirmed"
+    STAFF = "staff", "Staff marked it"
+
+
 class Portal(models.Model):
     member_id = models.CharField(
         max_length=64,
@@ -60,6 +66,15 @@ class Portal(models.Model):
         max_length=255,
         blank=True,
         help_text="Why the portal is in its state when that is not 'installed' (for example the OAuth error).",
+    )
+    reinstall_cause = models.CharField(
+        max_length=16,
+        choices=ReinstallCause.choices,
+        blank=True,
+        help_text=(
+            "Who decided the portal needs a reinstall: its tokens (a working background pair clears it) or "
+            "staff (only staff or a reinstall clear it)."
+        ),
     )
     application_token = EncryptedTextField(
         blank=True,
@@ -362,6 +377,11 @@ class WantedAction(models.Model):
         help_text="When the sweep may queue it again (after a failure, or while a queued task is pending).",
     )
     done_at = models.DateTimeField(null=True, blank=True, db_index=True, help_text="When it was done.")
+    generation = models.PositiveIntegerField(
+        default=0,
+        help_text="Bumped when the same work is asked for again while open: a run that started before "
+        "does not close it.",
+    )
     note = models.CharField(max_length=500, blank=True, help_text="How it ended, when not plainly.")
 
     class Meta:

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import errors, oauth, renewal, services, tasks
-from .models import PairState, Portal, PortalState, TokenPair
+from .models import PairState, Portal, PortalState, ReinstallCause, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ def mark_needs_reinstall(*, portal: Portal, reason: str) -> Portal:
             raise OperationRefused(f"{locked.domain} is uninstalled: a reinstall is the customer's choice")
         locked.state = PortalState.NEEDS_REINSTALL
         locked.state_reason = reason[:255]
-        locked.save(update_fields=["state", "state_reason", "updated_at"])
+        # Staff's mark: a working token pair does not clear it; a reinstall or staff do.
+        locked.reinstall_cause = ReinstallCause.STAFF
+        locked.save(update_fields=["state", "state_reason", "reinstall_cause", "updated_at"])
     logger.info("Portal %s marked as needing a reinstall: %s", locked.member_id, reason)
     return locked
 

@@ -24,6 +24,7 @@ nothing), or it is refused, and the pair is marked lost with the time of the int
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from . import journal, oauth, stopping
@@ -44,6 +45,7 @@ from .models import (
     PairState,
     Portal,
     PortalState,
+    ReinstallCause,
     RenewalAttempt,
     RenewalLog,
     RenewalOutcome,
@@ -61,6 +63,7 @@ WAIT_POLL_SECONDS = 0.2
 class Renewal:
     pair: TokenPair
     renewed: bool  # False: it was not needed once the lock was held (someone else renewed it)
+    busy: bool = False  # not renewed because another live process is renewing it right now
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def holder_may_live(attempt: RenewalAttempt, now: datetime | None = None) -> boo
 
 def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, rejected: str = "") -> bool:
     if force:
-        return True
+        # A dead or lost pair's token is known to be refused: sending it again only muddles its state.
+        return pair.state in (PairState.ACTIVE, PairState.CREDENTIALS_REJECTED)
     if rejected:
         # A portal answered expired_token for this access token (given by its fingerprint: it travels
         # through the broker): renew unless it was already replaced.
@@ -116,10 +120,8 @@ def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: 
     )
 
 
-# Why a portal may be "needs reinstall" that a working background pair disproves. A reason staff
-# typed in is not among them: only staff take their own mark back.
+# The state_reason of a portal whose new background pair is being confirmed by a renewal.
 CONFIRMING = "new background pair: confirming it with a renewal"
-TOKEN_REASONS = ("renewal refused", "lost in a renewal", CONFIRMING)
 
 
 def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> None:
@@ -136,12 +138,13 @@ def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> Non
     pair.next_attempt_at = None
     pair.save()
     if pair.is_background:
-        # The background pair has now renewed: it proves the portal's tokens work again.
-        revived = Portal.objects.filter(pk=pair.portal_id, state=PortalState.NEEDS_REINSTALL)
-        for reason in TOKEN_REASONS:
-            revived.filter(state_reason__startswith=reason).update(
-                state=PortalState.INSTALLED, state_reason=""
-            )
+        # The background pair has now renewed: it proves the portal's tokens work again. A mark staff
+        # set is theirs to take back.
+        Portal.objects.filter(
+            pk=pair.portal_id,
+            state=PortalState.NEEDS_REINSTALL,
+            reinstall_cause__in=(ReinstallCause.TOKENS, ReinstallCause.CONFIRMING),
+        ).update(state=PortalState.INSTALLED, state_reason="", reinstall_cause="")
 
 
 def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
@@ -155,8 +158,13 @@ def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
     pair.next_attempt_at = None
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background and pair.state == PairState.DEAD:
-        Portal.objects.filter(pk=pair.portal_id, state=PortalState.INSTALLED).update(
-            state=PortalState.NEEDS_REINSTALL, state_reason=f"renewal refused: {exc.code}"[:255]
+        # Also a portal whose new pair was being confirmed: that pair has just failed its proof.
+        Portal.objects.filter(pk=pair.portal_id).filter(
+            Q(state=PortalState.INSTALLED) | Q(reinstall_cause=ReinstallCause.CONFIRMING)
+        ).update(
+            state=PortalState.NEEDS_REINSTALL,
+            state_reason=f"renewal refused: {exc.code}"[:255],
+            reinstall_cause=ReinstallCause.TOKENS,
         )
     if was_active:  # once per transition, not on every retry
         logger.warning(
@@ -175,8 +183,13 @@ def _mark_lost(pair: TokenPair, reason: str) -> None:
     pair.next_attempt_at = None
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background:
-        Portal.objects.filter(pk=pair.portal_id).exclude(state=PortalState.UNINSTALLED).update(
-            state=PortalState.NEEDS_REINSTALL, state_reason=reason[:255]
+        # A mark staff set stays theirs (its reason too); the pair's own state says it was lost.
+        Portal.objects.filter(pk=pair.portal_id).exclude(state=PortalState.UNINSTALLED).exclude(
+            reinstall_cause=ReinstallCause.STAFF
+        ).update(
+            state=PortalState.NEEDS_REINSTALL,
+            state_reason=reason[:255],
+            reinstall_cause=ReinstallCause.TOKENS,
         )
     logger.error(
         "Token pair %s (portal %s, user %s) %s", pair.pk, pair.portal.member_id, pair.user_id, reason
@@ -229,7 +242,11 @@ def _claim(
             if fingerprint(pair.refresh_token) != unfinished.old_fingerprint:
                 # A launch or a reinstall stored a newer pair since: the interrupted refresh is moot.
                 _finish(unfinished.pk, AttemptState.INTERRUPTED, "holder gone; a newer pair was stored since")
-            elif (grant := journal.find(unfinished.pk)) is not None:
+            elif (
+                grant := journal.find(
+                    unfinished.pk, pair_id=pair.pk, old_fingerprint=unfinished.old_fingerprint
+                )
+            ) is not None:
                 old = pair.refresh_token
                 _apply_grant(pair, grant, now)
                 _finish(unfinished.pk, AttemptState.RECOVERED, "the new pair was stored from the second copy")
@@ -316,9 +333,12 @@ def _failed(claim: _Claim, pair_id: int, exc: oauth.OAuthError, trigger: str, st
     raise RenewalFailed(str(exc), transient=True, code=exc.code)
 
 
-def _store(claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, started: float) -> TokenPair:
-    """Step 3: the new pair into the database, retried while the database cannot be reached."""
-    deadline = time.monotonic() + settings.BITRIX24_STORE_RETRY_SECONDS
+def _store(
+    claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, started: float, *, kept: bool
+) -> TokenPair:
+    """Step 3: the new pair into the database, retried while the database cannot be reached: for
+    BITRIX24_STORE_RETRY_SECONDS when the second copy holds it, for as long as it takes otherwise."""
+    deadline = time.monotonic() + (settings.BITRIX24_STORE_RETRY_SECONDS if kept else math.inf)
     delay = 0.5
     while True:
         try:
@@ -327,11 +347,17 @@ def _store(claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, s
                     TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
                 )
                 attempt = RenewalAttempt.objects.select_for_update().get(pk=claim.attempt_id)
+                note = ""
                 if attempt.state != AttemptState.IN_FLIGHT:
-                    # A resolver took it over (our lease ran out) and stored the second copy already.
-                    return pair
+                    # Our lease ran out and a resolver took the attempt over. If it stored our second
+                    # copy or a newer pair came, the pair moved on; if it found no copy and marked the
+                    # pair lost, this grant is the live one: store it all the same.
+                    if pair.refresh_token != claim.old_refresh and pair.state != PairState.LOST:
+                        return pair
+                    note = f"stored after the lease ran out (the attempt was {attempt.state})"
+                    logger.warning("Renewal of pair %s stored after its lease ran out", pair_id)
                 _apply_grant(pair, grant, timezone.now())
-                _finish(claim.attempt_id, AttemptState.STORED)
+                _finish(claim.attempt_id, AttemptState.STORED, note)
                 _attempt_log(
                     pair,
                     trigger,
@@ -343,24 +369,25 @@ def _store(claim: _Claim, pair_id: int, grant: oauth.TokenGrant, trigger: str, s
                 return pair
         except (OperationalError, InterfaceError) as exc:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0:  # only when the second copy holds the pair
                 raise RenewalFailed(
                     "the database could not store the new pair; it is kept in the second copy and will "
                     "be recovered",
                     transient=True,
                     code="store_failed",
                 ) from exc
-            logger.warning(
-                "Cannot store renewed pair %s (%s); retrying for %.0f s more",
+            logger.log(
+                logging.WARNING if kept else logging.CRITICAL,
+                "Cannot store renewed pair %s (%s); retrying%s",
                 pair_id,
                 type(exc).__name__,
-                left,
+                f" for {left:.0f} s more" if kept else " until it is stored: no second copy holds it",
             )
             try:
                 connection.close()
             except Exception:  # a connection that broke may fail to close; a new one is opened next time
                 logger.debug("closing a broken database connection failed", exc_info=True)
-            time.sleep(min(delay, max(left, 0)))
+            time.sleep(min(delay, max(left, 0.0)))
             delay = min(delay * 2, 15)
 
 
@@ -371,6 +398,7 @@ def renew_pair(
     force: bool = False,
     rejected_access_token: str = "",
     rejected_fingerprint: str = "",
+    wait: bool | None = None,
 ) -> Renewal:
     """Rotate one pair if it still needs it (see the module's docstring for how).
 
@@ -378,13 +406,18 @@ def renew_pair(
     `expired_token` for; the pair is renewed only if it still holds that token (two callers meeting
     it renew once between them).
 
+    `wait`: when another live process is renewing the pair, wait for it (and use its result) or
+    return at once with `busy`. By default a caller that needs the token now (on demand, a rejected
+    token) waits; tasks never do (their time limits are sized for one renewal).
+
     Raises TokenPair.DoesNotExist when the pair is gone (portal uninstalled) and RenewalFailed
     when the OAuth server did not hand out a new pair; the pair's state says why.
     """
     oauth.credentials()  # missing credentials fail here, before anything is journaled
     started = time.monotonic()
     rejected = rejected_fingerprint or fingerprint(rejected_access_token)
-    wait = trigger == RenewalTrigger.ON_DEMAND or bool(rejected)
+    if wait is None:
+        wait = trigger == RenewalTrigger.ON_DEMAND or bool(rejected)
     deadline = started + lease_seconds()
     while True:
         claim = _claim(pair_id, trigger, force, rejected, started)
@@ -393,12 +426,15 @@ def renew_pair(
         if not wait:
             pair = TokenPair.objects.select_related("portal").get(pk=pair_id)
             _log(pair, trigger, RenewalOutcome.SKIPPED, started, error="a renewal is in progress elsewhere")
-            return Renewal(pair, renewed=False)
+            return Renewal(pair, renewed=False, busy=True)
         if time.monotonic() > deadline:
             raise RenewalFailed("another process is renewing this pair", transient=True, code="in_progress")
         time.sleep(WAIT_POLL_SECONDS)
     if isinstance(claim, Renewal):
         return claim
+    if stopping.stop_requested():
+        # Asked to stop before the request left: start nothing (the pair is as it was).
+        _failed(claim, pair_id, oauth.OAuthUnavailable("not sent: the process is stopping"), trigger, started)
     with stopping.refresh_in_flight():
         try:
             grant = oauth.refresh(claim.server, claim.old_refresh)
@@ -407,8 +443,10 @@ def renew_pair(
         except oauth.OAuthError as exc:
             _failed(claim, pair_id, exc, trigger, started)
             raise  # unreachable: _failed raises
-        journal.keep(claim.attempt_id, grant)
-        pair = _store(claim, pair_id, grant, trigger, started)
+        kept = journal.keep(
+            claim.attempt_id, grant, pair_id=pair_id, old_fingerprint=fingerprint(claim.old_refresh)
+        )
+        pair = _store(claim, pair_id, grant, trigger, started, kept=kept)
         journal.forget(claim.attempt_id)
     return Renewal(pair, renewed=True)
 
@@ -437,9 +475,11 @@ def resolve_attempt(attempt_id: int, *, trigger: str) -> Resolution | None:
             f"held by process {attempt.holder_pid} on {attempt.holder_host} until "
             f"{attempt.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC",
         )
-    had_copy = journal.find(attempt.pk) is not None
+    had_copy = (
+        journal.find(attempt.pk, pair_id=attempt.pair_id, old_fingerprint=attempt.old_fingerprint) is not None
+    )
     try:
-        renew_pair(attempt.pair_id, trigger=trigger)
+        renew_pair(attempt.pair_id, trigger=trigger, wait=False)
     except TokenPair.DoesNotExist:
         return Resolution(attempt, "gone")
     except RenewalFailed as exc:

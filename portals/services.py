@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from . import http, oauth, renewal
 from .client import PortalClient
-from .models import PairState, Portal, PortalState, RenewalLog, TokenPair
+from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -199,26 +199,29 @@ def _revive(portal: Portal, now: datetime, *, new_background: bool) -> None:
     A portal that needs a reinstall because its background tokens were refused or lost stays so
     until a new background pair has renewed once (`renewal` then marks it installed): an ordinary
     user's launch proves nothing about the background pair, and a new pair is only trusted once
-    the OAuth server has taken its refresh token. A reinstall does clear a mark staff set by hand.
+    the OAuth server has taken its refresh token. An admin's reinstall or launch with a new
+    background pair does clear a mark staff set by hand (the customer did what staff asked).
     """
     if portal.state == PortalState.INSTALLED:
         return
     if portal.state == PortalState.NEEDS_REINSTALL:
         if not new_background:
             return
-        if portal.state_reason.startswith(renewal.TOKEN_REASONS):
+        if portal.reinstall_cause in (ReinstallCause.TOKENS, ReinstallCause.CONFIRMING):
             portal.state_reason = renewal.CONFIRMING
+            portal.reinstall_cause = ReinstallCause.CONFIRMING
             return
     if portal.state == PortalState.UNINSTALLED or portal.installed_at is None:
         portal.installed_at = now
     portal.state = PortalState.INSTALLED
     portal.state_reason = ""
+    portal.reinstall_cause = ""
     portal.uninstalled_at = None
 
 
 def needs_confirmation(portal: Portal) -> TokenPair | None:
     """The new background pair to renew once, when the portal waits for that to count as installed."""
-    if portal.state != PortalState.NEEDS_REINSTALL or portal.state_reason != renewal.CONFIRMING:
+    if portal.state != PortalState.NEEDS_REINSTALL or portal.reinstall_cause != ReinstallCause.CONFIRMING:
         return None
     return TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
 
@@ -367,6 +370,7 @@ def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
     portal.application_token = ""
     portal.state = PortalState.UNINSTALLED
     portal.state_reason = "uninstalled with CLEAN=1" if clean else "uninstalled"
+    portal.reinstall_cause = ""
     portal.uninstalled_at = timezone.now()
     portal.save()
     if clean:

@@ -29,10 +29,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1 is how Celery's soft time limit interrupts a task: it must not land between the answer and
+# its store either.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOPS = (signal.SIGTERM, signal.SIGINT)
 
-_lock = threading.Lock()
-_depth = 0
+_depth = 0  # refreshes in flight on the main thread (signal handlers run there only)
 _requested = threading.Event()
 _pending: list[int] = []
 _saved: dict[int, Any] = {}
@@ -49,50 +51,68 @@ def _on_main_thread() -> bool:
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
-    _requested.set()
-    with _lock:
-        _pending.append(signum)
-    logger.warning(
-        "%s received: finishing the token refresh in flight before stopping", signal.Signals(signum).name
-    )
+    # No lock here: a handler may run while the main thread holds one. list.append is atomic.
+    if signum in STOPS:
+        _requested.set()
+    _pending.append(signum)
+    logger.warning("%s received: finishing the token refresh in flight first", signal.Signals(signum).name)
 
 
-def _deliver(signum: int, previous: Any) -> None:
-    """Carry out a stop the way the handler we stood in for would have."""
+def _deliver(signum: int, previous: Any) -> bool:
+    """Carry out a signal the way the handler we stood in for would have; False if it ignores it."""
     if callable(previous):
         previous(signum, None)
-    elif previous in (None, signal.SIG_DFL):
+        return True
+    if previous in (None, signal.SIG_DFL):
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        return True
+    return False  # SIG_IGN
 
 
 @contextmanager
 def refresh_in_flight() -> Iterator[None]:
     """Around a refresh: from before its request is sent until its outcome is stored."""
     global _depth
-    hold = _on_main_thread()
-    with _lock:
-        _depth += 1
-        first = _depth == 1
-    if hold and first:
+    if not _on_main_thread():
+        # Handlers are the main thread's; a refresh on another thread relies on the process's own
+        # stop handling (which `install_poller` or a pool's warm shutdown provide).
+        yield
+        return
+    _depth += 1
+    if _depth == 1:
         for signum in SIGNALS:
             _saved[signum] = signal.signal(signum, _hold)
     try:
         yield
     finally:
-        with _lock:
-            _depth -= 1
-            last = _depth == 0
-        if hold and last:
+        _depth -= 1
+        if _depth == 0:
             previous = dict(_saved)
             _saved.clear()
             for saved_signum, handler in previous.items():
                 signal.signal(saved_signum, handler if handler is not None else signal.SIG_DFL)
-            with _lock:
-                pending = _pending[:1]
-                _pending.clear()
-            if pending and _poller is None:
-                _deliver(pending[0], previous.get(pending[0]))
+            pending = list(dict.fromkeys(_pending))  # each signal once, in arrival order
+            _pending.clear()
+            if _poller is None:
+                for held in pending:
+                    if _deliver(held, previous.get(held)):
+                        break
+
+
+def note_stops() -> None:
+    """In a process that ignores a stop signal outside refreshes (Celery pool processes ignore SIGINT:
+    the main process owns the warm shutdown), note it instead, so that a renewal not yet sent is not
+    started and no OAuth retry follows. Called when such a process starts a task."""
+    if not _on_main_thread():
+        return
+    for signum in STOPS:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _note)
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    _requested.set()
 
 
 def _poll_handler(signum: int, frame: FrameType | None) -> None:
@@ -108,7 +128,7 @@ def install_poller(on_idle_stop: Callable[[int], None]) -> None:
     if not _on_main_thread():
         return  # only the main thread may set handlers; a thread's caller owns the process's stops
     _poller = on_idle_stop
-    for signum in SIGNALS:
+    for signum in STOPS:
         _poller_saved[signum] = signal.signal(signum, _poll_handler)
 
 

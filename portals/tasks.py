@@ -18,6 +18,7 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from . import bindings, renewal, selectors
@@ -32,8 +33,13 @@ from .models import (
 
 logger = logging.getLogger(__name__)
 
-# While a queued task is expected to run, the sweep leaves its action alone this long.
-PENDING_GRACE = timedelta(minutes=10)
+# Time limits of the tasks that may renew: one renewal (every OAuth retry, then storing with every
+# database retry) fits in a lease; a task that may first wait for another process's renewal gets two.
+# A hard limit is a SIGKILL: it must never fall inside a refresh, so it is set past the lease.
+RENEW_TIME_LIMIT = int(renewal.lease_seconds()) + 120
+ACTION_TIME_LIMIT = 2 * int(renewal.lease_seconds()) + 120
+# While a queued action's task may still be running, the sweep leaves the action alone this long.
+PENDING_GRACE = timedelta(seconds=ACTION_TIME_LIMIT + 60)
 
 
 class TransientRenewalError(Exception):
@@ -62,9 +68,8 @@ def publish(task: Any, *args: Any, **options: Any) -> bool:
     retry_jitter=True,
     max_retries=8,
     acks_late=True,
-    # Never interrupt a refresh in flight: its journal and second copy survive it, but cleanly is better.
-    soft_time_limit=int(renewal.lease_seconds()) + 60,
-    time_limit=int(renewal.lease_seconds()) + 90,
+    soft_time_limit=RENEW_TIME_LIMIT - 30,
+    time_limit=RENEW_TIME_LIMIT,
 )
 def renew_pair_task(  # type: ignore[no-untyped-def]
     self,
@@ -75,14 +80,16 @@ def renew_pair_task(  # type: ignore[no-untyped-def]
 ) -> str:
     """Renew one pair if it still needs it. Safe to run twice: the journal and the re-check make it so."""
     try:
-        renewal.renew_pair(pair_id, trigger=trigger, force=force, rejected_fingerprint=rejected_fingerprint)
+        result = renewal.renew_pair(
+            pair_id, trigger=trigger, force=force, rejected_fingerprint=rejected_fingerprint, wait=False
+        )
     except TokenPair.DoesNotExist:
         return "gone"
     except renewal.RenewalFailed as exc:
         if exc.transient:
             raise TransientRenewalError(str(exc)) from exc
         return f"refused: {exc.code}"
-    return "done"
+    return "busy elsewhere" if result.busy else "done"
 
 
 def queue_renewals(pair_ids: Iterable[int], *, trigger: str, force: bool = False, spread: float = 0) -> int:
@@ -117,7 +124,7 @@ def queue_due_renewals() -> int:
     )
 
 
-@shared_task(acks_late=True, soft_time_limit=int(renewal.lease_seconds()) + 60)
+@shared_task(acks_late=True, soft_time_limit=RENEW_TIME_LIMIT - 30, time_limit=RENEW_TIME_LIMIT)
 def resolve_attempt_task(attempt_id: int) -> str:
     """Resolve a renewal an earlier process left unfinished (see portals.renewal)."""
     result = renewal.resolve_attempt(attempt_id, trigger=RenewalTrigger.BEAT)
@@ -153,8 +160,10 @@ def want(kind: str, *, portal: Portal, pair: TokenPair | None = None, **fields: 
             )
     except IntegrityError:  # a concurrent request recorded the same work first
         action, created = WantedAction.objects.get(kind=kind, portal=portal, pair=pair, done_at=None), False
-    if not created and fields:
-        WantedAction.objects.filter(pk=action.pk).update(**fields)
+    if not created:
+        # Asked again while open (a second update dropped the bindings again): a run that started
+        # before this must not close the action (see carry_out_task).
+        WantedAction.objects.filter(pk=action.pk).update(generation=F("generation") + 1, **fields)
     action_id = action.pk
     transaction.on_commit(lambda: publish(carry_out_task, action_id))
     return action
@@ -164,7 +173,7 @@ def _next_try(action: WantedAction) -> timedelta:
     return timedelta(minutes=min(2 ** max(action.attempts - 1, 0), 360))
 
 
-@shared_task(acks_late=True, soft_time_limit=int(renewal.lease_seconds()) + 60)
+@shared_task(acks_late=True, soft_time_limit=ACTION_TIME_LIMIT - 30, time_limit=ACTION_TIME_LIMIT)
 def carry_out_task(action_id: int) -> str:
     """Carry out one wanted action; a failure leaves it open with a time for the sweep to retry."""
     action = WantedAction.objects.select_related("portal").filter(pk=action_id, done_at=None).first()
@@ -178,7 +187,12 @@ def carry_out_task(action_id: int) -> str:
     note = ""
     try:
         if action.kind == WantedKind.RENEW_PAIR and action.pair_id is not None:
-            renewal.renew_pair(action.pair_id, trigger=action.trigger, force=action.force)
+            result = renewal.renew_pair(
+                action.pair_id, trigger=action.trigger, force=action.force, wait=False
+            )
+            if result.busy:
+                # Another process is renewing it right now; that renewal may still fail: try again soon.
+                return _failed(action, "a renewal was in progress elsewhere", retry_in=timedelta(minutes=1))
         elif action.kind == WantedKind.BIND_EVENTS:
             if action.portal.state != PortalState.UNINSTALLED:
                 bindings.bind_events(portal=action.portal)
@@ -186,6 +200,8 @@ def carry_out_task(action_id: int) -> str:
                 note = "the portal was uninstalled meanwhile"
     except TokenPair.DoesNotExist:
         note = "the pair is gone (portal uninstalled)"
+    except renewal.NoUsablePair as exc:
+        note = f"not possible: {exc}"  # only a reinstall changes that, and it asks again
     except renewal.RenewalFailed as exc:
         if exc.transient:
             return _failed(action, str(exc))
@@ -193,13 +209,20 @@ def carry_out_task(action_id: int) -> str:
     except Exception as exc:  # a portal or broker failure: the sweep retries it later
         logger.warning("Wanted %s for portal %s failed: %s", action.kind, action.portal.member_id, exc)
         return _failed(action, f"{type(exc).__name__}: {exc}")
-    WantedAction.objects.filter(pk=action.pk).update(done_at=timezone.now(), note=note[:500], last_error="")
+    closed = WantedAction.objects.filter(pk=action.pk, generation=action.generation).update(
+        done_at=timezone.now(), note=note[:500], last_error=""
+    )
+    if not closed:
+        # Asked for again while this run went on: run it again for the newer request.
+        WantedAction.objects.filter(pk=action.pk).update(next_attempt_at=None)
+        publish(carry_out_task, action.pk)
+        return "done, and asked again meanwhile: queued again"
     return "done" + (f" ({note})" if note else "")
 
 
-def _failed(action: WantedAction, error: str) -> str:
+def _failed(action: WantedAction, error: str, retry_in: timedelta | None = None) -> str:
     WantedAction.objects.filter(pk=action.pk).update(
-        last_error=error[:500], next_attempt_at=timezone.now() + _next_try(action)
+        last_error=error[:500], next_attempt_at=timezone.now() + (retry_in or _next_try(action))
     )
     return f"failed: {error}"
 

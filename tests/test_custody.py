@@ -25,11 +25,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
+from django.conf import settings as django_settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
-from portals import crypto, journal, renewal, selectors
+from portals import crypto, journal, oauth, operations, renewal, selectors, tasks
 from portals.models import (
     AttemptState,
     PairState,
@@ -234,7 +235,10 @@ def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
         attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
         with _store_held(pair):
             _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
-            _wait(lambda: journal.find(attempt.pk), what="the second copy")
+            _wait(
+                lambda: journal.find(attempt.pk, pair_id=pair.pk, old_fingerprint=attempt.old_fingerprint),
+                what="the second copy",
+            )
             time.sleep(0.3)  # the holder is now waiting on the held store
             os.kill(attempt.holder_pid, signal.SIGKILL)
             _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
@@ -253,7 +257,9 @@ def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
     assert attempt.state == AttemptState.RECOVERED
     assert standin.stats["oauth_requests"] == requests_before  # stored from the copy, nothing re-sent
     assert _is_live(standin, pair)
-    assert journal.find(attempt.pk) is None  # the copy is dropped once stored
+    assert (
+        journal.find(attempt.pk, pair_id=pair.pk, old_fingerprint=attempt.old_fingerprint) is None
+    )  # the copy is dropped once stored
 
 
 def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(installed_portal, b24, standin, capsys):
@@ -486,6 +492,7 @@ def _lost_tokens(b24) -> Portal:
         b24,
         state=PortalState.NEEDS_REINSTALL,
         state_reason="renewal refused: invalid_grant",
+        reinstall_cause="tokens",
         pair__state=PairState.DEAD,
         pair__last_error="invalid_grant: token expired",
     )
@@ -632,3 +639,124 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code in (200, 503)
     except requests.RequestException:
         return False
+
+
+# --- the edges a review found -------------------------------------------------------------------------
+
+
+def test_a_holder_whose_lease_ran_out_still_stores_a_pair_a_resolver_marked_lost(
+    installed_portal, b24, standin
+):
+    """A resolver that found no second copy (another host, no Redis) tried the old token and marked the
+    pair lost while the holder, alive but slow, was still waiting for its answer: the holder's grant is
+    the live one and is stored all the same."""
+    pair = installed_portal.token_pairs.get(user_id=1)
+    standin.oauth_latency = 1.5
+    outcome: list[object] = []
+
+    def holder() -> None:
+        try:
+            outcome.append(renewal.renew_pair(pair.pk, trigger="command", force=True))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+    # What a resolver does when it finds the holder's lease expired and no copy: gives up on the attempt
+    # and (its retry refused) marks the pair lost.
+    RenewalAttempt.objects.filter(pk=attempt.pk).update(state=AttemptState.INTERRUPTED)
+    TokenPair.objects.filter(pk=pair.pk).update(state=PairState.LOST, last_error="lost in a renewal …")
+    thread.join(30)
+
+    assert outcome and outcome[0].renewed
+    pair.refresh_from_db()
+    assert pair.state == PairState.ACTIVE
+    assert _is_live(standin, pair)
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.STORED and "lease ran out" in attempt.note
+
+
+def test_a_second_copy_that_cannot_be_read_or_belongs_to_another_pair_counts_as_none(
+    installed_portal, b24, caplog
+):
+    pair = installed_portal.token_pairs.get(user_id=1)
+    grant = oauth.TokenGrant(
+        access_token="a" * 32,
+        refresh_token="r" * 32,
+        expires_at=timezone.now(),
+        scope="",
+        member_id=b24.member_id,
+        user_id=1,
+        domain=b24.domain,
+        status="L",
+        server_endpoint="",
+    )
+    assert journal.keep(990001, grant, pair_id=pair.pk, old_fingerprint="fp-old")
+    assert journal.find(990001, pair_id=pair.pk, old_fingerprint="fp-old") == grant
+    assert journal.find(990001, pair_id=pair.pk + 1, old_fingerprint="fp-old") is None  # another pair's
+    folder = Path(django_settings.VAR_DIR) / "renewal-grants"
+    (folder / "990002.grant").write_text("gAAAAAB-not-a-token-this-key-made")  # e.g. a key since removed
+    assert journal.find(990002, pair_id=pair.pk, old_fingerprint="fp-old") is None
+    assert "Unreadable second copy" in caplog.text
+    journal.forget(990001)
+    journal.forget(990002)
+
+
+def test_force_leaves_dead_and_lost_pairs_alone(b24, standin, capsys):
+    portal = PortalFactory.for_standin(b24, users=(1, 2), pair__state=PairState.LOST)
+    requests_before = standin.stats["oauth_requests"]
+
+    call_command("renew_tokens", "--portal", b24.member_id, "--force")
+
+    assert standin.stats["oauth_requests"] == requests_before  # a refused token is not sent again
+    assert set(portal.token_pairs.values_list("state", flat=True)) == {PairState.LOST}
+
+
+def test_a_staff_mark_survives_a_working_renewal_and_a_token_mark_does_not(b24, standin):
+    staff_marked = PortalFactory.for_standin(b24, pair__expired_access=True)
+    operations.mark_needs_reinstall(portal=staff_marked, reason="customer asked for a clean reinstall")
+    other = standin.add_portal()
+    token_marked = PortalFactory.for_standin(
+        other, state=PortalState.NEEDS_REINSTALL, state_reason="renewal refused: x", reinstall_cause="tokens"
+    )
+
+    for portal in (staff_marked, token_marked):
+        renewal.renew_pair(portal.token_pairs.get().pk, trigger="command", force=True)
+
+    staff_marked.refresh_from_db()
+    token_marked.refresh_from_db()
+    assert (staff_marked.state, staff_marked.state_reason) == (
+        PortalState.NEEDS_REINSTALL,
+        "customer asked for a clean reinstall",
+    )
+    assert (token_marked.state, token_marked.state_reason) == (PortalState.INSTALLED, "")
+
+
+def test_asked_again_while_running_the_action_is_not_closed_by_the_earlier_run(
+    installed_portal, b24, settings, monkeypatch
+):
+    """A second update drops the bindings again while the first binding run is under way: the first
+    run must not close the action, or the second request would be lost."""
+    settings.BITRIX24_PUBLIC_URL = "https://app.example.com"
+    sent: list[tuple] = []
+    monkeypatch.setattr(carry_out_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
+    action = tasks.want(WantedKind.BIND_EVENTS, portal=installed_portal)
+    runs: list[int] = []
+    bind = tasks.bindings.bind_events
+
+    def bind_while_an_update_arrives(*, portal: Portal) -> list[str]:
+        runs.append(1)
+        bound = bind(portal=portal)
+        if len(runs) == 1:
+            tasks.want(WantedKind.BIND_EVENTS, portal=portal)  # the second update, mid-run
+        return bound
+
+    monkeypatch.setattr(tasks.bindings, "bind_events", bind_while_an_update_arrives)
+
+    assert carry_out_task.apply(args=(action.pk,)).get() == "done, and asked again meanwhile: queued again"
+    assert WantedAction.objects.get(pk=action.pk).done_at is None
+    assert sent.count((action.pk,)) >= 2  # queued again
+    assert carry_out_task.apply(args=(action.pk,)).get() == "done"
+    assert WantedAction.objects.get(pk=action.pk).done_at is not None
+    assert len(runs) == 2
