@@ -4,9 +4,9 @@ The moment the OAuth server's answer arrives, the new pair is written here (encr
 database is asked to store it. The database may be down, or the process may die before its commit;
 either way the answer is not lost: whoever resolves the interrupted attempt finds it here.
 
-Where: a file under `DJANGO_VAR_DIR/renewal-grants/` (written and fsynced before it is renamed into
-place), and also Redis when `REDIS_URL` is set, so that a resolver on another machine finds it. Either
-one is enough; both are tried.
+Where: Redis when `REDIS_URL` is set (with a TTL; a resolver on any machine finds it there), else, or
+when Redis cannot take it, a file under `DJANGO_VAR_DIR/renewal-grants/` (written and fsynced before it
+is renamed into place). Readers look in both.
 
 Who holds an attempt: host name, process id, and that process's start (boot id and start time from
 /proc): a process id reused after a crash does not pass for the holder. Only a holder on this host
@@ -137,7 +137,13 @@ def keep(attempt_id: int, grant: TokenGrant, *, pair_id: int, old_fingerprint: s
     except Exception:
         logger.exception("Cannot encode the second copy of renewal %s", attempt_id)
         return False
-    kept = False
+    if settings.REDIS_URL:
+        # Redis serves every machine's resolvers, and costs no fsync: it is the copy when there is one.
+        try:
+            _redis(settings.REDIS_URL).set(_redis_key(attempt_id), blob, ex=TTL_SECONDS)
+            return True
+        except redis.RedisError as exc:
+            logger.warning("Cannot write the second copy of renewal %s to Redis: %s", attempt_id, exc)
     folder = _folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,16 +160,10 @@ def keep(attempt_id: int, grant: TokenGrant, *, pair_id: int, old_fingerprint: s
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        kept = True
     except OSError as exc:
         logger.error("Cannot write the second copy of renewal %s to %s: %s", attempt_id, folder, exc)
-    if settings.REDIS_URL:
-        try:
-            _redis(settings.REDIS_URL).set(_redis_key(attempt_id), blob, ex=TTL_SECONDS)
-            kept = True
-        except redis.RedisError as exc:
-            logger.warning("Cannot write the second copy of renewal %s to Redis: %s", attempt_id, exc)
-    return kept
+        return False
+    return True
 
 
 def find(attempt_id: int, *, pair_id: int, old_fingerprint: str) -> TokenGrant | None:
