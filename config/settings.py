@@ -216,6 +216,12 @@ BITRIX24_OAUTH_TIMEOUT = (
     env_float("BITRIX24_OAUTH_READ_TIMEOUT", timeouts.OAUTH_READ_TIMEOUT_DEFAULT),
 )
 BITRIX24_OAUTH_ATTEMPTS = env_int("BITRIX24_OAUTH_ATTEMPTS", 4)
+# app.info about a token we were handed (inbound requests, the app page's API calls) is asked once, with
+# this read timeout: its sender waits, and anyone can send one.
+BITRIX24_VERIFY_READ_TIMEOUT = env_float("BITRIX24_VERIFY_READ_TIMEOUT", 10.0)
+# Verifications that Bitrix24 refused, per claimed portal and minute, before more requests claiming that
+# portal are answered 429 without asking (a forger cannot make the backend hammer the OAuth server).
+BITRIX24_UNVERIFIED_BUDGET = env_int("BITRIX24_UNVERIFIED_BUDGET", 20)
 BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 # Proactive sweep: renewals are spread over this many seconds so that thousands of portals
 # due at once do not reach the OAuth server in the same second.

@@ -7,8 +7,8 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from portals import operations, services, tasks
-from portals.models import Portal
+from portals import services, tasks
+from portals.models import Portal, PortalState
 
 from . import parsing
 from .inbound import describe, set_frame_policy
@@ -23,7 +23,7 @@ def _claimed(data: dict[str, Any], *keys: str) -> str:
     return ""
 
 
-def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth, services.Verified]:
+def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth, services.Verified, int]:
     query, body = parsing.read_params(request)
     merged = {**query, **body}
     describe(
@@ -36,13 +36,15 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
     auth = parsing.frame_auth(query, body)
     if services.is_portal_domain(auth.domain):
         row._frame_origin = f"{auth.protocol}://{auth.domain}"  # type: ignore[attr-defined]
+    # Read before verifying: an uninstall confirmed while app.info is asked makes the answer stale.
+    generation = services.install_generation(auth.member_id)
     verified = services.verify_access_token(
         access_token=auth.access_token,
         member_id=auth.member_id,
         domain=auth.domain,
         server_endpoint=auth.server_endpoint,
     )
-    return auth, verified
+    return auth, verified, generation
 
 
 def _install(*, verified: services.Verified, access_token: str, **fields: Any) -> Portal:
@@ -63,9 +65,10 @@ def _confirm(portal: Portal) -> None:
 
 
 def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
-    auth, verified = _frame(request, row)
+    auth, verified, generation = _frame(request, row)
     portal = _install(
         verified=verified,
+        generation=generation,
         access_token=auth.access_token,
         refresh_token=auth.refresh_token,
         expires_in=auth.expires_in,
@@ -78,9 +81,10 @@ def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
 
 
 def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
-    auth, verified = _frame(request, row)
+    auth, verified, generation = _frame(request, row)
     portal, pair = services.record_launch(
         verified=verified,
+        generation=generation,
         access_token=auth.access_token,
         refresh_token=auth.refresh_token,
         expires_in=auth.expires_in,
@@ -103,23 +107,26 @@ def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
 # --- events -------------------------------------------------------------------------------------
 
 
-def _verified_event(auth: dict[str, Any]) -> tuple[services.Verified, str, str, int]:
+def _verified_event(auth: dict[str, Any]) -> tuple[services.Verified, str, str, int, int]:
     access = parsing.text(auth, "access_token", pattern=parsing.TOKEN, max_length=512, where="auth")
     refresh = parsing.text(auth, "refresh_token", pattern=parsing.TOKEN, max_length=512, where="auth")
+    member_id = parsing.text(auth, "member_id", pattern=parsing.MEMBER_ID, where="auth")
+    generation = services.install_generation(member_id)
     verified = services.verify_access_token(
         access_token=access,
-        member_id=parsing.text(auth, "member_id", pattern=parsing.MEMBER_ID, where="auth"),
+        member_id=member_id,
         domain=parsing.domain(auth, "domain", where="auth"),
         server_endpoint=parsing.text(auth, "server_endpoint", required=False, max_length=255, where="auth"),
     )
     expires_in = parsing.integer(auth, "expires_in", default=3600, low=1, high=86400, where="auth")
-    return verified, access, refresh, expires_in
+    return verified, access, refresh, expires_in, generation
 
 
-def _on_install(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
-    verified, access, refresh, expires_in = _verified_event(auth)
-    return _install(
+def _on_install(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    verified, access, refresh, expires_in, generation = _verified_event(auth)
+    portal = _install(
         verified=verified,
+        generation=generation,
         access_token=access,
         refresh_token=refresh,
         expires_in=expires_in,
@@ -129,6 +136,7 @@ def _on_install(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
         ),
         version=parsing.text(data, "VERSION", required=False, max_length=32, where="data"),
     )
+    return portal.member_id, "ok"
 
 
 def _application_token_portal(auth: dict[str, Any]) -> Portal:
@@ -140,27 +148,27 @@ def _application_token_portal(auth: dict[str, Any]) -> Portal:
     )
 
 
-def _on_uninstall(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
+def _on_uninstall(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    # The application token admits the event, but every employee who opens the app can read it: it
+    # never destroys on its own. A worker asks Bitrix24 first (portals.tasks, CONFIRM_UNINSTALL).
     portal = _application_token_portal(auth)
     clean = str(data.get("CLEAN", "0")).strip() in ("1", "Y", "true")
-    return services.uninstall_portal(portal=portal, clean=clean)
+    tasks.queue_uninstall_confirmation(portal=portal, clean=clean)
+    return portal.member_id, "pending"
 
 
-def _on_payment(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
-    # The body proves nothing (no token in it): it is only a hint to ask app.info for the truth.
+def _on_payment(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    # The body proves nothing (no token in it): it is only a hint for a worker to ask app.info, at
+    # most once a minute per portal. Known and unknown member_ids get the same answer.
     member_id = parsing.text(auth, "member_id", pattern=parsing.MEMBER_ID, where="auth")
-    portal = Portal.objects.filter(member_id=member_id).first()
-    if portal is None:
-        raise services.VerificationError("unknown portal", code="unknown_portal")
-    try:
-        operations.verify_portal(portal=portal)
-    except operations.OperationRefused as exc:
-        raise services.VerificationError(str(exc), status=409, code="cannot_verify") from exc
-    return portal
+    portal = Portal.objects.filter(member_id=member_id).exclude(state=PortalState.UNINSTALLED).first()
+    if portal is not None:
+        tasks.queue_status_check(portal=portal)
+    return member_id, "ok"
 
 
-def _on_other(auth: dict[str, Any], data: dict[str, Any]) -> Portal:
-    return _application_token_portal(auth)
+def _on_other(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    return _application_token_portal(auth).member_id, "ok"
 
 
 EVENT_HANDLERS = {
@@ -188,5 +196,5 @@ def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     auth = parsing.section(params, "auth")
     data = parsing.section(params, "data", required=False)
     handler = EVENT_HANDLERS.get(name, _on_other)
-    portal = handler(auth, data)
-    return JsonResponse({"result": "ok", "event": name, "member_id": portal.member_id})
+    member_id, result = handler(auth, data)
+    return JsonResponse({"result": result, "event": name, "member_id": member_id})

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
-from portals.services import UpstreamUnavailable, VerificationError
+from portals.services import TooManyUnverified, UpstreamUnavailable, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest
@@ -139,6 +139,10 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         logger.error("Inbound %s #%s cannot be verified: %s", kind, row.pk, exc)
         status, error = InboundStatus.FAILED, str(exc)
         response = error_response(request, status=503, code="not_configured", message=str(exc), html=html)
+    except TooManyUnverified as exc:
+        status, error = InboundStatus.REJECTED, str(exc)
+        response = error_response(request, status=429, code="too_many_requests", message=str(exc), html=html)
+        response["Retry-After"] = str(exc.retry_after)
     except (UpstreamUnavailable, RenewalPending) as exc:
         status, error = InboundStatus.FAILED, str(exc)
         response = error_response(

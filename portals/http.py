@@ -246,9 +246,17 @@ def refresh_policy() -> RetryPolicy:
 
 
 def verify_policy() -> RetryPolicy:
-    """app.info about a token we were handed (inbound requests, API calls, staff checks): it changes
-    nothing, so whatever may heal is retried."""
-    return _oauth_policy("inbound verification")
+    """app.info about a token we were handed (inbound requests, API calls, staff checks): one attempt
+    with a short read timeout. Whoever sent the request is waiting, and anyone can send one: a forged
+    request must not buy several calls to the OAuth server, nor minutes of a web worker. A request that
+    meets trouble answers 503 and is sent again by its sender (Bitrix24, or the app page)."""
+    return RetryPolicy(
+        name="inbound verification",
+        attempts=1,
+        backoff=Backoff(settings.BITRIX24_OAUTH_BACKOFF, cap=30.0),
+        timeout=(settings.BITRIX24_OAUTH_TIMEOUT[0], settings.BITRIX24_VERIFY_READ_TIMEOUT),
+        retry_on=_MAYBE_CARRIED_OUT,
+    )
 
 
 def rest_read_policy() -> RetryPolicy:

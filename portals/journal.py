@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -219,3 +220,30 @@ def sweep_files(older_than: float = TTL_SECONDS) -> int:
         except OSError:
             continue
     return removed
+
+
+def rotate_copies(rotate: Callable[[str], str]) -> int:
+    """Re-encrypt the second copies still kept (rotate_token_keys), so that dropping the old key does
+    not make them unreadable."""
+    done = 0
+    folder = _folder()
+    for path in folder.glob("*.grant") if folder.is_dir() else []:
+        try:
+            path.write_text(rotate(path.read_text()))
+            done += 1
+        except Exception as exc:
+            logger.error("Cannot re-encrypt the second copy %s: %s", path, exc)
+    if settings.REDIS_URL:
+        try:
+            client = _redis(settings.REDIS_URL)
+            for key in client.scan_iter(match=f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-grant:*"):
+                blob = client.get(key)
+                left = client.ttl(key)
+                ttl = left if isinstance(left, int) and left > 0 else TTL_SECONDS
+                if isinstance(blob, bytes | str) and blob:
+                    text = blob.decode() if isinstance(blob, bytes) else blob
+                    client.set(key, rotate(text), ex=ttl)
+                    done += 1
+        except redis.RedisError as exc:
+            logger.error("Cannot re-encrypt the second copies in Redis: %s", exc)
+    return done

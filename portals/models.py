@@ -21,6 +21,9 @@ class AppStatus(models.TextChoices):
 
 class PortalState(models.TextChoices):
     INSTALLED = "installed", "Installed"
+    # First seen through a user who is not a portal admin: anyone could have sent that install. Waits
+    # for an admin's install, launch or update, or for staff to approve it.
+    PENDING = "pending", "Pending approval"
     NEEDS_REINSTALL = "needs_reinstall", "Needs reinstall"
     UNINSTALLED = "uninstalled", "Uninstalled"
 
@@ -80,6 +83,21 @@ class Portal(models.Model):
         blank=True,
         default="",
         help_text="Secret Bitrix24 sends with events to prove they come from it (encrypted at rest).",
+    )
+    pending_application_token = EncryptedTextField(
+        blank=True,
+        default="",
+        help_text=(
+            "The application token of a first install that no admin confirmed yet (encrypted); it becomes the "
+            "application token only when staff approve the portal."
+        ),
+    )
+    install_generation = models.PositiveIntegerField(
+        default=0,
+        help_text=(
+            "Counts confirmed uninstalls: a launch or install whose verification began before one does not "
+            "store its tokens."
+        ),
     )
     scope = models.CharField(
         max_length=1000, blank=True, help_text="Scopes granted to the app on this portal, comma-separated."
@@ -338,6 +356,8 @@ class RenewalAttempt(models.Model):
 class WantedKind(models.TextChoices):
     BIND_EVENTS = "bind_events", "Bind the app's events"
     RENEW_PAIR = "renew_pair", "Renew a token pair"
+    CONFIRM_UNINSTALL = "confirm_uninstall", "Confirm an uninstall with Bitrix24"
+    CHECK_STATUS = "check_status", "Check the app's status with Bitrix24"
 
 
 class WantedAction(models.Model):
@@ -348,7 +368,7 @@ class WantedAction(models.Model):
     it again. Done once `done_at` is set.
     """
 
-    kind = models.CharField(max_length=16, choices=WantedKind.choices, help_text="What must be done.")
+    kind = models.CharField(max_length=24, choices=WantedKind.choices, help_text="What must be done.")
     portal = models.ForeignKey(
         Portal, on_delete=models.CASCADE, related_name="wanted_actions", help_text="The portal concerned."
     )
@@ -360,7 +380,10 @@ class WantedAction(models.Model):
         related_name="wanted_actions",
         help_text="The token pair concerned (renewals).",
     )
-    force = models.BooleanField(default=False, help_text="Renew even if the pair is not due (staff).")
+    force = models.BooleanField(
+        default=False,
+        help_text="Renew even if the pair is not due (staff); for an uninstall: delete the portal's data too.",
+    )
     trigger = models.CharField(
         max_length=16,
         choices=RenewalTrigger.choices,

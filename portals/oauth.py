@@ -65,6 +65,12 @@ class ExpiredToken(InvalidToken):
     code = "expired_token"
 
 
+class NotInstalled(InvalidToken):
+    """app.info: the app is not installed on the token's portal (any more)."""
+
+    code = "NOT_INSTALLED"
+
+
 class OAuthUnavailable(OAuthError):
     """The server could not be reached or answered garbage, after every retry."""
 
@@ -81,6 +87,8 @@ _REFUSALS: dict[str, type[OAuthRefused]] = {
     "no_auth_found": InvalidToken,
     "wrong_client": InvalidToken,
     "authorization_error": InvalidToken,
+    "not_installed": NotInstalled,
+    "application_not_found": NotInstalled,
 }
 
 

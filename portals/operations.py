@@ -13,7 +13,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import errors, oauth, renewal, services, tasks
-from .models import PairState, Portal, PortalState, ReinstallCause, TokenPair
+from .models import (
+    PairState,
+    Portal,
+    PortalState,
+    ReinstallCause,
+    TokenPair,
+    WantedAction,
+    WantedKind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,41 @@ def verify_portal(*, portal: Portal) -> oauth.AppInfo:
     Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
     portal.app_status = info.status[:1]
     return info
+
+
+def confirm_uninstall(*, portal: Portal, clean: bool) -> Portal:
+    """Staff confirm an uninstall Bitrix24 could not confirm (no live pair to ask with)."""
+    if portal.state == PortalState.UNINSTALLED:
+        raise OperationRefused(f"{portal.domain} is already uninstalled")
+    logger.info("Staff confirmed the uninstall of portal %s", portal.member_id)
+    done = services.uninstall_portal(portal=portal, clean=clean)
+    WantedAction.objects.filter(portal=portal, kind=WantedKind.CONFIRM_UNINSTALL, done_at=None).update(
+        done_at=timezone.now(), note="confirmed by staff"
+    )
+    return done
+
+
+def approve_pending(*, portal: Portal) -> Portal:
+    """Staff vouch for a portal first seen through a user who is not a portal admin: that user's pair
+    becomes the background pair and the install's application token is taken."""
+    with transaction.atomic():
+        locked = Portal.objects.select_for_update().get(pk=portal.pk)
+        if locked.state != PortalState.PENDING:
+            raise OperationRefused(f"{locked.domain} is not pending approval")
+        pair = TokenPair.objects.filter(portal=locked, state=PairState.ACTIVE).order_by("pk").first()
+        if pair is None:
+            raise OperationRefused(f"{locked.domain} has no working token pair to run with")
+        TokenPair.objects.filter(portal=locked, is_background=True).update(is_background=False)
+        TokenPair.objects.filter(pk=pair.pk).update(is_background=True)
+        if locked.pending_application_token:
+            locked.application_token = locked.pending_application_token
+            locked.pending_application_token = ""
+        locked.state = PortalState.INSTALLED
+        locked.state_reason = ""
+        locked.installed_at = locked.installed_at or timezone.now()
+        locked.save()
+    logger.info("Staff approved pending portal %s", locked.member_id)
+    return locked
 
 
 def mark_needs_reinstall(*, portal: Portal, reason: str) -> Portal:

@@ -3,18 +3,25 @@ payment and uninstall. Plain functions with keyword-only arguments; views call o
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
 from . import http, oauth, renewal
 from .client import PortalClient
-from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, TokenPair
+from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,120 @@ def check_portal_domain(domain: str) -> str:
     return normalized
 
 
+class TooManyUnverified(Exception):
+    """Requests claiming this portal failed verification too often lately: answer 429, ask nobody."""
+
+    retry_after = 60
+
+
+# --- one verification path ---------------------------------------------------------------------------
+# Every token we are handed (install frame, launch, install/update events, the app page's API calls) is
+# checked by `app_info_for`: one app.info call with a short timeout, its verdict kept in the shared cache
+# under a hash of the token, the claimed portal and that portal's install generation (so an uninstall or
+# a reinstall invalidates it), for the token's remaining life and at most ten minutes. Only definitive
+# refusals are kept; "try again" never is. Refusals also count against a per-portal budget.
+
+VERDICT_TTL = 600
+BUDGET_WINDOW = 60
+_local_budget: dict[str, tuple[float, int]] = {}  # per process, only while the shared cache is away
+
+
+def _verdict_key(server: str, access_token: str, member_id: str, generation: int) -> str:
+    digest = hashlib.sha256(f"{server}\n{access_token}".encode()).hexdigest()
+    return f"b24:verdict:{digest}:{member_id}:{generation}"
+
+
+def _cache_get(key: str) -> Any:
+    try:
+        return cache.get(key)
+    except Exception as exc:  # the shared cache is away: verify again rather than refuse
+        logger.warning("Shared cache unavailable (%s): verifying without it", type(exc).__name__)
+        return None
+
+
+def _cache_set(key: str, value: Any, ttl: int) -> None:
+    if ttl <= 0:
+        return
+    try:
+        cache.set(key, value, timeout=ttl)
+    except Exception as exc:
+        logger.warning("Shared cache unavailable (%s): verdict not kept", type(exc).__name__)
+
+
+def _budget_key(member_id: str) -> str:
+    return f"b24:unverified:{member_id}:{int(time.time() // BUDGET_WINDOW)}"
+
+
+def _over_budget(member_id: str) -> bool:
+    key = _budget_key(member_id)
+    try:
+        return int(cache.get(key) or 0) >= settings.BITRIX24_UNVERIFIED_BUDGET
+    except Exception:
+        # Without the shared cache each process keeps its own count: the bound holds per process.
+        _window, count = _local_budget.get(key, (0.0, 0))
+        return count >= settings.BITRIX24_UNVERIFIED_BUDGET
+
+
+def _spend_budget(member_id: str) -> None:
+    key = _budget_key(member_id)
+    try:
+        if not cache.add(key, 1, timeout=BUDGET_WINDOW * 2):
+            cache.incr(key)
+    except Exception:
+        window, count = _local_budget.get(key, (time.time(), 0))
+        _local_budget[key] = (window, count + 1)
+        for stale in [k for k in _local_budget if k != key]:
+            del _local_budget[stale]
+
+
+def _refusal(exc: oauth.OAuthError) -> VerificationError:
+    if isinstance(exc, oauth.NotInstalled):
+        return VerificationError("the app is not installed on this portal", status=403, code="not_installed")
+    return VerificationError(f"Bitrix24 did not accept the access token ({exc.code})", code="invalid_token")
+
+
+def install_generation(member_id: str) -> int:
+    """The claimed portal's install generation (0 for a portal never seen)."""
+    return (
+        Portal.objects.filter(member_id=member_id).values_list("install_generation", flat=True).first() or 0
+    )
+
+
+def app_info_for(*, server: str, access_token: str, member_id: str) -> oauth.AppInfo:
+    """What app.info says about a token presented for `member_id` (see above). Raises
+    VerificationError (a refusal), TooManyUnverified, UpstreamUnavailable, ImproperlyConfigured."""
+    oauth.credentials()
+    key = _verdict_key(server, access_token, member_id, install_generation(member_id))
+    cached = _cache_get(key)
+    if isinstance(cached, dict):
+        if "refused" in cached:
+            raise VerificationError(cached["refused"], status=cached["status"], code=cached["code"])
+        return oauth.AppInfo(**cached)
+    if _over_budget(member_id):
+        raise TooManyUnverified(f"too many requests for portal {member_id} failed verification; try later")
+    try:
+        info = oauth.app_info(server, access_token)
+    except oauth.InvalidToken as exc:
+        refusal = _refusal(exc)
+        _spend_budget(member_id)
+        _cache_set(
+            key, {"refused": str(refusal), "status": refusal.status, "code": refusal.code}, VERDICT_TTL
+        )
+        raise refusal from exc
+    except oauth.OAuthUnavailable as exc:
+        raise UpstreamUnavailable(f"cannot verify the request now: {exc}") from exc
+    except oauth.OAuthError as exc:
+        _spend_budget(member_id)
+        raise VerificationError(
+            f"Bitrix24 refused to confirm the access token ({exc.code})", code="verification_failed"
+        ) from exc
+    ttl = VERDICT_TTL
+    if info.expires_at is not None:
+        ttl = min(ttl, int((info.expires_at - timezone.now()).total_seconds()))
+    _cache_set(key, dataclasses.asdict(info), ttl)
+    return info
+
+
 def verify_access_token(
     *, access_token: str, member_id: str, domain: str, server_endpoint: str = ""
 ) -> Verified:
@@ -82,14 +203,7 @@ def verify_access_token(
     domain = check_portal_domain(domain)
     client_id, _ = oauth.credentials()
     server = oauth.server_for(server_endpoint)
-    try:
-        info = oauth.app_info(server, access_token)
-    except oauth.InvalidToken as exc:
-        raise VerificationError(f"Bitrix24 did not accept the access token ({exc.code})") from exc
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(f"cannot verify the request now: {exc}") from exc
-    except oauth.OAuthError as exc:
-        raise VerificationError(f"Bitrix24 refused to confirm the access token ({exc.code})") from exc
+    info = app_info_for(server=server, access_token=access_token, member_id=member_id)
     if not hmac.compare_digest(info.client_id, client_id):
         raise VerificationError("the access token belongs to another application", code="wrong_client")
     if not info.member_id or not hmac.compare_digest(info.member_id, member_id):
@@ -107,26 +221,21 @@ def verify_access_token(
 
 
 def identify_token(*, portal: Portal, access_token: str) -> oauth.AppInfo:
-    """What app.info on the portal's OAuth server says about an access token presented for it: an
-    installed app's user token of our application (which portal and user it is, the caller checks).
+    """What app.info says about an access token presented for an installed portal by the app's own
+    page: an installed app's user token of our application (which portal and user it is, the caller
+    checks). The same path and cache as `verify_access_token`.
 
-    Raises VerificationError with code `invalid_token` or `wrong_client` (a verdict worth
-    remembering) or `verification_failed` (a refusal that may not hold next time),
+    Raises VerificationError with code `invalid_token` or `wrong_client` (definitive) or
+    `verification_failed` (a refusal that may not hold next time), TooManyUnverified,
     UpstreamUnavailable when the server cannot be asked, ImproperlyConfigured without credentials.
     """
     client_id, _ = oauth.credentials()
     try:
-        info = oauth.app_info(portal.oauth_server, access_token)
-    except oauth.InvalidToken as exc:
-        raise VerificationError(
-            f"Bitrix24 did not accept the token ({exc.code}).", code="invalid_token"
-        ) from exc
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(f"The token cannot be verified now: {exc}") from exc
-    except oauth.OAuthError as exc:
-        raise VerificationError(
-            f"Bitrix24 refused to confirm the token ({exc.code}).", code="verification_failed"
-        ) from exc
+        info = app_info_for(server=portal.oauth_server, access_token=access_token, member_id=portal.member_id)
+    except VerificationError as exc:
+        if exc.code == "verification_failed":
+            raise
+        raise VerificationError("Bitrix24 did not accept the token.", code="invalid_token") from exc
     if not hmac.compare_digest(info.client_id.encode(), client_id.encode()):
         raise VerificationError("The token belongs to another application.", code="wrong_client")
     if not info.member_id or info.user_id is None or not info.installed:
@@ -134,8 +243,13 @@ def identify_token(*, portal: Portal, access_token: str) -> oauth.AppInfo:
     return info
 
 
-def _upsert_portal(*, verified: Verified, scope: str = "") -> Portal:
-    """The portal row for a verified token, locked; created on first sight, renamed if its domain moved."""
+def _upsert_portal(*, verified: Verified, scope: str = "", generation: int | None = None) -> Portal:
+    """The portal row for a verified token, locked; created on first sight (pending until `_revive`
+    says otherwise), renamed if its domain moved.
+
+    `generation`: the portal's install generation read before the token was verified. If an
+    uninstall was confirmed meanwhile, that verification predates it and proves nothing now.
+    """
     info = verified.info
     defaults = {
         "domain": info.domain,
@@ -147,11 +261,17 @@ def _upsert_portal(*, verified: Verified, scope: str = "") -> Portal:
     try:
         with transaction.atomic():
             portal, created = Portal.objects.select_for_update().get_or_create(
-                member_id=info.member_id, defaults=defaults
+                member_id=info.member_id, defaults={**defaults, "state": PortalState.PENDING}
             )
     except IntegrityError:
         # A concurrent request created it first: the unique member_id is the natural key.
         portal, created = Portal.objects.select_for_update().get(member_id=info.member_id), False
+    if generation is not None and portal.install_generation != generation:
+        raise VerificationError(
+            "the app was uninstalled from this portal while this request was being verified",
+            status=409,
+            code="uninstalled_meanwhile",
+        )
     if not created:
         if portal.domain != info.domain:
             logger.info("Portal %s renamed: %s -> %s", portal.member_id, portal.domain, info.domain)
@@ -196,6 +316,10 @@ def _store_pair(
 def _revive(portal: Portal, now: datetime, *, new_background: bool) -> None:
     """The portal's state after a verified install or launch.
 
+    A portal first seen (or seen again after an uninstall) only through a user who is not a portal
+    admin is *pending*: an employee can post their own token as an install. An admin's install,
+    update or launch, or staff approval, makes it installed.
+
     A portal that needs a reinstall because its background tokens were refused or lost stays so
     until a new background pair has renewed once (`renewal` then marks it installed): an ordinary
     user's launch proves nothing about the background pair, and a new pair is only trusted once
@@ -203,6 +327,11 @@ def _revive(portal: Portal, now: datetime, *, new_background: bool) -> None:
     background pair does clear a mark staff set by hand (the customer did what staff asked).
     """
     if portal.state == PortalState.INSTALLED:
+        return
+    if portal.state in (PortalState.PENDING, PortalState.UNINSTALLED) and not new_background:
+        # Seen (again) only through a user who is not a portal admin: anyone could have sent that.
+        portal.state = PortalState.PENDING
+        portal.state_reason = "first seen through a user who is not a portal admin"
         return
     if portal.state == PortalState.NEEDS_REINSTALL:
         if not new_background:
@@ -232,11 +361,8 @@ def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
     app.info proves the token is ours and the portal's, not that the request came from
     Bitrix24's install: any employee could post their own token to /install/ or as a forged
     ONAPPINSTALL, with an application token of their choosing (and then forge an uninstall with
-    it). Only the very first sight of a portal is taken on trust; after that, only a portal
-    admin's install (per `profile`) may replace them.
+    it). So only a portal admin's install (per `profile`) may set them, the very first one too.
     """
-    if not Portal.objects.filter(member_id=verified.info.member_id).exists():
-        return True
     probe = Portal(member_id=verified.info.member_id, domain=verified.info.domain, protocol=verified.protocol)
     return PortalClient(probe, access_token=access_token).is_admin()
 
@@ -252,6 +378,7 @@ def install_portal(
     scope: str = "",
     application_token: str = "",
     version: str = "",
+    generation: int | None = None,
 ) -> Portal:
     """Store a verified install (the install frame, ONAPPINSTALL or ONAPPUPDATE).
 
@@ -260,12 +387,16 @@ def install_portal(
     stored. A second install of the same portal updates it (member_id is the key).
     """
     now = timezone.now()
-    portal = _upsert_portal(verified=verified, scope=scope)
+    portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
     _revive(portal, now, new_background=trusted and verified.info.user_id is not None)
     if portal.installed_at is None:
         portal.installed_at = now
     if application_token and trusted:
         portal.application_token = application_token
+        portal.pending_application_token = ""
+    elif application_token and portal.state == PortalState.PENDING:
+        # Kept aside: it becomes the application token only if staff approve this portal.
+        portal.pending_application_token = application_token
     if version:
         portal.app_version = version[:32]
     portal.save()
@@ -290,9 +421,14 @@ def record_launch(
     refresh_token: str,
     expires_in: int,
     scope: str = "",
+    generation: int | None = None,
 ) -> tuple[Portal, TokenPair | None]:
     """Store the tokens of the user who opened the app. Never moves the background mark to them,
-    unless the portal has no background pair at all and `profile` says they are an admin."""
+    unless the portal has no background pair at all and `profile` says they are an admin.
+
+    app.info proves the launch's access token, not its refresh token: a working pair of that user
+    keeps its refresh token (only the access token is taken), so a junk REFRESH_ID cannot replace
+    a good one. A user without a working pair gets the launch's pair as it is."""
     info = verified.info
     may_take_background = False
     if (
@@ -311,6 +447,7 @@ def record_launch(
         expires_in=expires_in,
         scope=scope,
         may_take_background=may_take_background,
+        generation=generation,
     )
 
 
@@ -323,9 +460,10 @@ def _record_launch(
     expires_in: int,
     scope: str,
     may_take_background: bool,
+    generation: int | None,
 ) -> tuple[Portal, TokenPair | None]:
     now = timezone.now()
-    portal = _upsert_portal(verified=verified, scope=scope)
+    portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
     user_id = verified.info.user_id
     background = (
         user_id is not None
@@ -339,6 +477,16 @@ def _record_launch(
     portal.save()
     if user_id is None:
         return portal, None
+    working = (
+        TokenPair.objects.select_for_update()
+        .filter(portal=portal, user_id=user_id, state=PairState.ACTIVE)
+        .first()
+    )
+    if working is not None and not background:
+        working.access_token = access_token
+        working.access_expires_at = now + timedelta(seconds=expires_in)
+        working.save(update_fields=["access_token", "access_expires_at", "updated_at"])
+        return portal, working
     pair = _store_pair(
         portal=portal,
         user_id=user_id,
@@ -364,10 +512,14 @@ def check_application_token(*, member_id: str, application_token: str) -> Portal
 
 @transaction.atomic
 def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
-    """Forget every token of the portal (they are dead anyway); with `clean`, purge its data too."""
+    """Forget every token of the portal (they are dead anyway); with `clean`, purge its data too.
+    Only for an uninstall Bitrix24 confirmed (`operations.confirm_uninstall`), or staff did."""
     portal = Portal.objects.select_for_update().get(pk=portal.pk)
     TokenPair.objects.filter(portal=portal).delete()
     portal.application_token = ""
+    portal.pending_application_token = ""
+    # Launches and installs whose verification began before this cannot store anything now.
+    portal.install_generation += 1
     portal.state = PortalState.UNINSTALLED
     portal.state_reason = "uninstalled with CLEAN=1" if clean else "uninstalled"
     portal.reinstall_cause = ""
@@ -385,3 +537,77 @@ def purge_portal_data(*, portal: Portal) -> None:
     TokenPair.objects.filter(portal=portal).delete()
     RenewalLog.objects.filter(portal=portal).delete()
     portal_purged.send(sender=Portal, portal=portal)
+
+
+class UninstallCheck(enum.StrEnum):
+    CONFIRMED = "confirmed"  # Bitrix24 says the app is gone
+    INSTALLED = "installed"  # Bitrix24 says it is still installed
+    RETRY = "retry"  # Bitrix24 could not tell now (expired token, payment, 5xx, timeout)
+    NO_PAIR = "no_pair"  # no live pair to ask with: only staff can confirm
+
+
+# An expired access token is refreshed at most this often per portal to ask about an uninstall: the
+# event that asks for it is signed only by the application token, which every employee knows.
+UNINSTALL_REFRESH_EVERY = 300
+
+
+def check_uninstalled(*, portal: Portal) -> UninstallCheck:
+    """Ask Bitrix24, with the portal's own stored pair, whether the app is still installed.
+
+    Confirmed when app.info says not installed, or the OAuth server refuses the pair (not installed,
+    invalid token, invalid grant) while it was live; not by an expired token, PAYMENT_REQUIRED or an
+    unreachable server.
+    """
+    pair = (
+        TokenPair.objects.filter(portal=portal, state=PairState.ACTIVE)
+        .order_by("-is_background", "pk")
+        .first()
+    )
+    if pair is None:
+        return UninstallCheck.NO_PAIR
+    token = pair.access_token
+    if pair.access_expires_at <= timezone.now() + timedelta(seconds=60):
+        try:
+            fresh = cache.add(f"b24:uninstall-refresh:{portal.pk}", 1, timeout=UNINSTALL_REFRESH_EVERY)
+        except Exception:  # without the shared cache, the action's own backoff bounds the refreshes
+            fresh = True
+        if not fresh:
+            return UninstallCheck.RETRY
+        try:
+            token = renewal.renew_pair(
+                pair.pk, trigger=RenewalTrigger.ON_DEMAND, wait=False
+            ).pair.access_token
+        except renewal.RenewalFailed as exc:
+            if not exc.transient and exc.code.lower() in ("invalid_grant", "portal_deleted"):
+                return UninstallCheck.CONFIRMED
+            return UninstallCheck.RETRY
+    try:
+        info = oauth.app_info(portal.oauth_server, token)
+    except oauth.ExpiredToken:
+        return UninstallCheck.RETRY
+    except (oauth.InvalidToken, oauth.PortalDeleted):
+        return UninstallCheck.CONFIRMED
+    except oauth.OAuthError:
+        return UninstallCheck.RETRY
+    if info.member_id and not hmac.compare_digest(info.member_id, portal.member_id):
+        return UninstallCheck.RETRY
+    return UninstallCheck.INSTALLED if info.installed else UninstallCheck.CONFIRMED
+
+
+def check_app_status(*, portal: Portal) -> bool | None:
+    """ONAPPPAYMENT's check, made by a worker: ask app.info with the portal's stored background access
+    token and store the status it reports. Never refreshes (an anonymous event asked for it): with an
+    expired token it returns None and the status waits for the next renewal. True when checked."""
+    pair = TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
+    if pair is None or pair.access_expires_at <= timezone.now() + timedelta(seconds=30):
+        return None
+    try:
+        info = oauth.app_info(portal.oauth_server, pair.access_token)
+    except oauth.OAuthUnavailable as exc:
+        raise UpstreamUnavailable(f"cannot reach the OAuth server: {exc}") from exc
+    except oauth.OAuthError:
+        return None
+    if not info.member_id or not hmac.compare_digest(info.member_id, portal.member_id):
+        return None
+    Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
+    return True

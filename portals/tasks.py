@@ -17,11 +17,12 @@ from typing import Any
 
 from celery import shared_task
 from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bindings, renewal, selectors
+from . import bindings, renewal, selectors, services
 from .models import (
     Portal,
     PortalState,
@@ -198,6 +199,14 @@ def carry_out_task(action_id: int) -> str:
                 bindings.bind_events(portal=action.portal)
             else:
                 note = "the portal was uninstalled meanwhile"
+        elif action.kind == WantedKind.CONFIRM_UNINSTALL:
+            outcome = _confirm_uninstall(action)
+            if outcome is not None:
+                return outcome
+            note = "confirmed by Bitrix24"
+        elif action.kind == WantedKind.CHECK_STATUS:
+            if services.check_app_status(portal=action.portal) is None:
+                note = "not checked: no live access token (never refreshed for an unverified event)"
     except TokenPair.DoesNotExist:
         note = "the pair is gone (portal uninstalled)"
     except renewal.NoUsablePair as exc:
@@ -218,6 +227,42 @@ def carry_out_task(action_id: int) -> str:
         publish(carry_out_task, action.pk)
         return "done, and asked again meanwhile: queued again"
     return "done" + (f" ({note})" if note else "")
+
+
+# An uninstall event may outrun the removal on Bitrix24's side: while app.info still says installed,
+# it is asked again after these delays, then the uninstall is refused as suspicious.
+RECHECK_AFTER = (timedelta(minutes=1), timedelta(minutes=3))
+
+
+def _confirm_uninstall(action: WantedAction) -> str | None:
+    """None when confirmed and carried out; otherwise why the action stays open or closes refused."""
+    portal = action.portal
+    if portal.state == PortalState.UNINSTALLED:
+        return None
+    check = services.check_uninstalled(portal=portal)
+    if check == services.UninstallCheck.CONFIRMED:
+        services.uninstall_portal(portal=portal, clean=action.force)
+        logger.info("Uninstall of portal %s confirmed by Bitrix24", portal.member_id)
+        return None
+    if check == services.UninstallCheck.RETRY:
+        return _failed(action, "Bitrix24 could not confirm the uninstall now")
+    if check == services.UninstallCheck.NO_PAIR:
+        WantedAction.objects.filter(pk=action.pk).update(
+            last_error="no live token pair to ask Bitrix24 with: staff can confirm it in the admin",
+            next_attempt_at=timezone.now() + timedelta(days=3650),
+        )
+        return "waiting for staff"
+    if action.attempts <= len(RECHECK_AFTER):
+        return _failed(action, "Bitrix24 says installed", retry_in=RECHECK_AFTER[action.attempts - 1])
+    logger.warning(
+        "Suspicious ONAPPUNINSTALL for portal %s refused: Bitrix24 says the app is installed (the event "
+        "carried the application token, which every employee who opens the app can read)",
+        portal.member_id,
+    )
+    WantedAction.objects.filter(pk=action.pk).update(
+        done_at=timezone.now(), note="refused: Bitrix24 says the app is installed (suspicious)"
+    )
+    return "refused: still installed"
 
 
 def _failed(action: WantedAction, error: str, retry_in: timedelta | None = None) -> str:
@@ -248,6 +293,27 @@ def queue_bindings(*, portal: Portal) -> bool:
 def queue_confirmation(*, pair: TokenPair) -> None:
     """A new background pair of a portal that lost its tokens: renew it once to prove it works."""
     want(WantedKind.RENEW_PAIR, portal=pair.portal, pair=pair, force=True, trigger=RenewalTrigger.ON_DEMAND)
+
+
+def queue_uninstall_confirmation(*, portal: Portal, clean: bool) -> WantedAction:
+    """ONAPPUNINSTALL: recorded as pending; a worker asks Bitrix24 before anything is deleted."""
+    return want(WantedKind.CONFIRM_UNINSTALL, portal=portal, force=clean, trigger=RenewalTrigger.ON_DEMAND)
+
+
+# An unverified ONAPPPAYMENT asks for a status check at most this often per portal.
+STATUS_CHECK_EVERY = 60
+
+
+def queue_status_check(*, portal: Portal) -> bool:
+    """ONAPPPAYMENT carries nothing verifiable: a worker asks app.info, at most once a minute per
+    portal, however many such events arrive. True when a check was queued."""
+    try:
+        if not cache.add(f"b24:status-check:{portal.pk}", 1, timeout=STATUS_CHECK_EVERY):
+            return False
+    except Exception:  # without the shared cache, the open action itself keeps it to one at a time
+        logger.warning("Shared cache unavailable: ONAPPPAYMENT debounced by its open action only")
+    want(WantedKind.CHECK_STATUS, portal=portal, trigger=RenewalTrigger.ON_DEMAND)
+    return True
 
 
 def queue_staff_renewal(*, pair: TokenPair) -> None:

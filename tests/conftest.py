@@ -255,3 +255,17 @@ def renewal_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(renewal, "_queue", queue)
     return handed
+
+
+@pytest.fixture
+def wanted_worker() -> Callable[[], list[str]]:
+    """`run()` carries out every open wanted action once, in this process, as a Celery worker would
+    (uninstall confirmations, status checks, bindings, staff renewals); returns the task results."""
+    from portals.models import WantedAction
+    from portals.tasks import carry_out_task
+
+    def run() -> list[str]:
+        ids = list(WantedAction.objects.filter(done_at=None).order_by("pk").values_list("pk", flat=True))
+        return [carry_out_task.apply(args=(pk,)).get() for pk in ids]
+
+    return run

@@ -22,6 +22,7 @@ BITRIX24_OAUTH_BACKOFF = 0.01
 BITRIX24_HTTP_TIMEOUT = (2.0, 5.0)
 # Short unless a test's child process asks for the production figure (a 40 s OAuth answer).
 BITRIX24_OAUTH_TIMEOUT = (2.0, float(os.environ.get("BITRIX24_OAUTH_READ_TIMEOUT", "5")))
+BITRIX24_VERIFY_READ_TIMEOUT = float(os.environ.get("BITRIX24_VERIFY_READ_TIMEOUT", "5"))
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False

@@ -532,7 +532,7 @@ def test_dashboard_counts_chart_activity_and_next_sweep(admin_client, standin, s
     html = response.content.decode()
     assert "Installations (8)" in html
     states = {s["state"]: s["count"] for s in response.context["states"]}
-    assert states == {"installed": 6, "needs_reinstall": 1, "uninstalled": 1}
+    assert states == {"installed": 6, "pending": 0, "needs_reinstall": 1, "uninstalled": 1}
     # The chart: one bar per day of life left plus "lapsed"; the active background pairs are in it.
     bars = response.context["chart"]["bars"]
     assert '<svg class="dash-chart"' in html and html.count("<rect") >= len(bars)

@@ -54,7 +54,7 @@ def test_install_event_exactly_as_the_docs_print_it(backend, b24, sample):
     assert (pair.access_token, pair.refresh_token) == (tokens["access_token"], tokens["refresh_token"])
 
 
-def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b24, standin):
+def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b24, standin, wanted_worker):
     backend.install_event(b24)
     b24.update_app()  # the portal's side of an update: a new application token
     tokens = b24.issue_tokens(1, admin=True)
@@ -68,11 +68,15 @@ def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b2
     before = standin.stats["app_info"]
     payment = docs_event("onapppayment-docs.json", b24)
     assert backend.post("/events/", data=phpform.encode(payment)).status_code == 200
+    assert standin.stats["app_info"] == before  # checked by a worker, not by the request
+    assert wanted_worker() == ["done"]
     assert standin.stats["app_info"] == before + 1
 
     b24.uninstall()
     uninstall = docs_event("onappuninstall-docs.json", b24)  # CLEAN: 1
-    assert backend.post("/events/", data=phpform.encode(uninstall)).status_code == 200
+    answer = backend.post("/events/", data=phpform.encode(uninstall))
+    assert answer.status_code == 200 and answer.json()["result"] == "pending"
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
     portal.refresh_from_db()
     assert portal.state == PortalState.UNINSTALLED
     assert not TokenPair.objects.filter(portal=portal).exists()
@@ -160,7 +164,7 @@ def test_install_event_with_tokens_bitrix24_never_issued_is_refused(backend, b24
     forged = {"access_token": "f" * 32, "refresh_token": "e" * 32}
     response = backend.install_event(b24, forged)
     assert response.status_code == 401
-    assert response.json()["error"] == "verification_failed"
+    assert response.json()["error"] == "invalid_token"
     assert _nothing_stored(b24.member_id)
     row = InboundRequest.objects.get()
     assert row.status == InboundStatus.REJECTED and "did not accept" in row.error
@@ -235,11 +239,12 @@ def test_uninstall_of_an_unknown_portal_is_refused(backend, b24):
     assert not Portal.objects.exists()
 
 
-def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, standin):
+def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, standin, wanted_worker):
     backend.install_event(b24)
     b24.uninstall()
     response = backend.post("/events/", data=bx.onappuninstall(b24, clean=False))
     assert response.status_code == 200, response.text
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
     portal = Portal.objects.get(member_id=b24.member_id)
     assert portal.state == PortalState.UNINSTALLED and portal.uninstalled_at is not None
     assert portal.application_token == ""
@@ -255,11 +260,13 @@ def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, st
     assert standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"] == refreshes
 
 
-def test_uninstall_with_clean_purges_the_portals_data(backend, b24):
+def test_uninstall_with_clean_purges_the_portals_data(backend, b24, wanted_worker):
     backend.install_event(b24)
     backend.launch(b24, b24.issue_tokens(5, admin=False))
+    b24.uninstall()
     response = backend.post("/events/", data=bx.onappuninstall(b24, clean=True))
     assert response.status_code == 200, response.text
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
     portal = Portal.objects.get(member_id=b24.member_id)
     assert portal.state == PortalState.UNINSTALLED
     assert not TokenPair.objects.filter(portal=portal).exists()
@@ -293,19 +300,28 @@ def test_update_event_replaces_the_application_token_and_pair(backend, b24):
     assert TokenPair.objects.get(portal=portal, is_background=True).refresh_token == tokens["refresh_token"]
 
 
-def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend, b24, standin):
+def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend, b24, standin, wanted_worker):
     backend.install_event(b24)
     b24.status = "P"
     pairs = [(k, "T" if k == "data[STATUS]" else v) for k, v in bx.onapppayment(b24)]
     before = standin.stats["app_info"]
     response = backend.post("/events/", data=pairs)
     assert response.status_code == 200, response.text
+    assert wanted_worker() == ["done"]
     assert standin.stats["app_info"] == before + 1
     assert Portal.objects.get(member_id=b24.member_id).app_status == "P"
 
 
-def test_payment_event_for_an_unknown_portal_is_refused(backend, b24):
-    assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 401
+def test_payment_event_for_an_unknown_portal_looks_like_any_other(backend, b24, standin, installed_portal):
+    """An anonymous caller learns nothing of which member_ids are installed: the same answer, and no
+    call to Bitrix24 for either."""
+    before = standin.stats["app_info"]
+    stranger = standin.add_portal()
+    unknown = backend.post("/events/", data=bx.onapppayment(stranger))
+    known = backend.post("/events/", data=bx.onapppayment(b24))
+    assert (unknown.status_code, known.status_code) == (200, 200)
+    assert unknown.json().keys() == known.json().keys() and unknown.json()["result"] == known.json()["result"]
+    assert standin.stats["app_info"] == before
 
 
 def test_other_events_are_logged_and_acknowledged_when_their_application_token_matches(backend, b24):

@@ -345,6 +345,9 @@ class _OAuthHandler(_Handler):
             status, payload = standin._oauth_app_info(params)
         else:
             status, payload = 404, {"error": "NOT_FOUND", "error_description": f"No such endpoint {path}"}
+        if mode == "late":
+            # The server acted at once; its answer takes slow_seconds on the way back.
+            time.sleep(standin.slow_seconds)
         self._send_json(status, payload)
 
 
@@ -422,7 +425,8 @@ class StandIn:
         self.access_ttl = access_ttl
         # Current docs say 180 days, older ones 28; the stand-in takes the shorter (docs/bitrix24-protocol.md §4).
         self.refresh_ttl: float = 28 * 86400.0
-        # "ok"; faults: "down", "500", "html" (answer at once), "slow" (works after slow_seconds), "hang"
+        # "ok"; faults: "down", "500", "html" (answer at once), "slow" (works after slow_seconds), "late"
+        # (works at once, answers after slow_seconds), "hang"
         # (never acts nor answers until `release` is set or hang_seconds pass), "rotate_drop" (rotates,
         # then closes without an answer).
         self.oauth_mode: str = "ok"

@@ -5,7 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import connection, transaction
 
-from portals import crypto
+from portals import crypto, journal
 from portals.models import Portal, TokenPair
 
 
@@ -21,7 +21,7 @@ class Command(BaseCommand):
         done = 0
         for model, fields in (
             (TokenPair, ("access_token", "refresh_token")),
-            (Portal, ("application_token",)),
+            (Portal, ("application_token", "pending_application_token")),
         ):
             table = model._meta.db_table
             ids = list(model.objects.values_list("pk", flat=True))
@@ -43,4 +43,7 @@ class Command(BaseCommand):
                         cursor.execute(f"UPDATE {table} SET {sets} WHERE id = %s", [*values, row[0]])
                     done += len(rows)
             self.stdout.write(f"{model.__name__}: {len(ids)} row(s) re-encrypted")
+        copies = journal.rotate_copies(crypto.rotate)
+        if copies:
+            self.stdout.write(f"Second copies of renewals: {copies} re-encrypted")
         self.stdout.write(self.style.SUCCESS(f"Done: {done} row(s) now encrypted with the first key."))

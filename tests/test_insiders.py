@@ -1,0 +1,234 @@
+"""Insiders and floods: what an employee (who can read the launch's application token and their own
+AUTH_ID) or an anonymous caller (who knows a member_id) can do, and what it costs us.
+
+Every test here failed before uninstalls were confirmed with Bitrix24, verification had one path and
+one cache, and unverified requests got budgets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from time_machine import travel
+
+from portals import operations
+from portals.models import PairState, Portal, PortalState, TokenPair, WantedAction, WantedKind
+from portals.standin import payloads as bx
+from tests.factories import PortalFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _launch_application_token(backend, b24) -> str:
+    """What any employee who opens the app can read: the launch's APPLICATION_TOKEN."""
+    query, body = bx.launch(b24, b24.issue_tokens(7, admin=False))
+    assert backend.post("/app/", params=query, data=body).status_code == 200
+    return body.get("APPLICATION_TOKEN") or b24.application_token
+
+
+def _forged_uninstall(b24, application_token: str, clean: bool = True) -> list[tuple[str, str]]:
+    pairs = dict(bx.onappuninstall(b24, clean=clean))
+    pairs["auth[application_token]"] = application_token
+    return list(pairs.items())
+
+
+# --- uninstall is confirmed with Bitrix24 ------------------------------------------------------------
+
+
+def test_an_employees_uninstall_is_refused_while_bitrix24_says_installed(
+    backend, b24, installed_portal, wanted_worker, caplog
+):
+    token = _launch_application_token(backend, b24)
+    response = backend.post("/events/", data=_forged_uninstall(b24, token))
+    assert response.status_code == 200 and response.json()["result"] == "pending"
+
+    # Checked at once, then re-checked twice a few minutes apart (an event may outrun the removal).
+    assert wanted_worker() == ["failed: Bitrix24 says installed"]
+    with travel(timezone.now() + timezone.timedelta(minutes=2)):
+        assert wanted_worker() == ["failed: Bitrix24 says installed"]
+    with travel(timezone.now() + timezone.timedelta(minutes=6)):
+        assert wanted_worker() == ["refused: still installed"]
+
+    portal = Portal.objects.get(pk=installed_portal.pk)
+    assert portal.state == PortalState.INSTALLED
+    assert TokenPair.objects.filter(portal=portal, state=PairState.ACTIVE).exists()
+    assert "Suspicious ONAPPUNINSTALL" in caplog.text
+    assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 200  # events still admitted
+
+
+def test_a_genuine_uninstall_is_confirmed_also_with_an_expired_access_token(
+    backend, b24, standin, wanted_worker
+):
+    portal = PortalFactory.for_standin(b24, pair__expired_access=True)
+    b24.uninstall()  # Bitrix24's side: the app is gone, every token of the portal with it
+    assert backend.post("/events/", data=bx.onappuninstall(b24, clean=True)).status_code == 200
+
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
+
+    portal.refresh_from_db()
+    assert portal.state == PortalState.UNINSTALLED
+    assert not TokenPair.objects.filter(portal=portal).exists()
+
+
+def test_an_uninstall_while_the_oauth_server_is_down_stays_pending_then_is_confirmed(
+    backend, b24, installed_portal, standin, wanted_worker
+):
+    b24.uninstall()
+    assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
+    standin.oauth_mode = "500"
+    assert wanted_worker() == ["failed: Bitrix24 could not confirm the uninstall now"]
+    portal = Portal.objects.get(pk=installed_portal.pk)
+    assert portal.state == PortalState.INSTALLED  # nothing deleted on a guess
+    assert WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL).done_at is None
+
+    standin.oauth_mode = "ok"
+    with travel(timezone.now() + timezone.timedelta(minutes=2)):
+        assert wanted_worker() == ["done (confirmed by Bitrix24)"]
+    portal.refresh_from_db()
+    assert portal.state == PortalState.UNINSTALLED
+
+
+def test_without_a_live_pair_only_staff_confirm_an_uninstall(backend, b24, wanted_worker):
+    portal = PortalFactory.for_standin(b24, pair__state=PairState.DEAD)
+    assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
+    assert wanted_worker() == ["waiting for staff"]
+    assert Portal.objects.get(pk=portal.pk).state == PortalState.INSTALLED
+
+    operations.confirm_uninstall(portal=portal, clean=False)
+
+    assert Portal.objects.get(pk=portal.pk).state == PortalState.UNINSTALLED
+    assert not WantedAction.objects.filter(done_at=None).exists()
+
+
+def test_a_launch_racing_an_uninstall_leaves_no_token(backend, b24, installed_portal, standin, wanted_worker):
+    """The launch's app.info answer ("installed") is on its way when the uninstall lands and is
+    confirmed: the launch must not store tokens or bring the portal back."""
+    standin.oauth_mode = "late"  # app.info acts at once; its answer takes 1.5 s to come back
+    standin.slow_seconds = 1.5
+    employee = b24.issue_tokens(9, admin=False)
+    answers: list[int] = []
+
+    def launch() -> None:
+        try:
+            answers.append(backend.launch(b24, employee).status_code)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    time.sleep(0.5)  # the launch's app.info has been answered "installed" and is on its way
+    standin.oauth_mode = "ok"
+    b24.uninstall()
+    assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
+    thread.join(30)
+
+    assert answers == [409]
+    portal = Portal.objects.get(pk=installed_portal.pk)
+    assert portal.state == PortalState.UNINSTALLED
+    assert not TokenPair.objects.filter(portal=portal).exists()
+
+
+# --- unverified requests cost little -----------------------------------------------------------------
+
+
+def test_thirty_anonymous_payment_events_cost_no_refresh_and_at_most_one_app_info(
+    backend, b24, standin, wanted_worker
+):
+    PortalFactory.for_standin(b24, pair__expired_access=True)  # an anonymous event must not renew it
+    before = (standin.stats["app_info"], standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"])
+
+    answers = {backend.post("/events/", data=bx.onapppayment(b24)).status_code for _ in range(30)}
+    wanted_worker()
+
+    assert answers == {200}
+    assert WantedAction.objects.filter(kind=WantedKind.CHECK_STATUS).count() == 1  # debounced
+    app_info_calls = standin.stats["app_info"] - before[0]
+    refreshes = standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"] - before[1]
+    assert (refreshes, app_info_calls <= 1) == (0, True)
+
+
+def test_forged_launches_beyond_the_budget_get_429_without_asking(
+    backend, b24, installed_portal, standin, settings
+):
+    settings.BITRIX24_UNVERIFIED_BUDGET = 5
+    before = standin.stats["app_info"]
+    statuses = []
+    for n in range(12):
+        forged = {"access_token": f"{n:02d}" + "f" * 30, "refresh_token": "e" * 32}
+        response = backend.launch(b24, forged)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert int(response.headers["Retry-After"]) > 0
+    assert statuses[:5] == [401] * 5
+    assert set(statuses[5:]) == {429}
+    assert standin.stats["app_info"] - before == 5  # the budget, and not one call more
+
+
+def test_the_same_forged_token_is_asked_about_once(backend, b24, installed_portal, standin):
+    forged = {"access_token": "f" * 32, "refresh_token": "e" * 32}
+    before = standin.stats["app_info"]
+    assert [backend.launch(b24, forged).status_code for _ in range(5)] == [401] * 5
+    assert standin.stats["app_info"] - before == 1  # the refusal is remembered
+
+
+# --- first sight --------------------------------------------------------------------------------------
+
+
+def test_an_employees_first_install_leaves_the_portal_pending_until_an_admins(backend, b24, standin):
+    employee = b24.issue_tokens(7, admin=False)
+    planted = dict(bx.onappinstall(b24, employee))
+    planted["auth[application_token]"] = "planted" + "0" * 25
+    assert backend.post("/events/", data=list(planted.items())).status_code == 200
+
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.PENDING
+    assert portal.application_token == ""  # the planted token admits nothing
+    assert not TokenPair.objects.filter(portal=portal, is_background=True).exists()
+    forged = _forged_uninstall(b24, "planted" + "0" * 25)
+    assert backend.post("/events/", data=forged).status_code == 401
+
+    # The admin's install arrives: trusted, installed, the genuine application token.
+    assert backend.install_event(b24).status_code == 200
+    portal.refresh_from_db()
+    assert portal.state == PortalState.INSTALLED
+    assert portal.application_token == b24.application_token
+    assert TokenPair.objects.get(portal=portal, is_background=True).user_id == 1
+
+
+def test_staff_approve_a_pending_portal(backend, b24):
+    employee = b24.issue_tokens(7, admin=False)
+    assert backend.post("/events/", data=bx.onappinstall(b24, employee)).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.PENDING
+
+    operations.approve_pending(portal=portal)
+
+    portal.refresh_from_db()
+    assert portal.state == PortalState.INSTALLED
+    assert portal.application_token == b24.application_token
+    assert TokenPair.objects.get(portal=portal, is_background=True).user_id == 7
+    with pytest.raises(operations.OperationRefused):
+        operations.approve_pending(portal=portal)
+
+
+# --- a refresh token is replaced only by one that works -----------------------------------------------
+
+
+def test_a_launch_with_a_junk_refresh_id_keeps_the_users_working_pair(
+    backend, b24, installed_portal, standin
+):
+    pair = installed_portal.token_pairs.get(user_id=1)
+    good_refresh = pair.refresh_token
+    fresh = b24.issue_tokens(1, admin=True)
+    junk = {**fresh, "refresh_token": "j" * 32}
+
+    assert backend.launch(b24, junk).status_code == 200
+
+    pair.refresh_from_db()
+    assert pair.access_token == fresh["access_token"]  # what app.info proved is taken
+    assert pair.refresh_token == good_refresh  # what it did not prove is not
