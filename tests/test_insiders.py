@@ -12,6 +12,7 @@ import time
 
 import pytest
 from django.db import connection
+from django.urls import reverse
 from django.utils import timezone
 from time_machine import travel
 
@@ -232,3 +233,23 @@ def test_a_launch_with_a_junk_refresh_id_keeps_the_users_working_pair(
     pair.refresh_from_db()
     assert pair.access_token == fresh["access_token"]  # what app.info proved is taken
     assert pair.refresh_token == good_refresh  # what it did not prove is not
+
+
+def test_staff_see_the_journal_and_open_work_and_approve_in_the_admin(admin_client, backend, b24):
+    employee = b24.issue_tokens(7, admin=False)
+    assert backend.post("/events/", data=bx.onappinstall(b24, employee)).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert backend.post("/events/", data=bx.onapppayment(b24)).status_code == 200
+
+    for url in ("/admin/portals/wantedaction/", "/admin/portals/renewalattempt/"):
+        page = admin_client.get(url)
+        assert page.status_code == 200
+        assert employee["access_token"] not in page.content.decode()
+    assert "Check the app" in admin_client.get("/admin/portals/wantedaction/").content.decode()
+
+    response = admin_client.post(
+        reverse("admin:portals_portal_operate", args=(portal.pk, "approve")), follow=True
+    )
+    assert "approved, now installed" in response.content.decode()
+    portal.refresh_from_db()
+    assert portal.state == PortalState.INSTALLED

@@ -19,13 +19,15 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from portals import operations, services
-from portals.models import Portal, PortalState
+from portals.models import Portal, PortalState, WantedAction, WantedKind
 
 # The portal page's buttons: the operation's name in the URL (…/operate/<name>/) → its label.
 BUTTONS = {
     "renew": "Renew now",
     "verify": "Verify with app.info",
     "reinstall": "Mark as needing reinstall",
+    "approve": "Approve pending install",
+    "confirm_uninstall": "Confirm uninstall",
     "purge": "Purge data",
 }
 
@@ -91,6 +93,42 @@ def mark_needs_reinstall(
         )
 
 
+@admin.action(description="Approve pending installs", permissions=["change"])
+def approve_pending(
+    modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
+) -> None:
+    """Vouch for a portal first seen through a user who is not a portal admin."""
+    for portal in queryset:
+        try:
+            operations.approve_pending(portal=portal)
+        except operations.OperationRefused as exc:
+            modeladmin.message_user(request, f"Not approved: {exc}", messages.WARNING)
+            continue
+        modeladmin.message_user(request, f"{portal.domain}: approved, now installed.", messages.SUCCESS)
+
+
+@admin.action(description="Confirm uninstall (when Bitrix24 cannot be asked)", permissions=["change"])
+def confirm_uninstall(
+    modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
+) -> None:
+    """For an uninstall event no live token pair could confirm with Bitrix24: staff know better."""
+    for portal in queryset:
+        pending = WantedAction.objects.filter(
+            portal=portal, kind=WantedKind.CONFIRM_UNINSTALL, done_at=None
+        ).first()
+        if pending is None:
+            modeladmin.message_user(
+                request, f"{portal.domain}: no uninstall event is waiting for confirmation.", messages.WARNING
+            )
+            continue
+        try:
+            operations.confirm_uninstall(portal=portal, clean=pending.force)
+        except operations.OperationRefused as exc:
+            modeladmin.message_user(request, f"Not confirmed: {exc}", messages.WARNING)
+            continue
+        modeladmin.message_user(request, f"{portal.domain}: uninstall confirmed.", messages.SUCCESS)
+
+
 @admin.action(description="Purge data of uninstalled portals", permissions=["change"])
 def purge_data(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
@@ -142,6 +180,8 @@ _BUTTON_RUNS: dict[str, Callable[[admin.ModelAdmin[Portal], HttpRequest, QuerySe
     "renew": renew_now,
     "verify": verify_with_app_info,
     "reinstall": mark_needs_reinstall,
+    "approve": approve_pending,
+    "confirm_uninstall": confirm_uninstall,
     "purge": purge,
 }
 

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from portals.models import RenewalLog, TokenPair
+from portals.models import RenewalAttempt, RenewalLog, TokenPair, WantedAction
 
 from .display import MaskedPairTokensMixin, ReadOnlyMixin, days_left_html
 
@@ -74,3 +74,35 @@ class RenewalLogAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[RenewalLog]:
         return super().get_queryset(request).defer("portal__application_token")
+
+
+@admin.register(RenewalAttempt)
+class RenewalAttemptAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """The renewal journal: who held each refresh and how it ended (fingerprints only, no tokens)."""
+
+    list_display = ("started_at", "portal", "pair", "trigger", "state", "holder_host", "holder_pid", "note")
+    list_filter = ("state", "trigger")
+    search_fields = ("portal__domain", "=portal__member_id")
+    list_select_related = ("portal", "pair")
+    date_hierarchy = "started_at"
+
+
+@admin.register(WantedAction)
+class WantedActionAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """Work recorded before it is queued (bindings, staff renewals, uninstall confirmations, status
+    checks): what is still open, how often it was tried, and why it failed."""
+
+    list_display = (
+        "requested_at",
+        "portal",
+        "kind",
+        "trigger",
+        "attempts",
+        "next_attempt_at",
+        "done_at",
+        "last_error",
+        "note",
+    )
+    list_filter = ("kind", ("done_at", admin.EmptyFieldListFilter))
+    search_fields = ("portal__domain", "=portal__member_id")
+    list_select_related = ("portal",)

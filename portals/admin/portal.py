@@ -17,7 +17,16 @@ from django.utils.html import format_html
 from portals import masking, selectors
 from portals.models import Portal, RenewalLog, TokenPair
 
-from .actions import BUTTONS, mark_needs_reinstall, operate, purge_data, renew_now, verify_with_app_info
+from .actions import (
+    BUTTONS,
+    approve_pending,
+    confirm_uninstall,
+    mark_needs_reinstall,
+    operate,
+    purge_data,
+    renew_now,
+    verify_with_app_info,
+)
 from .display import (
     MaskedPairTokensMixin,
     ReadOnlyMixin,
@@ -117,7 +126,14 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     search_fields = ("domain", "=member_id")
     list_per_page = 100
     inlines = [TokenPairInline, RenewalLogInline]
-    actions = [renew_now, verify_with_app_info, mark_needs_reinstall, purge_data]
+    actions = [
+        renew_now,
+        verify_with_app_info,
+        mark_needs_reinstall,
+        approve_pending,
+        confirm_uninstall,
+        purge_data,
+    ]
     change_form_template = "admin/portals/portal/change_form.html"
     fieldsets = (
         (
