@@ -192,7 +192,7 @@ def test_a_stop_of_bin_run_finishes_the_refresh_in_flight_and_ends_every_process
     assert run.proc.returncode == 0, output
     assert "Traceback" not in output
     # The worker's pool process got the stop while refreshing, held it and started no retry.
-    assert "SIGINT received: finishing the token refresh in flight before stopping" in output
+    assert "SIGINT received: finishing the token refresh in flight first" in output
     assert standin.stats["oauth_requests"] == requests_before + 1
     assert re.search(r"stopped: worker \(exit status \d+\)", output), output  # not killed
     pair = TokenPair.objects.get(pk=pair.pk)
