@@ -318,3 +318,32 @@ def test_https_to_a_pinned_address_verifies_the_name_not_the_ip(
             assert server.seen == []  # type: ignore[attr-defined]
         assert sni and sni[0] == NAME  # SNI names the portal, not 127.0.0.1
         assert dns.of(NAME) == 1
+
+
+# --- a portal's redirect ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.5", "169.254.169.254"])
+def test_a_redirect_to_a_name_that_resolves_privately_gets_no_token(
+    installed_portal, standin, wildcard, dns, redirector, listener, address
+):
+    from portals import client
+    from portals.models import Portal
+
+    server, handler = redirector
+    port = listener.getsockname()[1]
+    dns.set(NAME, [address])
+    handler.location = f"http://{NAME}:{port}/rest/crm.contact.add.json"
+    Portal.objects.filter(pk=installed_portal.pk).update(domain=f"127.0.0.1:{server.server_port}")
+    installed_portal.refresh_from_db()
+    app_info_before = standin.stats["app_info"]
+    with pytest.raises(client.RestError) as failure:
+        client.PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "x"}})
+    assert failure.value.code == "bad_redirect"
+    assert "must resolve to public addresses only" in str(failure.value)
+    assert handler.hits == 1
+    assert _connections(listener) == 0  # nothing, let alone the token, went to the new name
+    assert standin.stats["app_info"] == app_info_before  # refused before anyone was asked
+    installed_portal.refresh_from_db()
+    assert installed_portal.domain == f"127.0.0.1:{server.server_port}"
