@@ -9,6 +9,7 @@ renamed portals, batches and paged lists.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -21,7 +22,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import governor, http, phpform, renewal
+from . import governor, http, oauth, phpform, renewal
 from .models import Portal, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,17 @@ class _Answer(NamedTuple):
     body: dict[str, Any]
 
 
+def _host_key(scheme: str, netloc: str) -> str:
+    """host[:port] as compared between a redirect and app.info: lowercased, no trailing dot, no port
+    that is the scheme's default. '' when it is not a host at all."""
+    try:
+        domain = http.normalize_domain(netloc)
+    except ValueError:
+        return ""
+    default = ":443" if scheme == "https" else ":80"
+    return domain.removesuffix(default)
+
+
 def _policy(harmless_twice: bool) -> http.RetryPolicy:
     return http.rest_read_policy() if harmless_twice else http.rest_write_policy()
 
@@ -349,8 +361,9 @@ class PortalClient:
         return isinstance(profile, dict) and profile.get("ADMIN") in (True, "Y", "true", 1, "1")
 
     def _follow_rename(self, response: requests.Response) -> tuple[str, str]:
-        """Where a renamed portal sends us: checked against the allowlist before anything else.
-        The new address is used for this call only until it answers like a portal (see _deliver)."""
+        """Where a renamed portal sends us: checked against the allowlist (and, for a host a wildcard
+        admits, where it resolves) before anything else. The new address still has to be confirmed
+        with app.info (_confirm_rename) before the token goes there."""
         location = response.headers.get("Location", "")
         target = urlsplit(location)
         scheme = (target.scheme or self.portal.protocol).lower()
@@ -362,10 +375,53 @@ class PortalClient:
                 f"portal redirected to {netloc or location!r}, which is not a portal: {exc}",
                 code="bad_redirect",
             ) from exc
+        except http.UnresolvedHost as exc:
+            raise TransportError(f"portal redirected to {netloc!r}: {exc}", maybe_sent=False) from exc
         return scheme, netloc
 
+    def _confirm_rename(
+        self, moved: tuple[str, str], token: str, known: oauth.AppInfo | None
+    ) -> oauth.AppInfo | _Answer:
+        """Whether the OAuth server agrees that the token's portal now lives at `moved`: its app.info
+        must name that domain and this portal's member_id. The allowlist only says the new address is
+        some portal; a redirect to another allowlisted portal (or an old domain's new owner sending us
+        on) must not get this portal's token, nor become its stored domain. Asked once per call
+        (`known`); a further hop must land on the same confirmed domain.
+
+        An _Answer is an expired token as the portal would have reported it, for _send to renew."""
+        info = known
+        if info is None:
+            server = oauth.server_for(self.portal.oauth_server)
+            try:
+                info = oauth.app_info(server, token)
+            except oauth.ExpiredToken as exc:
+                return _Answer(401, {"error": "expired_token", "error_description": f"app.info: {exc}"})
+            except oauth.OAuthUnavailable as exc:
+                raise TransportError(
+                    f"portal redirected to {moved[1]!r}; app.info could not confirm it: {exc}",
+                    maybe_sent=False,
+                ) from exc
+            except oauth.OAuthError as exc:
+                raise RestError(
+                    f"portal redirected to {moved[1]!r}; app.info refused the token ({exc.code})",
+                    code="rename_unconfirmed",
+                ) from exc
+        if not info.member_id or not hmac.compare_digest(info.member_id, self.portal.member_id):
+            raise RestError(
+                f"portal redirected to {moved[1]!r}, but the token belongs to another portal "
+                f"(member_id {info.member_id!r})",
+                code="bad_redirect",
+            )
+        if _host_key(moved[0], moved[1]) != _host_key(moved[0], info.domain):
+            raise RestError(
+                f"portal redirected to {moved[1]!r}, but app.info says the portal is {info.domain!r}",
+                code="bad_redirect",
+            )
+        return info
+
     def _keep_rename(self, scheme: str, netloc: str) -> None:
-        """The new address answered as a Bitrix24 portal: store it (member_id stays the key)."""
+        """The new address, confirmed by app.info, answered as a Bitrix24 portal: store it (member_id
+        stays the key)."""
         logger.info("Portal %s moved: %s -> %s", self.portal.member_id, self.portal.domain, netloc)
         Portal.objects.filter(pk=self.portal.pk).update(
             domain=netloc, protocol=scheme, updated_at=timezone.now()
@@ -416,7 +472,8 @@ class PortalClient:
 
     def _deliver(self, method: str, payload: dict[str, Any], transport: http.Attempts) -> _Answer:
         """Send until a JSON object comes back, whatever it says."""
-        moved: tuple[str, str] | None = None  # (scheme, host) a redirect sent us to, not yet confirmed
+        moved: tuple[str, str] | None = None  # (scheme, host) a redirect sent us to, app.info confirmed
+        confirmed: oauth.AppInfo | None = None
         redirects = 0
         while True:
             self._reserve_slot()
@@ -427,7 +484,11 @@ class PortalClient:
                 # A renamed portal: re-send the same method and body to the new address (a plain
                 # redirect-follow would turn the POST into a GET and drop the body).
                 redirects += 1
-                moved = self._follow_rename(response)
+                target = self._follow_rename(response)
+                checked = self._confirm_rename(target, str(payload.get("auth") or ""), confirmed)
+                if isinstance(checked, _Answer):
+                    return checked
+                moved, confirmed = target, checked
                 continue
             body = self._json(method, response, transport)
             if body is None:

@@ -4,6 +4,11 @@ It knows which hosts may be called (configured OAuth servers, portal domains mat
 BITRIX24_PORTAL_DOMAINS), the timeouts, and never follows redirects by itself: a redirect is the
 caller's decision (a renamed portal must get its POST re-sent, not turned into a GET).
 
+A host admitted only by a wildcard pattern is resolved here, every address it resolves to must be a
+public one, and the connection goes to the address that was checked: a name under `*.bitrix24.com`
+whose DNS points at 10.0.0.5 or 169.254.169.254 is refused before a byte is sent, and a DNS answer
+that changes between the check and the connect (rebinding) is never seen by the connection.
+
 It also holds the retry policies, one per kind of call, so that what may be sent twice is decided
 here and nowhere else: a failure the server never saw is always retried; one it may have carried
 out only where doing it twice is harmless.
@@ -15,18 +20,24 @@ import enum
 import ipaddress
 import math
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
+from urllib3.util.connection import allowed_gai_family
 
 from . import stopping
+
+if TYPE_CHECKING:
+    from requests.adapters import _HostParams, _PoolKwargs  # the stubs' names for what requests builds
 
 USER_AGENT = "bitrix24-django-backend/1.0"
 
@@ -35,6 +46,57 @@ _local = threading.local()
 
 class HostNotAllowed(Exception):
     """An outbound request to a host outside the allowlist was refused before it was sent."""
+
+
+class UnresolvedHost(requests.ConnectionError):
+    """A host a wildcard pattern admits could not be resolved. Nothing was sent: a ConnectionError,
+    so that callers retry it like the failed lookup inside requests it replaces."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a URL that passed the check may be sent.
+
+    `address` is the IP the connection must go to: the one whose check passed. None when the host is
+    trusted as written (a configured OAuth server, a portal pattern naming the host exactly) and is
+    left to the ordinary resolver.
+    """
+
+    host: str
+    address: str | None = None
+
+
+# Cloud metadata services, named although the ranges below cover them, so that the refusal says what
+# the address is: AWS/GCP/Azure/OpenStack, AWS over IPv6, Alibaba Cloud.
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
+
+
+_REFUSED_KINDS = (
+    ("is_loopback", "a loopback address"),
+    ("is_unspecified", "the unspecified address"),
+    ("is_link_local", "a link-local address"),
+    ("is_multicast", "a multicast address"),
+    ("is_private", "a private address"),
+    ("is_reserved", "a reserved address"),
+)
+
+
+def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a portal reached through a wildcard pattern may not be at `ip`; None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1 to the kernel
+    if ip in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    for flag, what in _REFUSED_KINDS:
+        if getattr(ip, flag):
+            return what
+    # What the flags above miss and no portal on the internet can be: shared address space
+    # (100.64.0.0/10, carrier NAT and some clouds' internal services), 6to4/Teredo relays' own ranges …
+    if not ip.is_global:
+        return "not a globally routable address"
+    return None
 
 
 def _split_host(netloc: str) -> tuple[str, str]:
@@ -80,48 +142,159 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
-def portal_domain_allowed(domain: str) -> bool:
-    """Whether `domain` (host[:port]) matches BITRIX24_PORTAL_DOMAINS.
+class _Match(enum.Enum):
+    EXACT = "a pattern names the host exactly"
+    WILDCARD = "only a wildcard pattern admits the host"
 
-    IP literals and localhost pass only a pattern that names them exactly (a wildcard never
-    matches them): `*` must not turn 169.254.169.254 into a portal.
-    """
+
+def _is_wildcard(pattern_host: str) -> bool:
+    return any(ch in pattern_host for ch in "*?[")
+
+
+def _portal_match(domain: str) -> _Match | None:
+    """How `domain` (host[:port]) matches BITRIX24_PORTAL_DOMAINS, if it does. An exact match wins:
+    a host the operator named is trusted as written, one a wildcard admits is resolved and checked."""
     try:
         domain = normalize_domain(domain)
     except ValueError:
-        return False
+        return None
     host, port = _split_host(domain)
+    found: _Match | None = None
     for pattern in settings.BITRIX24_PORTAL_DOMAINS:
         p_host, p_port = _split_host(pattern)
         if p_port and not fnmatchcase(port, p_port):
             continue
         if not p_port and port:
             continue
-        if _is_ip_or_local(host):
-            if p_host == host:
-                return True
+        if not _is_wildcard(p_host):
+            if p_host.rstrip(".") == host:
+                return _Match.EXACT
             continue
-        if fnmatchcase(host, p_host):
-            return True
-    return False
+        if not _is_ip_or_local(host) and fnmatchcase(host, p_host):
+            found = _Match.WILDCARD
+    return found
+
+
+def portal_domain_allowed(domain: str) -> bool:
+    """Whether `domain` (host[:port]) matches BITRIX24_PORTAL_DOMAINS, as a string.
+
+    IP literals and localhost pass only a pattern that names them exactly (a wildcard never
+    matches them): `*` must not turn 169.254.169.254 into a portal. Where a name admitted by a
+    wildcard actually points is checked when a request is sent (check_url).
+    """
+    return _portal_match(domain) is not None
 
 
 def oauth_server_allowed(base_url: str) -> bool:
     return base_url.rstrip("/") in settings.BITRIX24_OAUTH_SERVERS
 
 
-def check_url(url: str) -> None:
-    """Raise HostNotAllowed unless `url` points at a configured OAuth server or an allowed portal."""
+def _public_address(host: str, port: int) -> str:
+    """Resolve `host` once and return the address to connect to, after checking every address it
+    resolves to. Any non-public one refuses the host: a DNS answer mixing a public and a private
+    address would otherwise reach the private one on the next lookup, or through a retry.
+
+    No cache of our own: the connection is pinned to the address checked here, so a cache could only
+    make us slower to follow a portal's move, and the system resolver caches already.
+    """
+    try:
+        # The family urllib3 itself would ask for (IPv6 only where this machine has it), so the pinned
+        # address is one this machine can reach.
+        infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        raise UnresolvedHost(f"cannot resolve {host!r}: {exc}") from exc
+    addresses: list[str] = []
+    for info in infos:
+        text = str(info[4][0])
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError as exc:
+            raise HostNotAllowed(f"{host!r} resolves to {text!r}, which is not an IP address") from exc
+        reason = _refusal(ip)
+        if reason is not None:
+            raise HostNotAllowed(
+                f"{host!r} resolves to {ip}, {reason}: a host admitted by a wildcard pattern of "
+                "BITRIX24_PORTAL_DOMAINS must resolve to public addresses only"
+            )
+        if text not in addresses:
+            addresses.append(text)
+    if not addresses:
+        raise UnresolvedHost(f"cannot resolve {host!r}: no address")
+    # The resolver's preferred address. One address per request: a connection that fails on it is a
+    # NOT_SENT failure, which every retry policy sends again.
+    return addresses[0]
+
+
+def check_url(url: str) -> Destination:
+    """Where `url` may be sent; HostNotAllowed unless it points at a configured OAuth server or an
+    allowed portal whose addresses (for a wildcard match) are public. A failed lookup raises
+    UnresolvedHost, a requests.ConnectionError."""
     parts = urlsplit(url)
     allowed_schemes = {"https", "http"} if settings.BITRIX24_ALLOW_HTTP else {"https"}
     if parts.scheme not in allowed_schemes:
         raise HostNotAllowed(f"scheme {parts.scheme!r} is not allowed for outbound requests")
+    host = (parts.hostname or "").rstrip(".")
     origin = f"{parts.scheme}://{parts.netloc}"
     if any(origin == server or url.startswith(server + "/") for server in settings.BITRIX24_OAUTH_SERVERS):
-        return
-    if portal_domain_allowed(parts.netloc):
-        return
+        return Destination(host)  # configured by the operator: trusted as written
+    match = _portal_match(parts.netloc)
+    if match is _Match.EXACT:
+        return Destination(host)
+    if match is _Match.WILDCARD:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return Destination(host, _public_address(host, port))
     raise HostNotAllowed(f"{parts.netloc!r} is neither a configured OAuth server nor a portal domain")
+
+
+# The checked Destination rides on the PreparedRequest from send() to the adapter: requests hands the
+# same object to the adapter, and nothing else carries per-request data that far.
+_DESTINATION = "_b24_destination"
+
+
+class _CheckedAdapter(HTTPAdapter):
+    """Sends a request only to the Destination check_url gave it.
+
+    For a pinned address the urllib3 pool is opened on that IP, while the URL keeps the name: the Host
+    header is set from the name, and for https `server_hostname` (SNI) and `assert_hostname` (the
+    certificate check) are the name too, so TLS verifies the portal, not the IP. urllib3 connects to an
+    IP literal without asking DNS, so no second lookup can return another address. Pools are keyed by
+    the IP (and for https the name), so keep-alive reuse never crosses to an address that was not
+    checked for this request.
+    """
+
+    @staticmethod
+    def _destination(request: requests.PreparedRequest) -> Destination:
+        destination = getattr(request, _DESTINATION, None)
+        if not isinstance(destination, Destination):
+            # Only send() attaches one: a request that skipped the allowlist goes nowhere.
+            raise HostNotAllowed("outbound requests must go through portals.http.send")
+        return destination
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: str | tuple[str, str] | None = None
+    ) -> tuple[_HostParams, _PoolKwargs]:
+        # requests documents this hook for changing the pool a request is sent on.
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        destination = self._destination(request)
+        if destination.address is not None:
+            host_params["host"] = destination.address
+            # urllib3's TLS keywords (dropped for plain-http pools), which the stubs' TypedDict lacks.
+            tls = cast("dict[str, Any]", pool_kwargs)
+            tls["server_hostname"] = destination.host
+            tls["assert_hostname"] = destination.host
+        return host_params, pool_kwargs
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        destination = self._destination(request)
+        if destination.address is not None:
+            # http.client would name the IP it connects to; the portal must see its own name.
+            parts = urlsplit(request.url or "")
+            default_port = 443 if parts.scheme == "https" else 80
+            port = parts.port
+            request.headers["Host"] = (
+                destination.host if port in (None, default_port) else f"{destination.host}:{port}"
+            )
+        return super().send(request, *args, **kwargs)
 
 
 def session() -> requests.Session:
@@ -132,16 +305,24 @@ def session() -> requests.Session:
         sess.headers["User-Agent"] = USER_AGENT
         # Proxies from the environment would send portal traffic (and tokens) elsewhere.
         sess.trust_env = False
+        adapter = _CheckedAdapter()
+        sess.mount("https://", adapter)
+        sess.mount("http://", adapter)
         _local.session = sess
     return sess
 
 
 def send(method: str, url: str, **kwargs: Any) -> requests.Response:
-    """Send one request after the allowlist check. Redirects are never followed here."""
-    check_url(url)
-    kwargs.setdefault("timeout", settings.BITRIX24_HTTP_TIMEOUT)
-    kwargs["allow_redirects"] = False
-    return session().request(method, url, **kwargs)
+    """Send one request after the allowlist check, to the address that was checked. Redirects are
+    never followed here. `kwargs`: what requests.Request takes (params, data, json, headers …), and
+    `timeout`."""
+    destination = check_url(url)
+    timeout = kwargs.pop("timeout", settings.BITRIX24_HTTP_TIMEOUT)
+    kwargs.pop("allow_redirects", None)
+    sess = session()
+    prepared = sess.prepare_request(requests.Request(method.upper(), url, **kwargs))
+    setattr(prepared, _DESTINATION, destination)
+    return sess.send(prepared, timeout=timeout, allow_redirects=False)
 
 
 # --- retry policies -------------------------------------------------------------------------------
@@ -158,7 +339,7 @@ class Failure(enum.Enum):
 
 def failure_of(exc: requests.RequestException) -> Failure:
     """Whether a request that raised may have reached the server."""
-    if isinstance(exc, requests.ConnectTimeout):
+    if isinstance(exc, (requests.ConnectTimeout, UnresolvedHost)):
         return Failure.NOT_SENT
     # requests wraps a refused connection (and a failed DNS lookup) as ConnectionError(MaxRetryError);
     # only the reason inside tells it apart from a connection dropped after the request went out.

@@ -135,6 +135,35 @@ def backend(live_server: Any, transactional_db: None) -> Iterator[Backend]:
     client.http.close()
 
 
+@pytest.fixture
+def redirector() -> Iterator[Any]:
+    """A server on loopback that answers every request with a 302 to a chosen Location."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        location = ""
+        hits = 0
+
+        def _answer(self) -> None:
+            Handler.hits += 1
+            self.send_response(302)
+            self.send_header("Location", Handler.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, Handler
+    server.shutdown()
+    server.server_close()
+
+
 # --- tests that only mean something on PostgreSQL or with Redis -----------------------------------
 # The suite runs twice in CI: on PostgreSQL + Redis, and on the embedded defaults (SQLite, the
 # filesystem broker). A test marked needs_postgres / needs_redis is skipped with its reason in the

@@ -198,13 +198,15 @@ def test_an_idempotent_write_may_be_retried(installed_portal, b24, settings):
     assert len(_calls(b24, "crm.contact.update")) == 3
 
 
-def test_renamed_portal_gets_the_post_resent_as_a_post(installed_portal, b24):
+def test_renamed_portal_gets_the_post_resent_as_a_post(installed_portal, b24, standin):
     old = b24.domain
+    app_info_before = standin.stats["app_info"]
     b24.rename()
     new_id = PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "After rename"}})
     assert new_id
     installed_portal.refresh_from_db()
     assert installed_portal.domain == b24.domain != old
+    assert standin.stats["app_info"] == app_info_before + 1  # the new address confirmed once
     adds = _calls(b24, "crm.contact.add")
     assert len(adds) == 1
     http_method, _, params = adds[0]
@@ -280,35 +282,6 @@ def test_no_binding_without_a_public_url(installed_portal, b24, settings):
     assert _calls(b24, "event.get") == []
 
 
-@pytest.fixture
-def redirector():
-    """A server on loopback that answers every request with a 302 to a chosen Location."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        location = ""
-        hits = 0
-
-        def _answer(self) -> None:
-            Handler.hits += 1
-            self.send_response(302)
-            self.send_header("Location", Handler.location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, Handler
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize(
     "location",
     ["http://169.254.169.254/rest/profile.json", "http://localhost:8000/rest/x.json", "http://2130706433/"],
@@ -330,3 +303,58 @@ def test_a_redirect_to_a_host_that_is_not_a_portal_is_refused_and_stores_nothing
         f"127.0.0.1:{server.server_port}",
         before[1],
     )
+
+
+def _point_at_redirector(portal: Portal, server) -> None:
+    Portal.objects.filter(pk=portal.pk).update(domain=f"127.0.0.1:{server.server_port}")
+    portal.refresh_from_db()
+
+
+def test_a_redirect_to_another_portal_gets_no_token_and_is_not_stored(
+    installed_portal, b24, standin, redirector
+):
+    # The target passes the allowlist (it is a portal), but app.info says the token's portal is b24.
+    other = standin.add_portal()
+    server, handler = redirector
+    handler.location = other.url + "/rest/crm.contact.add.json"
+    _point_at_redirector(installed_portal, server)
+    app_info_before = standin.stats["app_info"]
+    with pytest.raises(client.RestError) as failure:
+        PortalClient(installed_portal).call("crm.contact.add", {"fields": {"NAME": "x"}})
+    assert failure.value.code == "bad_redirect"
+    assert "app.info says the portal is" in str(failure.value)
+    assert standin.stats["app_info"] == app_info_before + 1
+    assert other.calls == [] and b24.calls == []
+    installed_portal.refresh_from_db()
+    assert installed_portal.domain == f"127.0.0.1:{server.server_port}"
+
+
+def test_a_redirect_to_the_portal_a_token_belongs_to_is_refused_for_another_member_id(
+    installed_portal, standin, redirector
+):
+    # A token of another portal, used for this one: app.info names the redirect's target as the
+    # token's portal, but its member_id is not this portal's.
+    other = standin.add_portal()
+    server, handler = redirector
+    handler.location = other.url + "/rest/profile.json"
+    _point_at_redirector(installed_portal, server)
+    token = other.issue_tokens(1, admin=True)["access_token"]
+    with pytest.raises(client.RestError) as failure:
+        PortalClient(installed_portal, access_token=token).call("profile")
+    assert failure.value.code == "bad_redirect"
+    assert "another portal" in str(failure.value)
+    assert other.calls == []
+    installed_portal.refresh_from_db()
+    assert installed_portal.domain == f"127.0.0.1:{server.server_port}"
+
+
+def test_a_rename_met_with_an_expired_token_renews_it_and_is_confirmed_with_the_new_one(
+    installed_portal, b24, standin
+):
+    b24.rename()
+    standin.advance(3601)  # app.info, asked about the rename, is the first to see the token expired
+    refreshes = standin.stats["refresh_ok"]
+    assert PortalClient(installed_portal).call("server.time")
+    assert standin.stats["refresh_ok"] == refreshes + 1
+    installed_portal.refresh_from_db()
+    assert installed_portal.domain == b24.domain
