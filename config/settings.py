@@ -239,6 +239,8 @@ BITRIX24_RATE_LIMIT = env_float("BITRIX24_RATE_LIMIT", 2.0)
 BITRIX24_RATE_BURST = env_int("BITRIX24_RATE_BURST", 50)
 BITRIX24_QUERY_LIMIT_RETRIES = env_int("BITRIX24_QUERY_LIMIT_RETRIES", 5)
 BITRIX24_OPERATING_WAIT_MAX = env_int("BITRIX24_OPERATING_WAIT_MAX", 600)
+# The inbound log keeps its rows this many days (0: for ever); a beat task deletes older ones.
+INBOUND_LOG_RETENTION_DAYS = env_int("INBOUND_LOG_RETENTION_DAYS", 30)
 # Events bound with event.bind after install and update (ONAPPUNINSTALL always).
 BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
 
