@@ -78,6 +78,16 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit})"
 
 
+def _fit(text: str, budget: int) -> str:
+    """`text` cut so that its stored form (JSON, non-ASCII escaped: up to 6 bytes a character) stays
+    within `budget` bytes."""
+    text = printable(text)
+    keep = min(len(text), budget)
+    while keep and len(json.dumps(text[:keep])) > budget:
+        keep //= 2
+    return text if keep == len(text) else text[:keep] + f"…(+{len(text) - keep})"
+
+
 def _bounded(value: Any, depth: int) -> Any:
     if isinstance(value, dict):
         if depth >= SUMMARY_DEPTH:
@@ -102,11 +112,12 @@ def _bounded(value: Any, depth: int) -> Any:
     return _cut(str(value), SUMMARY_VALUE)  # numbers too: a 4,000-digit integer is just text here
 
 
-def summarize(value: Any, *, size: int | None) -> dict[str, Any]:
+def summarize(value: Any, *, size: int | None, count: int | None = None) -> dict[str, Any]:
     """A bounded copy of an (already redacted) parsed body or query: at most SUMMARY_KEYS entries a
     level, SUMMARY_DEPTH levels, short keys and values, SUMMARY_BYTES in all; with the number of
     top-level keys and the size it came in."""
-    count = len(value) if isinstance(value, dict) else 0
+    if count is None:
+        count = len(value) if isinstance(value, dict) else 0
     if not count and not size:
         return {}
     summary: dict[str, Any] = {"_keys": count, "_bytes": size}
@@ -129,7 +140,7 @@ def _raw_preview(request: HttpRequest) -> dict[str, Any]:
     if not raw:
         return {}
     text = redact(raw[:SUMMARY_BYTES].decode("utf-8", errors="replace"))
-    return {"_bytes": len(raw), "_raw": _cut(text, SUMMARY_BYTES // 2)}
+    return {"_bytes": len(raw), "_raw": _fit(text, SUMMARY_BYTES // 2)}
 
 
 def _sizes(request: HttpRequest) -> tuple[int, int | None]:
@@ -186,7 +197,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         row = InboundRequest.objects.create(
             kind=kind,
             remote_addr=request.META.get("REMOTE_ADDR") or None,
-            headers={h: _cut(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
+            headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
         )
     except DatabaseError:
         # Nothing can be trusted or stored without the log row: ask the sender to come back.
@@ -262,14 +273,12 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     return response
 
 
-def _kept(params: dict[str, Any]) -> dict[str, Any]:
-    kept = redact_params(params)
-    if len(json.dumps(kept)) > 50_000:
-        kept = {
-            "_truncated": "body too large to keep",
-            "keys": [_cut(str(k), 100) for k in sorted(kept)[:100]],
-        }
-    return kept
+def _kept(redacted: dict[str, Any]) -> dict[str, Any]:
+    """What an accepted request keeps: all of it, redacted, unless that is over 50 KB."""
+    if len(json.dumps(redacted)) > 50_000:
+        names = [_cut(str(k), 100) for k in sorted(redacted)[:100]]
+        return {"_truncated": "body too large to keep", "_keys": len(redacted), "keys": names}
+    return redacted
 
 
 def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any], **fields: str) -> None:
@@ -280,10 +289,11 @@ def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any]
     refused request never leaves a large row, nor a large dead row version on PostgreSQL.
     """
     query_size, body_size = getattr(row, "_sizes", (None, None))
-    full_query, full_body = _kept(query), _kept(body)
-    row._full = (full_query, full_body)  # type: ignore[attr-defined]
-    row.query = summarize(full_query, size=query_size)
-    row.body = summarize(full_body, size=body_size)
+    redacted_query, redacted_body = redact_params(query), redact_params(body)
+    row._full = (_kept(redacted_query), _kept(redacted_body))  # type: ignore[attr-defined]
+    # redact_params keeps 200 keys a level: the count is the request's own.
+    row.query = summarize(redacted_query, size=query_size, count=len(query))
+    row.body = summarize(redacted_body, size=body_size, count=len(body))
     for name, value in fields.items():
         text_value = str(value)
         if name == "event":

@@ -30,9 +30,9 @@ def purge_expired(*, days: int | None = None, batch_size: int = BATCH_SIZE, max_
     deleted = 0
     for _ in range(max_batches):
         batch = list(
-            InboundRequest.objects.filter(created_at__lt=cutoff).order_by("pk").values_list("pk", flat=True)[
-                :batch_size
-            ]
+            InboundRequest.objects.filter(created_at__lt=cutoff)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:batch_size]
         )
         if not batch:
             break
