@@ -115,6 +115,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Token renewals needed by a request are carried out by a Celery worker (portals/middleware.py).
     "portals.middleware.RenewalsInWorkers",
+    # A configuration error (token keys that cannot decrypt, missing credentials) answers 503, not 500.
+    "portals.middleware.NotConfiguredAnswers",
 ]
 
 ROOT_URLCONF = "config.urls"
