@@ -119,3 +119,8 @@ def check() -> Health:
     # process must not be sent traffic as if it worked.
     problem = keys_problem(sample)
     return Health(ok=db_ok and broker_ok and not problem, database=db, broker=broker, keys=problem or "ok")
+
+
+def connection_vendor() -> str:
+    """What `Health.database` says when the database answered."""
+    return connection.vendor
