@@ -4,6 +4,8 @@ names never reach the admin's filter, and staff may delete rows."""
 from __future__ import annotations
 
 import json
+import random
+import string
 from datetime import timedelta
 from urllib.parse import urlencode
 
@@ -23,14 +25,20 @@ FORM = "application/x-www-form-urlencoded"
 BODY_SIZE = 250 * 1024
 
 
+def _noise(rng: random.Random, size: int) -> str:
+    # Random text: PostgreSQL compresses what it stores, and repeated characters would hide the growth.
+    return "".join(rng.choices(string.ascii_letters + string.digits, k=size))
+
+
 def _junk(i: int) -> tuple[bytes, str]:
     """About 250 KB of junk, in the shapes that used to be kept in full."""
+    rng = random.Random(i)
     shape = i % 4
     if shape == 0:  # long keys and values: the old "truncated" summary kept every key name whole
-        pairs = [f"k{i}_{n}{'x' * 1500}={'v' * 1000}" for n in range(100)]
+        pairs = [f"k{n}{_noise(rng, 1500)}={_noise(rng, 1000)}" for n in range(100)]
         return "&".join(pairs).encode()[:BODY_SIZE], FORM
     if shape == 1:  # a JSON event from no known portal, many keys of 600 characters
-        data = {f"field_{n}_{'y' * 40}": "z" * 600 for n in range(380)}
+        data = {f"field_{n}_{_noise(rng, 40)}": _noise(rng, 600) for n in range(380)}
         body = {
             "event": "ONCRMDEALADD",
             "auth": {"member_id": f"m{i}", "application_token": "t"},
@@ -38,8 +46,8 @@ def _junk(i: int) -> tuple[bytes, str]:
         }
         return json.dumps(body).encode(), "application/json"
     if shape == 2:  # an event "name" of 250 KB
-        return ("event=" + "E" * (BODY_SIZE - 20) + f"{i}").encode(), FORM
-    return bytes(range(128, 256)) * (BODY_SIZE // 128), FORM  # not UTF-8 at all
+        return ("event=" + _noise(rng, BODY_SIZE - 20)).encode(), FORM
+    return rng.randbytes(BODY_SIZE), FORM  # not UTF-8 at all
 
 
 def _log_bytes() -> int:
