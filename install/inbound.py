@@ -266,7 +266,12 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         changed.append("body")
     try:
         # Only what changed: rewriting an unchanged body would leave a dead copy behind on PostgreSQL.
-        row.save(update_fields=changed)
+        try:
+            row.save(update_fields=changed)
+        except DatabaseError:
+            # The row went while the request ran (an uninstall with CLEAN deletes the portal's log, this
+            # row included): write it again, so the uninstall itself stays on record.
+            row.save(force_insert=True)
     except Exception:
         # The answer is decided; losing the outcome on the log row must not turn it into a 500.
         logger.exception("Could not record the outcome of inbound %s #%s", kind, row.pk)
