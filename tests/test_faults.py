@@ -32,43 +32,40 @@ http.trust_env = False
 
 
 # /healthz names the failing part to staff only: the probe logs in as staff once, while the database answers.
-_staff_sessions: dict[str, requests.Session] = {}
+# The backend runs without DJANGO_DEBUG, so its cookies are Secure: over plain HTTP they are sent by hand.
+_staff_sessions: dict[str, str] = {}
 _PROBE_USER = (
     "from django.contrib.auth import get_user_model; "
     "get_user_model().objects.create_user('probe', password='probe-pw', is_staff=True)"
 )
 
 
-def _staff_session(backend: BackendProcess) -> requests.Session:
-    session = _staff_sessions.get(backend.url)
-    if session is None:
+def _staff_session(backend: BackendProcess) -> str:
+    session_id = _staff_sessions.get(backend.url)
+    if session_id is None:
         backend.manage("shell", "-c", _PROBE_USER)
-        session = requests.Session()
-        session.trust_env = False
         login = backend.url + "/admin/login/"
-        session.get(login, timeout=10)
-        answer = session.post(
+        csrf = http.get(login, timeout=10).cookies["csrftoken"]
+        answer = http.post(
             login,
-            data={
-                "username": "probe",
-                "password": "probe-pw",
-                "csrfmiddlewaretoken": session.cookies["csrftoken"],
-            },
+            data={"username": "probe", "password": "probe-pw", "csrfmiddlewaretoken": csrf},
+            cookies={"csrftoken": csrf},
             headers={"Referer": login},
             timeout=10,
             allow_redirects=False,
         )
         assert answer.status_code == 302, answer.text[:300]
-        _staff_sessions[backend.url] = session
-    return session
+        session_id = _staff_sessions[backend.url] = answer.cookies["sessionid"]
+        http.cookies.clear()
+    return session_id
 
 
 def health(
     backend: BackendProcess, timeout: float = HEALTH_DEADLINE + 5
 ) -> tuple[int, dict[str, Any], float]:
-    session = _staff_session(backend)
+    session_id = _staff_session(backend)
     started = time.monotonic()
-    response = session.get(backend.url + "/healthz", timeout=timeout)
+    response = http.get(backend.url + "/healthz", cookies={"sessionid": session_id}, timeout=timeout)
     return response.status_code, response.json(), time.monotonic() - started
 
 
