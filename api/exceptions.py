@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
@@ -67,6 +68,23 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.NotFound(*exc.args) if exc.args else exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied(*exc.args) if exc.args else exceptions.PermissionDenied()
+
+    if isinstance(exc, ImproperlyConfigured):
+        # Not a bug but a setting (token keys that cannot decrypt, say): 503, and which setting only to
+        # staff. The Django request's user is the one DRF authenticated; asking DRF again could re-raise.
+        request = context.get("request")
+        user = getattr(getattr(request, "_request", request), "user", None)
+        staff = user is not None and user.is_active and user.is_staff
+        logger.error("Configuration error in the API: %s", exc)
+        set_rollback()
+        return Response(
+            {
+                "error": "not_configured",
+                "error_description": str(exc) if staff else "the backend is not configured",
+            },
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "60"},
+        )
 
     if not isinstance(exc, exceptions.APIException):
         # A bug: logged with its traceback, answered as JSON like every other error.

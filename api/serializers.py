@@ -236,6 +236,7 @@ class HealthSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ok", "unavailable"])
     database = serializers.CharField()
     broker = serializers.CharField()
+    keys = serializers.CharField(help_text='"ok", or what is wrong with BITRIX24_TOKEN_KEYS.')
     portals = serializers.DictField(child=serializers.IntegerField(), help_text="Portals per state.")
     pairs = PairCountsSerializer()
     background = serializers.DictField(

@@ -193,6 +193,7 @@ class Health(APIView):
             "status": "ok" if ok else "unavailable",
             "database": probe.database,
             "broker": probe.broker,
+            "keys": probe.keys,
             "portals": {},
             "pairs": {"total": 0, "failing": 0, "due": 0},
             "background": {},

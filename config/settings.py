@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -98,6 +99,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "django_celery_beat",
+    "axes",
     "portals",
     "install",
     "api",
@@ -115,7 +117,24 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Token renewals needed by a request are carried out by a Celery worker (portals/middleware.py).
     "portals.middleware.RenewalsInWorkers",
+    # A configuration error (token keys that cannot decrypt, missing credentials) answers 503, not 500.
+    "portals.middleware.NotConfiguredAnswers",
+    # django-axes: refuses logins while a username + address is locked out (last, as its docs ask).
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Admin login throttling (django-axes): after AXES_FAILURE_LIMIT wrong passwords for one username from one
+# address, that pair is locked out for AXES_COOLOFF_TIME, counted in the database so that every web process
+# agrees. Per username *and* address: an attacker elsewhere cannot lock a member of staff out.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = env_int("DJANGO_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("DJANGO_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
@@ -245,6 +264,8 @@ BITRIX24_RATE_LIMIT = env_float("BITRIX24_RATE_LIMIT", 2.0)
 BITRIX24_RATE_BURST = env_int("BITRIX24_RATE_BURST", 50)
 BITRIX24_QUERY_LIMIT_RETRIES = env_int("BITRIX24_QUERY_LIMIT_RETRIES", 5)
 BITRIX24_OPERATING_WAIT_MAX = env_int("BITRIX24_OPERATING_WAIT_MAX", 600)
+# The inbound log keeps its rows this many days (0: for ever); a beat task deletes older ones.
+INBOUND_LOG_RETENTION_DAYS = env_int("INBOUND_LOG_RETENTION_DAYS", 30)
 # Events bound with event.bind after install and update (ONAPPUNINSTALL always).
 BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
 

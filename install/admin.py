@@ -2,21 +2,54 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
 from portals.models import Portal
 
+from .inbound import INVALID_EVENT
 from .models import InboundRequest
+
+HANDLED_EVENTS = ("ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE", "ONAPPPAYMENT")
+OTHER = "_other"
+
+
+class EventFilter(admin.SimpleListFilter):
+    """Choices from a fixed list (the handled events, BITRIX24_EVENTS, "other", "(invalid)"), never from
+    stored values: anyone can post event names, and 3,000 junk ones made a 479 KB filter page."""
+
+    title = "event"
+    parameter_name = "event"
+
+    def _known(self) -> list[str]:
+        return list(dict.fromkeys([*HANDLED_EVENTS, *settings.BITRIX24_EVENTS]))
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            *((name, name) for name in self._known()),
+            (OTHER, "other events"),
+            (INVALID_EVENT, "invalid name"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[InboundRequest]) -> QuerySet[InboundRequest]:
+        value = self.value()
+        if not value:
+            return queryset
+        if value == OTHER:
+            return queryset.exclude(Q(event__in=[*self._known(), INVALID_EVENT]) | Q(event=""))
+        return queryset.filter(event=value)
 
 
 @admin.register(InboundRequest)
 class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """What came in and why it was refused. Bodies are stored redacted (tokens replaced by
-    fingerprints before the row is written); nothing here is editable or deletable.
+    fingerprints before the row is written); nothing here is editable. Staff may delete rows (one, or a
+    selection with the delete action): the log is evidence, but junk posted by anyone is not worth
+    keeping until the retention period (INBOUND_LOG_RETENTION_DAYS) takes it.
 
     The portal page links here filtered by member_id (?member_id=…): a local-field lookup the
     admin accepts without a list filter for it.
@@ -33,7 +66,7 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "http_status",
         "error",
     )
-    list_filter = ("kind", "status", "event", "created_at")
+    list_filter = ("kind", "status", EventFilter, "created_at")
     search_fields = ("=member_id", "domain", "event")
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in InboundRequest._meta.fields]
@@ -56,6 +89,5 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # The log is evidence; an uninstalled portal's rows go with "purge data" on the portal.
-        return False
+    # No has_delete_permission override: Django's own (the model's delete permission; superusers always)
+    # decides, and the list's delete action follows from it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +39,24 @@ SECRET_KEYS = {
 }
 KEPT_HEADERS = ("User-Agent", "Content-Type", "Content-Length", "X-Forwarded-For", "Origin", "Referer")
 MAX_VALUE = 500
+# A request that was not accepted (refused, unverified, failed) leaves a bounded summary, a few KB
+# whatever it sent: anyone can post 250 KB of junk, and the log must not grow with it (contract:
+# "what such a request leaves in the inbound log is bounded in size").
+SUMMARY_KEYS = 20  # entries kept per level
+SUMMARY_DEPTH = 3
+SUMMARY_KEY = 60  # characters of a key name
+SUMMARY_VALUE = 100  # characters of a value
+SUMMARY_BYTES = 3000  # JSON size of the kept body (and of the kept query)
+# Only a name shaped like a Bitrix24 event is kept: the column is indexed and staff filter on it.
+EVENT_NAME = re.compile(r"^ON[A-Z0-9_]{2,60}$")
+INVALID_EVENT = "(invalid)"
 
 
 def printable(text: str) -> str:
-    """PostgreSQL refuses NUL in text and JSON: keep it visible instead of losing the row."""
-    return text.replace("\x00", "\\x00")
+    """PostgreSQL refuses NUL in text and JSON, and no database encodes a lone surrogate: keep them
+    visible instead of losing the row."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def redact_params(value: Any, key: str = "") -> Any:
@@ -59,13 +73,90 @@ def redact_params(value: Any, key: str = "") -> Any:
     return value
 
 
-def _raw_preview(request: HttpRequest) -> dict[str, str]:
+def _cut(text: str, limit: int) -> str:
+    text = printable(text)
+    return text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit})"
+
+
+def _fit(text: str, budget: int) -> str:
+    """`text` cut so that its stored form (JSON, non-ASCII escaped: up to 6 bytes a character) stays
+    within `budget` bytes."""
+    text = printable(text)
+    keep = min(len(text), budget)
+    while keep and len(json.dumps(text[:keep])) > budget:
+        keep //= 2
+    return text if keep == len(text) else text[:keep] + f"…(+{len(text) - keep})"
+
+
+def _bounded(value: Any, depth: int) -> Any:
+    if isinstance(value, dict):
+        if depth >= SUMMARY_DEPTH:
+            return f"{{…{len(value)} keys}}"
+        kept: dict[str, Any] = {}
+        for key, child in list(value.items())[:SUMMARY_KEYS]:
+            kept[_cut(str(key), SUMMARY_KEY)] = _bounded(child, depth + 1)
+        if len(value) > SUMMARY_KEYS:
+            kept["_keys"] = len(value)
+        return kept
+    if isinstance(value, list):
+        if depth >= SUMMARY_DEPTH:
+            return f"[…{len(value)} items]"
+        items = [_bounded(child, depth + 1) for child in value[:SUMMARY_KEYS]]
+        if len(value) > SUMMARY_KEYS:
+            items.append(f"…(+{len(value) - SUMMARY_KEYS} items)")
+        return items
+    if isinstance(value, str):
+        return _cut(value, SUMMARY_VALUE)
+    if isinstance(value, (bool, type(None))):
+        return value
+    return _cut(str(value), SUMMARY_VALUE)  # numbers too: a 4,000-digit integer is just text here
+
+
+def summarize(value: Any, *, size: int | None, count: int | None = None) -> dict[str, Any]:
+    """A bounded copy of an (already redacted) parsed body or query: at most SUMMARY_KEYS entries a
+    level, SUMMARY_DEPTH levels, short keys and values, SUMMARY_BYTES in all; with the number of
+    top-level keys and the size it came in."""
+    if count is None:
+        count = len(value) if isinstance(value, dict) else 0
+    if not count and not size:
+        return {}
+    summary: dict[str, Any] = {"_keys": count, "_bytes": size}
+    kept = _bounded(value, 0) if isinstance(value, dict) else {}
+    kept.pop("_keys", None)
+    if len(json.dumps({**summary, **kept})) > SUMMARY_BYTES:
+        # Still too big (long keys at every level): the first key names only, then nothing.
+        kept = {"_names": [_cut(str(k), SUMMARY_KEY) for k in list(value)[:SUMMARY_KEYS]]}
+        if len(json.dumps(kept)) > SUMMARY_BYTES:
+            kept = {}
+    return {**summary, **kept}
+
+
+def _raw_preview(request: HttpRequest) -> dict[str, Any]:
     """What to keep of a body that could not be parsed: redacted text, cut short."""
     try:
-        raw = request.body[:2000]
+        raw = request.body
     except Exception:  # RequestDataTooBig and friends: the body is not readable at all
         return {"_unreadable": "body too large or unreadable"}
-    return {"_raw": printable(redact(raw.decode("utf-8", errors="replace")))}
+    if not raw:
+        return {}
+    text = redact(raw[:SUMMARY_BYTES].decode("utf-8", errors="replace"))
+    return {"_bytes": len(raw), "_raw": _fit(text, SUMMARY_BYTES // 2)}
+
+
+def _sizes(request: HttpRequest) -> tuple[int, int | None]:
+    """Sizes of the query string and the body, for the summary of a request that is not accepted."""
+    try:
+        body: int | None = len(request.body)
+    except Exception:  # a body too large to read has no size worth keeping
+        body = None
+    return len(request.META.get("QUERY_STRING", "")), body
+
+
+def event_name(claimed: str) -> str:
+    """The claimed event name when it looks like one; junk becomes one fixed marker."""
+    if not claimed:
+        return ""
+    return claimed if EVENT_NAME.match(claimed) else INVALID_EVENT
 
 
 def wants_html(request: HttpRequest) -> bool:
@@ -106,7 +197,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         row = InboundRequest.objects.create(
             kind=kind,
             remote_addr=request.META.get("REMOTE_ADDR") or None,
-            headers={h: printable(request.headers[h][:300]) for h in KEPT_HEADERS if h in request.headers},
+            headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
         )
     except DatabaseError:
         # Nothing can be trusted or stored without the log row: ask the sender to come back.
@@ -117,12 +208,14 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         response["Retry-After"] = "10"
         return response
     frame_origin = ""
+    row._sizes = _sizes(request)  # type: ignore[attr-defined]
     try:
         response = handler(request, row)
         status, error = InboundStatus.ACCEPTED, ""
     except BadRequest as exc:
         if not row.body and not row.query:
             row.body = _raw_preview(request)
+            row._body_replaced = True  # type: ignore[attr-defined]
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=exc.status, code=exc.code, message=str(exc), html=html)
     except VerificationError as exc:
@@ -135,10 +228,14 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=409, code="no_usable_tokens", message=str(exc), html=html)
     except ImproperlyConfigured as exc:
-        # The backend itself is not set up (no BITRIX24_CLIENT_ID/SECRET): say so, do not pretend a 500.
+        # The backend itself is not set up (no BITRIX24_CLIENT_ID/SECRET, token keys that do not work):
+        # say so, do not pretend a 500. Which setting is wrong is for staff (the log row, the server log),
+        # not for whoever posted.
         logger.error("Inbound %s #%s cannot be verified: %s", kind, row.pk, exc)
         status, error = InboundStatus.FAILED, str(exc)
-        response = error_response(request, status=503, code="not_configured", message=str(exc), html=html)
+        response = error_response(
+            request, status=503, code="not_configured", message="the backend is not configured", html=html
+        )
     except TooManyUnverified as exc:
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=429, code="too_many_requests", message=str(exc), html=html)
@@ -163,22 +260,54 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     row.error = printable(error)[:500]
     row.http_status = response.status_code
     row.finished_at = timezone.now()
+    changed = ["status", "error", "http_status", "finished_at"]
+    full = getattr(row, "_full", None)
+    if status == InboundStatus.ACCEPTED and full is not None:
+        # Verified and accepted: the whole redacted request is worth keeping (bounded by describe()).
+        row.query, row.body = full
+        changed += ["query", "body"]
+    elif getattr(row, "_body_replaced", False):
+        changed.append("body")
     try:
-        row.save()
+        # Only what changed: rewriting an unchanged body would leave a dead copy behind on PostgreSQL.
+        try:
+            row.save(update_fields=changed)
+        except DatabaseError:
+            # The row went while the request ran (an uninstall with CLEAN deletes the portal's log, this
+            # row included): write it again, so the uninstall itself stays on record.
+            row.save(force_insert=True)
     except Exception:
         # The answer is decided; losing the outcome on the log row must not turn it into a 500.
         logger.exception("Could not record the outcome of inbound %s #%s", kind, row.pk)
     return response
 
 
+def _kept(redacted: dict[str, Any]) -> dict[str, Any]:
+    """What an accepted request keeps: all of it, redacted, unless that is over 50 KB."""
+    if len(json.dumps(redacted)) > 50_000:
+        names = [_cut(str(k), 100) for k in sorted(redacted)[:100]]
+        return {"_truncated": "body too large to keep", "_keys": len(redacted), "keys": names}
+    return redacted
+
+
 def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any], **fields: str) -> None:
-    """Store the parsed request (redacted) on its row before it is acted upon."""
-    row.query = redact_params(query)
-    row.body = redact_params(body)
-    if len(json.dumps(row.body)) > 50_000:
-        row.body = {"_truncated": "body too large to keep", "keys": sorted(map(str, body))[:100]}
+    """Store the parsed request (redacted) on its row before it is acted upon.
+
+    Until the request is accepted the row holds only a bounded summary; the whole redacted request
+    (at most about 50 KB) is written when it is accepted (receive()). Writing the summary first means a
+    refused request never leaves a large row, nor a large dead row version on PostgreSQL.
+    """
+    query_size, body_size = getattr(row, "_sizes", (None, None))
+    redacted_query, redacted_body = redact_params(query), redact_params(body)
+    row._full = (_kept(redacted_query), _kept(redacted_body))  # type: ignore[attr-defined]
+    # redact_params keeps 200 keys a level: the count is the request's own.
+    row.query = summarize(redacted_query, size=query_size, count=len(query))
+    row.body = summarize(redacted_body, size=body_size, count=len(body))
     for name, value in fields.items():
+        text_value = str(value)
+        if name == "event":
+            text_value = event_name(text_value)
         field = InboundRequest._meta.get_field(name)
         limit = getattr(field, "max_length", None) or 255
-        setattr(row, name, printable(str(value))[:limit])
+        setattr(row, name, printable(text_value)[:limit])
     row.save()

@@ -26,7 +26,12 @@ class InboundRequest(models.Model):
     kind = models.CharField(
         max_length=16, choices=InboundKind.choices, help_text="Which endpoint received it."
     )
-    event = models.CharField(max_length=64, blank=True, db_index=True, help_text="Event name, for events.")
+    event = models.CharField(
+        max_length=64,
+        blank=True,
+        db_index=True,
+        help_text='Event name, for events; "(invalid)" when the claimed name does not look like one.',
+    )
     member_id = models.CharField(
         max_length=64,
         blank=True,

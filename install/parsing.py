@@ -19,6 +19,13 @@ from django.http import HttpRequest
 from portals import services
 
 MAX_DEPTH = 8
+# JSON bodies nest no deeper than this. Python's parser recurses once per level: a body of 100,000 `[`
+# would end in a RecursionError (a 500), and anything deeper than a form can express is not Bitrix24's.
+MAX_JSON_DEPTH = 32
+_JSON_SIGN = re.compile(r'[\[\]{}"\\]')
+# Text the database cannot store (PostgreSQL refuses NUL in text and JSON; neither database can encode a
+# lone surrogate) and that no Bitrix24 request carries: refused at the door, never half-stored.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _KEY = re.compile(r"^(?P<name>[^\[\]]+)(?P<rest>(?:\[[^\[\]]*\])*)$")
 _SEGMENT = re.compile(r"\[([^\[\]]*)\]")
 
@@ -93,9 +100,16 @@ def _decode(raw: bytes, what: str) -> str:
         raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start})") from exc
 
 
+def _refuse_unstorable(value: str, what: str) -> None:
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        kind = "a NUL character" if found.group() == "\x00" else "an unpaired surrogate"
+        raise BadRequest(f"{what} contains {kind}")
+
+
 def _pairs(text: str, what: str) -> list[tuple[str, str]]:
     try:
-        return parse_qsl(
+        pairs = parse_qsl(
             text,
             keep_blank_values=True,
             errors="strict",
@@ -105,6 +119,73 @@ def _pairs(text: str, what: str) -> list[tuple[str, str]]:
         raise BadRequest(f"{what} has percent-encoded bytes that are not UTF-8") from exc
     except ValueError as exc:
         raise BadRequest(f"{what} has too many fields") from exc
+    for key, value in pairs:
+        _refuse_unstorable(key, f"{what} key {key[:40]!r}")
+        _refuse_unstorable(value, f"{what} field {key[:40]!r}")
+    return pairs
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a JSON number (NaN and Infinity are refused)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):  # 1e999: as unstorable as Infinity
+        raise BadRequest(f"JSON number {text[:40]!r} is out of range")
+    return number
+
+
+def _check_json_text(value: Any, what: str) -> None:
+    """Every key and string of a parsed document, walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _refuse_unstorable(item, what)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _refuse_unstorable(key, f"{what} key")
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _refuse_deep_json(text: str, what: str) -> None:
+    """Count nesting in one linear pass over brackets, quotes and backslashes (a regex for strings
+    would backtrack quadratically on a body of unterminated ones)."""
+    depth, in_string, escaped_at = 0, False, -1
+    for sign in _JSON_SIGN.finditer(text):
+        char, at = sign.group(), sign.start()
+        if in_string:
+            if at == escaped_at:
+                continue
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def loads_json(text: str, what: str) -> Any:
+    """json.loads for untrusted text: a 400 (never a RecursionError) for deep nesting; NaN, Infinity,
+    NUL and lone surrogates refused, since no database stores them and Bitrix24 sends none."""
+    _refuse_deep_json(text, what)
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError as exc:  # the scan above should have caught it; a 400 all the same
+        raise BadRequest(f"{what} is nested too deeply") from exc
+    except ValueError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from exc
+    _check_json_text(value, what)
+    return value
 
 
 def read_params(request: HttpRequest) -> tuple[Nested, Nested]:
@@ -118,10 +199,7 @@ def read_params(request: HttpRequest) -> tuple[Nested, Nested]:
         raise BadRequest("request body is too large", status=413, code="too_large") from exc
     content_type = (request.content_type or "").lower()
     if content_type == "application/json":
-        try:
-            body = json.loads(_decode(raw, "body") or "{}")
-        except ValueError as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        body = loads_json(_decode(raw, "body") or "{}", "body")
         if not isinstance(body, dict):
             raise BadRequest("JSON body must be an object")
         return query, body
@@ -206,10 +284,7 @@ def placement_options(data: Nested) -> dict[str, Any]:
         return raw
     if not isinstance(raw, str) or len(raw) > 10_000:
         raise BadRequest("PLACEMENT_OPTIONS must be a JSON object in a string of at most 10000 characters")
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"PLACEMENT_OPTIONS is not valid JSON: {exc}") from exc
+    options = loads_json(raw, "PLACEMENT_OPTIONS")
     if not isinstance(options, dict):
         raise BadRequest("PLACEMENT_OPTIONS must be a JSON object")
     return options

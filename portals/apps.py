@@ -8,6 +8,11 @@ class PortalsConfig(AppConfig):
     def ready(self) -> None:
         # The renewal service sits below the task module and may not import it; web requests still
         # need to hand renewals to a worker, so the task module's queueing function is passed down.
-        from . import renewal, tasks  # noqa: PLC0415  (AppConfig.ready: apps are loaded only now)
+        # Importing the checks module registers the token-key system check.
+        from . import (  # noqa: PLC0415  (AppConfig.ready: apps are loaded only now)
+            checks,  # noqa: F401
+            renewal,
+            tasks,
+        )
 
         renewal.set_queue(tasks.queue_on_demand_renewal)

@@ -1,6 +1,8 @@
-"""Whether the parts the product needs answer: the database and the Celery broker.
+"""Whether the parts the product needs answer: the database, the Celery broker, and token keys that
+can decrypt what is stored.
 
-One check for `/healthz` (load balancers) and `/api/health/` (staff), so both say the same.
+One check for `/healthz` (load balancers), `/api/health/` (staff) and the system check
+(`portals.checks`), so all say the same.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import redis
+from cryptography.fernet import InvalidToken
 from django.conf import settings
-from django.db import connection
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, connection
+
+from . import crypto
+from .models import TokenPair
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,39 @@ class Health:
     ok: bool
     database: str  # the vendor, or "vendor: ErrorName" when it did not answer
     broker: str  # "redis" / "filesystem", or "redis: ErrorName"
+    keys: str = "ok"  # or what is wrong with BITRIX24_TOKEN_KEYS
+
+
+def sample_ciphertext() -> str | None:
+    """One stored token as it is in the database (the newest pair's refresh token), or None when there
+    is none or the table cannot be read (no database, not migrated: not a key problem)."""
+    table = connection.ops.quote_name(TokenPair._meta.db_table)
+    column = connection.ops.quote_name(TokenPair._meta.get_field("refresh_token").column)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {column} FROM {table} WHERE {column} <> '' ORDER BY id DESC LIMIT 1")  # noqa: S608
+            row = cursor.fetchone()
+    except DatabaseError:
+        return None
+    return row[0] if row else None
+
+
+def keys_problem(sample: str | None) -> str:
+    """What is wrong with BITRIX24_TOKEN_KEYS ("" when nothing): malformed, or unable to decrypt
+    `sample`, a stored token."""
+    try:
+        fernet = crypto.fernet()
+    except ImproperlyConfigured as exc:
+        return str(exc)
+    if sample:
+        try:
+            fernet.decrypt(sample.encode())
+        except InvalidToken:
+            return (
+                "BITRIX24_TOKEN_KEYS cannot decrypt the stored tokens: was a key removed before "
+                "`manage.py rotate_token_keys` re-encrypted the rows?"
+            )
+    return ""
 
 
 def _broker() -> tuple[bool, str]:
@@ -42,36 +82,45 @@ def _broker() -> tuple[bool, str]:
 # balancer's probe) for as long as the kernel keeps the connection.
 DATABASE_WAIT = 3.0
 _asker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-db")
-_pending: Future[tuple[bool, str]] | None = None
+_pending: Future[tuple[bool, str, str | None]] | None = None
 _pending_lock = threading.Lock()
 
 
-def _ask_database() -> tuple[bool, str]:
+def _ask_database() -> tuple[bool, str, str | None]:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        return True, connection.vendor
+        # In the same thread, so the wait below bounds it too.
+        return True, connection.vendor, sample_ciphertext()
     except Exception as exc:  # any database failure means "not ready"
         # A broken connection is not reused by the next check; closing what broke may fail too.
         with contextlib.suppress(Exception):
             connection.close()
-        return False, f"{connection.vendor}: {type(exc).__name__}"
+        return False, f"{connection.vendor}: {type(exc).__name__}", None
 
 
-def _database() -> tuple[bool, str]:
+def _database() -> tuple[bool, str, str | None]:
     global _pending
     with _pending_lock:
         if _pending is not None and not _pending.done():
             # The previous check still hangs: one stuck thread is enough.
-            return False, f"{connection.vendor}: no answer"
+            return False, f"{connection.vendor}: no answer", None
         _pending = future = _asker.submit(_ask_database)
     try:
         return future.result(timeout=DATABASE_WAIT)
     except FutureTimeout:
-        return False, f"{connection.vendor}: no answer within {DATABASE_WAIT:.0f} s"
+        return False, f"{connection.vendor}: no answer within {DATABASE_WAIT:.0f} s", None
 
 
 def check() -> Health:
-    db_ok, db = _database()
+    db_ok, db, sample = _database()
     broker_ok, broker = _broker()
-    return Health(ok=db_ok and broker_ok, database=db, broker=broker)
+    # Keys that cannot read the tokens make every renewal and every staff page about tokens fail: the
+    # process must not be sent traffic as if it worked.
+    problem = keys_problem(sample)
+    return Health(ok=db_ok and broker_ok and not problem, database=db, broker=broker, keys=problem or "ok")
+
+
+def connection_vendor() -> str:
+    """What `Health.database` says when the database answered."""
+    return connection.vendor

@@ -1,21 +1,40 @@
 from __future__ import annotations
 
+import logging
+
 from django.http import HttpRequest, JsonResponse
 
 from . import health
 
+logger = logging.getLogger(__name__)
+
+
+def _is_staff(request: HttpRequest) -> bool:
+    # The session is in the database: when that is what failed, nobody can be recognised as staff (and
+    # asking must not turn the probe's 503 into a 500).
+    try:
+        user = request.user
+        return bool(user.is_active and user.is_staff)
+    except Exception:
+        return False
+
 
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Liveness and readiness: the database answers and the broker is reachable."""
+    """Liveness and readiness: the database and the broker answer, and the token keys work.
+
+    Anonymous callers (load balancers) learn only ok / unavailable: which database, which broker and what
+    is misconfigured is for staff (a logged-in staff session, while the database answers), /api/health/
+    and the server log.
+    """
     result = health.check()
-    response = JsonResponse(
-        {
-            "status": "ok" if result.ok else "unavailable",
-            "database": result.database,
-            "broker": result.broker,
-        },
-        status=200 if result.ok else 503,
-    )
+    body = {"status": "ok" if result.ok else "unavailable"}
+    if not result.ok:
+        logger.warning(
+            "Health check failed: database=%s broker=%s keys=%s", result.database, result.broker, result.keys
+        )
+    if result.database == health.connection_vendor() and _is_staff(request):
+        body.update(database=result.database, broker=result.broker, keys=result.keys)
+    response = JsonResponse(body, status=200 if result.ok else 503)
     if not result.ok:
         response["Retry-After"] = "10"
     return response

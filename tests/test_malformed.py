@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from urllib.parse import urlencode
 
@@ -244,3 +245,111 @@ def test_addresses_in_disguise_never_match_a_wildcard_pattern(settings, host):
     settings.BITRIX24_PORTAL_DOMAINS = ["*", "*.bitrix24.com"]
     assert not portal_domain_allowed(host)
     assert portal_domain_allowed("acme.bitrix24.com")
+
+
+# --- bodies that used to reach a 5xx (RecursionError, NaN, NUL, lone surrogates) ------------------
+
+JSON = "application/json"
+_big_form_with_nul_key = "&".join(f"f{i}={'a' * 400}" for i in range(140)) + "&k%00ey=1&event=ONAPPINSTALL"
+MALFORMED = [
+    pytest.param('{"x":' * 600, JSON, id="json-open-objects-600"),
+    pytest.param("[" * 100_000, JSON, id="json-open-lists-100000"),
+    pytest.param("[" * 600 + "]" * 600, JSON, id="json-nested-600"),
+    pytest.param('{"a": ' * 40 + "1" + "}" * 40, JSON, id="json-object-nested-40"),
+    pytest.param('{"event": NaN}', JSON, id="json-nan"),
+    pytest.param('{"event": "ONX", "n": -Infinity}', JSON, id="json-infinity"),
+    pytest.param('{"event": "ONX", "n": 1e999}', JSON, id="json-overflowing-float"),
+    pytest.param('{"\\ud800": 1}', JSON, id="json-surrogate-key"),
+    pytest.param('{"event": "ONAPPINSTALL", "auth": {"domain": "\\udfff"}}', JSON, id="json-surrogate-value"),
+    pytest.param('{"ev\\u0000ent": "ONX"}', JSON, id="json-nul-key"),
+    pytest.param('{"event": "ON\\u0000X"}', JSON, id="json-nul-value"),
+    pytest.param("event=ON%00X", FORM, id="form-nul-value"),
+    pytest.param("ev%00ent=ONX", FORM, id="form-nul-key"),
+    pytest.param(b"event=ON\x00X&auth[domain]=x", FORM, id="form-raw-nul"),
+    pytest.param(_big_form_with_nul_key, FORM, id="form-over-50kb-nul-key"),
+    pytest.param("event=ONAPPINSTALL&auth[domain]=%ED%A0%80", FORM, id="form-encoded-surrogate"),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/events/", "/app/", "/install/"])
+@pytest.mark.parametrize(("body", "content_type"), MALFORMED)
+def test_malformed_bodies_get_a_4xx_and_a_small_log_row(client, path, body, content_type):
+    response = _post(client, path, body, content_type=content_type)
+    _assert_clean_4xx(response, 400)
+    row = InboundRequest.objects.get()
+    assert row.status == InboundStatus.REJECTED
+    assert row.http_status == 400
+    assert len(json.dumps([row.body, row.query, row.headers, row.error])) < 8000
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/events/", "/app/", "/install/"])
+@pytest.mark.parametrize("query", ["a=%00", "a%00=1", "DOMAIN=%ED%B0%80"])
+def test_malformed_query_strings_get_a_4xx(client, path, query):
+    _assert_clean_4xx(_post(client, path, "", query=query), 400)
+
+
+def test_placement_options_cannot_nest_deeply(b24):
+    from install.parsing import placement_options
+
+    with pytest.raises(BadRequest, match="nested deeper"):
+        placement_options({"PLACEMENT_OPTIONS": "[" * 9000})
+    with pytest.raises(BadRequest, match="NaN"):
+        placement_options({"PLACEMENT_OPTIONS": '{"ID": NaN}'})
+
+
+# Text that no database stores, mixed into ordinary text.
+unstorable = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["\x00", "\ud800", "a\udc00b", "ON\x00APP", "\ud83d", "\ufffe"]),
+)
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        unstorable,
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(unstorable, children, max_size=4)
+    ),
+    max_leaves=15,
+)
+deep_json = st.integers(min_value=20, max_value=120_000).flatmap(
+    lambda n: st.sampled_from(["[" * n, "[" * n + "]" * n, '{"x":' * n, '{"x":' * n + "1" + "}" * n])
+)
+json_bodies = st.one_of(
+    st.dictionaries(
+        st.sampled_from(["event", "auth", "data", "DOMAIN", "member_id"]) | unstorable, json_values
+    ).map(lambda d: json.dumps(d, allow_nan=True)),
+    json_values.map(lambda v: json.dumps(v, allow_nan=True)),
+    deep_json,
+)
+nul_forms = st.lists(st.tuples(keys | unstorable, values | unstorable), max_size=12).map(
+    lambda pairs: urlencode(
+        [(k.encode("utf-8", "surrogatepass"), v.encode("utf-8", "surrogatepass")) for k, v in pairs]
+    )
+)
+
+
+@pytest.mark.django_db
+@given(
+    path=st.sampled_from(["/events/", "/app/", "/install/"]),
+    body_and_type=st.one_of(
+        json_bodies.map(lambda body: (body, JSON)),
+        nul_forms.map(lambda body: (body, FORM)),
+        form_bodies.map(lambda body: (body, FORM)),
+    ),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_body_gets_a_5xx(client, path, body_and_type):
+    """Nested JSON, NaN and Infinity, NUL and lone surrogates (in keys and values, JSON and forms),
+    on every endpoint: a 4xx with the usual JSON error, never a 5xx."""
+    body, content_type = body_and_type
+    response = _post(client, path, body, content_type=content_type)
+    assert 400 <= response.status_code < 500, (response.status_code, response.content[:200])
+    assert response.json()["error"]
+    assert not Portal.objects.exists()
+    assert not TokenPair.objects.exists()
