@@ -393,5 +393,7 @@ LOGGING = {
     "loggers": {
         # urllib3 logs full URLs at DEBUG; refresh calls carry tokens in the query string.
         "urllib3": {"level": "WARNING"},
+        # django-axes announces itself at INFO in every process and command; its lockouts are WARNING.
+        "axes": {"level": "WARNING"},
     },
 }
