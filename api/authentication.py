@@ -68,10 +68,11 @@ class IsPortalUser(BasePermission):
         return isinstance(request.auth, PortalUser)
 
 
-def _refuse(status: int, code: str, message: str) -> exceptions.APIException:
-    if status == 403:
-        return exceptions.PermissionDenied(message, code=code)
-    return exceptions.AuthenticationFailed(message, code=code)
+def _refuse(refusal: services.Refusal, code: str, message: str) -> exceptions.APIException:
+    # Genuine credentials for another portal are forbidden here; unproven ones are not authenticated.
+    if refusal == services.Refusal.NOT_ACCEPTED:
+        return exceptions.AuthenticationFailed(message, code=code)
+    return exceptions.PermissionDenied(message, code=code)
 
 
 # One answer for a forged token and for a portal we do not serve: an anonymous caller must not learn
@@ -92,7 +93,7 @@ def _verify(portal: Portal, token: str) -> AppInfo:
     except services.VerificationError as exc:
         if exc.code == "invalid_token":
             raise exceptions.AuthenticationFailed(NOT_ACCEPTED, code="invalid_token") from exc
-        raise _refuse(exc.status, exc.code, str(exc)) from exc
+        raise _refuse(exc.refusal, exc.code, str(exc)) from exc
 
 
 class Bitrix24FrameAuthentication(BaseAuthentication):

@@ -20,12 +20,16 @@ from django.utils import timezone
 
 from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
-from portals.services import TooManyUnverified, UpstreamUnavailable, VerificationError
+from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest
 
 logger = logging.getLogger(__name__)
+
+# How each kind of refusal reads in HTTP: unproven credentials are 401, genuine ones for another portal
+# (or an app no longer there) 403, and a verification overtaken by an uninstall 409.
+REFUSAL_STATUS = {Refusal.NOT_ACCEPTED: 401, Refusal.NOT_HERE: 403, Refusal.STALE: 409}
 
 SECRET_KEYS = {
     "access_token",
@@ -222,7 +226,12 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         status, error = InboundStatus.REJECTED, str(exc)
         frame_origin = getattr(row, "_frame_origin", "")
         response = error_response(
-            request, status=exc.status, code=exc.code, message=str(exc), html=html, frame_origin=frame_origin
+            request,
+            status=REFUSAL_STATUS[exc.refusal],
+            code=exc.code,
+            message=str(exc),
+            html=html,
+            frame_origin=frame_origin,
         )
     except NoUsablePair as exc:
         status, error = InboundStatus.REJECTED, str(exc)

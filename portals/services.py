@@ -30,12 +30,22 @@ logger = logging.getLogger(__name__)
 portal_purged = Signal()
 
 
-class VerificationError(Exception):
-    """What Bitrix24 supposedly sent could not be confirmed. `status` is 401 or 403."""
+class Refusal(enum.StrEnum):
+    """Why a request was refused, in the domain's words; the views and the API choose the HTTP status."""
 
-    def __init__(self, message: str, *, status: int = 401, code: str = "verification_failed") -> None:
+    NOT_ACCEPTED = "not_accepted"  # the credentials prove nothing (forged, expired, another app's)
+    NOT_HERE = "not_here"  # genuine credentials, but for another portal or domain, or the app is gone
+    STALE = "stale"  # true when it was verified, overtaken since (an uninstall confirmed meanwhile)
+
+
+class VerificationError(Exception):
+    """What Bitrix24 supposedly sent could not be confirmed; `refusal` says how, `code` exactly."""
+
+    def __init__(
+        self, message: str, *, refusal: Refusal = Refusal.NOT_ACCEPTED, code: str = "verification_failed"
+    ) -> None:
         super().__init__(message)
-        self.status = status
+        self.refusal = refusal
         self.code = code
 
 
@@ -67,12 +77,12 @@ def check_portal_domain(domain: str) -> str:
         normalized = http.normalize_domain(domain)
     except ValueError as exc:
         raise VerificationError(
-            f"DOMAIN is not a host name: {exc}", status=403, code="domain_not_allowed"
+            f"DOMAIN is not a host name: {exc}", refusal=Refusal.NOT_HERE, code="domain_not_allowed"
         ) from exc
     if not http.portal_domain_allowed(normalized):
         raise VerificationError(
             f"{normalized!r} is not a Bitrix24 portal this backend serves (BITRIX24_PORTAL_DOMAINS)",
-            status=403,
+            refusal=Refusal.NOT_HERE,
             code="domain_not_allowed",
         )
     return normalized
@@ -146,7 +156,9 @@ def _spend_budget(member_id: str) -> None:
 
 def _refusal(exc: oauth.OAuthError) -> VerificationError:
     if isinstance(exc, oauth.NotInstalled):
-        return VerificationError("the app is not installed on this portal", status=403, code="not_installed")
+        return VerificationError(
+            "the app is not installed on this portal", refusal=Refusal.NOT_HERE, code="not_installed"
+        )
     return VerificationError(f"Bitrix24 did not accept the access token ({exc.code})", code="invalid_token")
 
 
@@ -165,7 +177,9 @@ def app_info_for(*, server: str, access_token: str, member_id: str) -> oauth.App
     cached = _cache_get(key)
     if isinstance(cached, dict):
         if "refused" in cached:
-            raise VerificationError(cached["refused"], status=cached["status"], code=cached["code"])
+            raise VerificationError(
+                cached["refused"], refusal=Refusal(cached["refusal"]), code=cached["code"]
+            )
         return oauth.AppInfo(**cached)
     if _over_budget(member_id):
         raise TooManyUnverified(f"too many requests for portal {member_id} failed verification; try later")
@@ -175,7 +189,7 @@ def app_info_for(*, server: str, access_token: str, member_id: str) -> oauth.App
         refusal = _refusal(exc)
         _spend_budget(member_id)
         _cache_set(
-            key, {"refused": str(refusal), "status": refusal.status, "code": refusal.code}, VERDICT_TTL
+            key, {"refused": str(refusal), "refusal": str(refusal.refusal), "code": refusal.code}, VERDICT_TTL
         )
         raise refusal from exc
     except oauth.OAuthUnavailable as exc:
@@ -207,13 +221,19 @@ def verify_access_token(
     if not hmac.compare_digest(info.client_id, client_id):
         raise VerificationError("the access token belongs to another application", code="wrong_client")
     if not info.member_id or not hmac.compare_digest(info.member_id, member_id):
-        raise VerificationError("the access token belongs to another portal", status=403, code="wrong_portal")
+        raise VerificationError(
+            "the access token belongs to another portal", refusal=Refusal.NOT_HERE, code="wrong_portal"
+        )
     if info.domain != domain:
         raise VerificationError(
-            f"the portal of this token is {info.domain!r}, not {domain!r}", status=403, code="wrong_domain"
+            f"the portal of this token is {info.domain!r}, not {domain!r}",
+            refusal=Refusal.NOT_HERE,
+            code="wrong_domain",
         )
     if not info.installed:
-        raise VerificationError("the app is not installed on this portal", status=403, code="not_installed")
+        raise VerificationError(
+            "the app is not installed on this portal", refusal=Refusal.NOT_HERE, code="not_installed"
+        )
     protocol = "https"
     if info.client_endpoint.startswith("http://"):
         protocol = "http"
@@ -269,7 +289,7 @@ def _upsert_portal(*, verified: Verified, scope: str = "", generation: int | Non
     if generation is not None and portal.install_generation != generation:
         raise VerificationError(
             "the app was uninstalled from this portal while this request was being verified",
-            status=409,
+            refusal=Refusal.STALE,
             code="uninstalled_meanwhile",
         )
     if not created:
