@@ -107,7 +107,17 @@ def _is_needed(pair: TokenPair, trigger: str, force: bool, now: datetime, reject
     )
 
 
-def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: str = "") -> None:
+def _log(
+    pair: TokenPair,
+    trigger: str,
+    outcome: str,
+    started: float,
+    *,
+    error: str = "",
+    old: str | None = None,
+    new: str = "",
+) -> None:
+    """One renewal-log row; `old` is the refresh token sent (the pair's current one by default)."""
     RenewalLog.objects.create(
         pair=pair,
         portal_id=pair.portal_id,
@@ -116,7 +126,8 @@ def _log(pair: TokenPair, trigger: str, outcome: str, started: float, *, error: 
         outcome=outcome,
         error=error[:500],
         duration_ms=int((time.monotonic() - started) * 1000),
-        old_fingerprint=fingerprint(pair.refresh_token),
+        old_fingerprint=fingerprint(pair.refresh_token if old is None else old),
+        new_fingerprint=fingerprint(new) if new else "",
     )
 
 
@@ -204,22 +215,6 @@ def _mark_transient(pair: TokenPair, exc: oauth.OAuthError, now: datetime) -> No
     pair.save(update_fields=["consecutive_failures", "last_error", "next_attempt_at", "updated_at"])
 
 
-def _attempt_log(
-    pair: TokenPair, trigger: str, outcome: str, started: float, *, old: str, new: str = "", error: str = ""
-) -> None:
-    RenewalLog.objects.create(
-        pair=pair,
-        portal_id=pair.portal_id,
-        user_id=pair.user_id,
-        trigger=trigger,
-        outcome=outcome,
-        error=error[:500],
-        duration_ms=int((time.monotonic() - started) * 1000),
-        old_fingerprint=fingerprint(old),
-        new_fingerprint=fingerprint(new) if new else "",
-    )
-
-
 def _finish(attempt_id: int, state: str, note: str = "") -> None:
     RenewalAttempt.objects.filter(pk=attempt_id).update(
         state=state, finished_at=timezone.now(), note=note[:500]
@@ -250,7 +245,7 @@ def _claim(
                 old = pair.refresh_token
                 _apply_grant(pair, grant, now)
                 _finish(unfinished.pk, AttemptState.RECOVERED, "the new pair was stored from the second copy")
-                _attempt_log(
+                _log(
                     pair,
                     trigger,
                     RenewalOutcome.RENEWED,
@@ -358,7 +353,7 @@ def _store(
                     logger.warning("Renewal of pair %s stored after its lease ran out", pair_id)
                 _apply_grant(pair, grant, timezone.now())
                 _finish(claim.attempt_id, AttemptState.STORED, note)
-                _attempt_log(
+                _log(
                     pair,
                     trigger,
                     RenewalOutcome.RENEWED,

@@ -44,6 +44,7 @@ from portals.models import (
 )
 from portals.tasks import carry_out_task, renew_pair_task
 from tests.factories import PortalFactory, UserFactory
+from tests.processes import celery_worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -82,29 +83,8 @@ def _renew_tokens_process(standin, child_env, member_id: str, **env: str) -> sub
     )
 
 
-@contextmanager
-def _worker(standin, child_env, **env: str) -> Iterator[subprocess.Popen[str]]:
-    """A real Celery worker (prefork, one pool process) in its own process group, as a process
-    manager runs it."""
-    environment = {**child_env(standin), **env}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "celery", "-A", "config", "worker", "--concurrency", "1"),
-            *("--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"),
-        ],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        print(proc.communicate(timeout=30)[0][-4000:])  # shown when a test fails
+def _worker(standin, child_env, **env: str):
+    return celery_worker({**child_env(standin), **env})
 
 
 def _start_holder(kind: str, standin, child_env, pair: TokenPair, stack: list) -> subprocess.Popen[str]:
@@ -696,6 +676,7 @@ def test_a_second_copy_that_cannot_be_read_or_belongs_to_another_pair_counts_as_
     assert journal.find(990001, pair_id=pair.pk, old_fingerprint="fp-old") == grant
     assert journal.find(990001, pair_id=pair.pk + 1, old_fingerprint="fp-old") is None  # another pair's
     folder = Path(django_settings.VAR_DIR) / "renewal-grants"
+    folder.mkdir(parents=True, exist_ok=True)  # with Redis, the first copy went there, not to a file
     (folder / "990002.grant").write_text("gAAAAAB-not-a-token-this-key-made")  # e.g. a key since removed
     assert journal.find(990002, pair_id=pair.pk, old_fingerprint="fp-old") is None
     assert "Unreadable second copy" in caplog.text
