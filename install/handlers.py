@@ -43,6 +43,7 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
         member_id=auth.member_id,
         domain=auth.domain,
         server_endpoint=auth.server_endpoint,
+        generation=generation,
     )
     return auth, verified, generation
 
@@ -117,6 +118,7 @@ def _verified_event(auth: dict[str, Any]) -> tuple[services.Verified, str, str, 
         member_id=member_id,
         domain=parsing.domain(auth, "domain", where="auth"),
         server_endpoint=parsing.text(auth, "server_endpoint", required=False, max_length=255, where="auth"),
+        generation=generation,
     )
     expires_in = parsing.integer(auth, "expires_in", default=3600, low=1, high=86400, where="auth")
     return verified, access, refresh, expires_in, generation

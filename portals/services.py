@@ -169,11 +169,15 @@ def install_generation(member_id: str) -> int:
     )
 
 
-def app_info_for(*, server: str, access_token: str, member_id: str) -> oauth.AppInfo:
+def app_info_for(
+    *, server: str, access_token: str, member_id: str, generation: int | None = None
+) -> oauth.AppInfo:
     """What app.info says about a token presented for `member_id` (see above). Raises
     VerificationError (a refusal), TooManyUnverified, UpstreamUnavailable, ImproperlyConfigured."""
     oauth.credentials()
-    key = _verdict_key(server, access_token, member_id, install_generation(member_id))
+    if generation is None:
+        generation = install_generation(member_id)
+    key = _verdict_key(server, access_token, member_id, generation)
     cached = _cache_get(key)
     if isinstance(cached, dict):
         if "refused" in cached:
@@ -207,7 +211,12 @@ def app_info_for(*, server: str, access_token: str, member_id: str) -> oauth.App
 
 
 def verify_access_token(
-    *, access_token: str, member_id: str, domain: str, server_endpoint: str = ""
+    *,
+    access_token: str,
+    member_id: str,
+    domain: str,
+    server_endpoint: str = "",
+    generation: int | None = None,
 ) -> Verified:
     """Confirm with app.info on a trusted OAuth server that the token is ours, for that portal.
 
@@ -217,7 +226,7 @@ def verify_access_token(
     domain = check_portal_domain(domain)
     client_id, _ = oauth.credentials()
     server = oauth.server_for(server_endpoint)
-    info = app_info_for(server=server, access_token=access_token, member_id=member_id)
+    info = app_info_for(server=server, access_token=access_token, member_id=member_id, generation=generation)
     if not hmac.compare_digest(info.client_id, client_id):
         raise VerificationError("the access token belongs to another application", code="wrong_client")
     if not info.member_id or not hmac.compare_digest(info.member_id, member_id):
