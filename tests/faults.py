@@ -128,7 +128,10 @@ def postgres_missing_reason() -> str | None:
 class PrivatePostgres:
     """A PostgreSQL cluster of the test's own, in a temporary directory, on a free loopback port.
 
-    Trust authentication (loopback only), fsync off: it holds nothing worth keeping.
+    Trust authentication (loopback only), fsync off: it holds nothing worth keeping, and a killed server
+    still keeps every committed row (what was written stays in the OS cache), as a real one does. Commits
+    stay synchronous: with `synchronous_commit=off` a killed server forgets its last commits, and the
+    tests that kill it would measure that instead of the product.
     `url` is a DATABASE_URL for the database `dbname`, created at the first start.
     """
 
@@ -233,8 +236,6 @@ class PrivatePostgres:
                     f"unix_socket_directories={self.dir}",
                     "-c",
                     "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
                     "-c",
                     "full_page_writes=off",
                     "-c",
