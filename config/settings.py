@@ -101,8 +101,12 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "axes",
     "portals",
+    "events",
     "install",
     "api",
+    # The app built on this project: its Django app(s), registering event handlers in their
+    # `bitrix24.py` (see portals.registry).
+    *env_list("BITRIX24_APPS"),
 ]
 
 MIDDLEWARE = [
@@ -266,8 +270,26 @@ BITRIX24_QUERY_LIMIT_RETRIES = env_int("BITRIX24_QUERY_LIMIT_RETRIES", 5)
 BITRIX24_OPERATING_WAIT_MAX = env_int("BITRIX24_OPERATING_WAIT_MAX", 600)
 # The inbound log keeps its rows this many days (0: for ever); a beat task deletes older ones.
 INBOUND_LOG_RETENTION_DAYS = env_int("INBOUND_LOG_RETENTION_DAYS", 30)
-# Events bound with event.bind after install and update (ONAPPUNINSTALL always).
+# Events bound with event.bind after install and update (ONAPPUNINSTALL always), besides those the app's
+# handlers register (portals.registry); these are only logged.
 BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
+# Offline bindings carry this key, and the app's own writes from event handlers pass it, so that the
+# portal does not queue the app's own changes (a cycle). Empty: bound without one (portals whose plan has
+# no connectors).
+BITRIX24_AUTH_CONNECTOR = env_str("BITRIX24_AUTH_CONNECTOR")
+# The app's events (events app): how many one portal may deliver per minute and keep waiting at once
+# (more are refused with 429 and not stored), how often a failing handler is retried (doubling from the
+# base delay), how long a handler may run, and how long handled and failed events are kept.
+BITRIX24_EVENTS_PER_MINUTE = env_int("BITRIX24_EVENTS_PER_MINUTE", 300)
+BITRIX24_EVENT_BACKLOG = env_int("BITRIX24_EVENT_BACKLOG", 5000)
+BITRIX24_EVENT_RETRIES = env_int("BITRIX24_EVENT_RETRIES", 5)
+BITRIX24_EVENT_RETRY_SECONDS = env_int("BITRIX24_EVENT_RETRY_SECONDS", 30)
+BITRIX24_EVENT_HANDLER_SECONDS = env_int("BITRIX24_EVENT_HANDLER_SECONDS", 120)
+BITRIX24_EVENT_RETENTION_DAYS = env_int("BITRIX24_EVENT_RETENTION_DAYS", 7)
+BITRIX24_FAILED_EVENT_RETENTION_DAYS = env_int("BITRIX24_FAILED_EVENT_RETENTION_DAYS", 30)
+# Portals with offline handlers are asked for their queue this often even without an ONOFFLINEEVENT
+# notification (a notification lost while the backend was down).
+BITRIX24_OFFLINE_PULL_SECONDS = env_int("BITRIX24_OFFLINE_PULL_SECONDS", 300)
 
 # --- Celery ---------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")

@@ -7,6 +7,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
+from events import tasks as event_tasks
 from portals import services, tasks
 from portals.models import Portal, PortalState
 
@@ -169,8 +170,12 @@ def _on_payment(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
     return member_id, "ok"
 
 
-def _on_other(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
-    return _application_token_portal(auth).member_id, "ok"
+def _on_offline_notice(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    # Only a hint that the portal's offline queue has records: the pull reads them from the portal
+    # itself, so a forged notice costs one debounced pull at most.
+    portal = _application_token_portal(auth)
+    event_tasks.queue_pull(portal=portal)
+    return portal.member_id, "pull queued"
 
 
 EVENT_HANDLERS = {
@@ -178,7 +183,18 @@ EVENT_HANDLERS = {
     "ONAPPUPDATE": _on_install,  # carries a new pair and a NEW application token, verified the same way
     "ONAPPUNINSTALL": _on_uninstall,
     "ONAPPPAYMENT": _on_payment,
+    "ONOFFLINEEVENT": _on_offline_notice,
 }
+
+
+def _on_app_event(
+    name: str, params: dict[str, Any], auth: dict[str, Any], data: dict[str, Any]
+) -> tuple[str, str]:
+    """Any other event: admitted by the application token, stored for the app's handlers (if any
+    registered for it), answered at once; the handlers run in a worker."""
+    portal = _application_token_portal(auth)
+    outcome = event_tasks.accept_event(portal=portal, event=name, data=data, ts=params.get("ts"), auth=auth)
+    return portal.member_id, outcome
 
 
 def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
@@ -197,6 +213,12 @@ def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     name = parsing.text(params, "event", pattern=parsing.EVENT, max_length=64).upper()
     auth = parsing.section(params, "auth")
     data = parsing.section(params, "data", required=False)
-    handler = EVENT_HANDLERS.get(name, _on_other)
-    member_id, result = handler(auth, data)
+    handler = EVENT_HANDLERS.get(name)
+    if handler is not None:
+        member_id, result = handler(auth, data)
+    else:
+        # The event store keeps the identifiers the handlers need: the log row keeps the bounded
+        # summary only, so a flood of admitted events does not grow the log by full bodies.
+        row._full = None  # type: ignore[attr-defined]
+        member_id, result = _on_app_event(name, params, auth, data)
     return JsonResponse({"result": result, "event": name, "member_id": member_id})

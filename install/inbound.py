@@ -18,6 +18,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 
+from events.services import TooManyEvents
 from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
 from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
@@ -245,7 +246,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         response = error_response(
             request, status=503, code="not_configured", message="the backend is not configured", html=html
         )
-    except TooManyUnverified as exc:
+    except (TooManyUnverified, TooManyEvents) as exc:
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=429, code="too_many_requests", message=str(exc), html=html)
         response["Retry-After"] = str(exc.retry_after)

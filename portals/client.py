@@ -221,14 +221,24 @@ def _transport_error(
 
 class PortalClient:
     def __init__(
-        self, portal: Portal, user_id: int | None = None, *, form: bool = False, access_token: str = ""
+        self,
+        portal: Portal,
+        user_id: int | None = None,
+        *,
+        form: bool = False,
+        access_token: str = "",
+        auth_connector: str = "",
     ) -> None:
         """`access_token`: act with this token as it is (a request's own token, before any pair is
-        stored) instead of a stored pair; it is then never renewed."""
+        stored) instead of a stored pair; it is then never renewed.
+
+        `auth_connector`: sent with every write (not reads, batches included), so that the portal does not
+        queue offline events for the app's own changes (bitrix24-protocol.md, "Cycles")."""
         self.portal = portal
         self.user_id = user_id
         self.form = form  # send application/x-www-form-urlencoded (PHP keys) instead of JSON
         self.access_token = access_token
+        self.auth_connector = auth_connector
         self._pair: TokenPair | None = None
 
     # -- public
@@ -267,7 +277,7 @@ class PortalClient:
     ) -> BatchResult:
         """Run commands in batches of 50. With `halt`, the first failing command stops the rest."""
         built = {
-            key: spec if isinstance(spec, str) else command(spec[0], spec[1])
+            key: self._with_connector(spec if isinstance(spec, str) else command(spec[0], spec[1]))
             for key, spec in commands.items()
         }
         reads_only = all(is_read(cmd.split("?", 1)[0]) for cmd in built.values())
@@ -339,6 +349,13 @@ class PortalClient:
 
     def _operating_key(self, method: str) -> str:
         return f"b24:operating:{self.portal.member_id}:{method.lower()}"
+
+    def _with_connector(self, cmd: str) -> str:
+        """A batch command that writes carries the connector itself: the batch call only wraps it."""
+        if not self.auth_connector or is_read(cmd.split("?", 1)[0]):
+            return cmd
+        joiner = "&" if "?" in cmd else "?"
+        return f"{cmd}{joiner}{urlencode({'auth_connector': self.auth_connector})}"
 
     def _token(self) -> str:
         if self.access_token:
@@ -443,6 +460,8 @@ class PortalClient:
         """One REST call to its answer. Transport failures are retried as `policy` allows (one budget for
         the whole call); a rejected token is renewed once; the portal's rate limit is backed off under
         the query-limit policy; an operating-time limit is waited out once."""
+        if self.auth_connector and method != "batch" and not is_read(method):
+            params = {**params, "auth_connector": self.auth_connector}
         token = self._token()
         transport = http.Attempts(policy)
         limited = http.Attempts(http.query_limit_policy())

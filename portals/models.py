@@ -124,6 +124,15 @@ class Portal(models.Model):
         validators=[MinValueValidator(1)],
         help_text="REST requests this portal's bucket holds (Enterprise: 250); empty: BITRIX24_RATE_BURST.",
     )
+    bindings_fingerprint = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="Fingerprint of the event bindings last applied on the portal; the sweep syncs a "
+        "portal whose fingerprint differs from the wanted one (portals.bindings).",
+    )
+    bindings_synced_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the portal's event bindings were last synced."
+    )
     installed_at = models.DateTimeField(
         null=True, blank=True, help_text="When the app was (last) installed on the portal."
     )

@@ -34,6 +34,7 @@ from .models import (
     RenewalOutcome,
     TokenPair,
     WantedAction,
+    WantedKind,
     renewal_due_before,
 )
 
@@ -72,6 +73,17 @@ def open_actions_due(now: datetime | None = None) -> QuerySet[WantedAction]:
     fresh = now - timedelta(seconds=settings.BITRIX24_WANTED_GRACE_SECONDS)
     return WantedAction.objects.filter(done_at__isnull=True).filter(
         Q(next_attempt_at__lte=now) | Q(next_attempt_at__isnull=True, requested_at__lte=fresh)
+    )
+
+
+def portals_with_stale_bindings(fingerprint: str) -> QuerySet[Portal]:
+    """Installed portals whose bindings were not synced to `fingerprint` and are not being synced."""
+    syncing = WantedAction.objects.filter(kind=WantedKind.BIND_EVENTS, done_at__isnull=True)
+    return (
+        Portal.objects.filter(state=PortalState.INSTALLED)
+        .exclude(bindings_fingerprint=fingerprint)
+        .exclude(pk__in=syncing.values("portal_id"))
+        .order_by("pk")
     )
 
 

@@ -196,7 +196,7 @@ def carry_out_task(action_id: int) -> str:
                 return _failed(action, "a renewal was in progress elsewhere", retry_in=timedelta(minutes=1))
         elif action.kind == WantedKind.BIND_EVENTS:
             if action.portal.state != PortalState.UNINSTALLED:
-                bindings.bind_events(portal=action.portal)
+                note = bindings.sync_bindings(portal=action.portal).summary()
             else:
                 note = "the portal was uninstalled meanwhile"
         elif action.kind == WantedKind.CONFIRM_UNINSTALL:
@@ -290,6 +290,22 @@ def queue_bindings(*, portal: Portal) -> bool:
     return True
 
 
+# How many portals one sweep asks to sync their bindings: after a release that changes the handlers,
+# thousands of portals are synced over a few sweeps, each within its own rate limit.
+BINDINGS_PER_SWEEP = 500
+
+
+def queue_stale_bindings(limit: int = BINDINGS_PER_SWEEP) -> int:
+    """Installed portals whose bindings are not the wanted ones (the app's handlers changed, or a sync
+    failed): one BIND_EVENTS action each, up to `limit` a run."""
+    if not bindings.handler_url():
+        return 0
+    stale = list(selectors.portals_with_stale_bindings(bindings.wanted_fingerprint())[:limit])
+    for portal in stale:
+        want(WantedKind.BIND_EVENTS, portal=portal, trigger=RenewalTrigger.BEAT)
+    return len(stale)
+
+
 def queue_confirmation(*, pair: TokenPair) -> None:
     """A new background pair of a portal that lost its tokens: renew it once to prove it works."""
     want(WantedKind.RENEW_PAIR, portal=pair.portal, pair=pair, force=True, trigger=RenewalTrigger.ON_DEMAND)
@@ -328,11 +344,16 @@ def sweep_due_pairs() -> int:
     """Beat: resolve interrupted renewals, re-drive open actions, queue every due pair."""
     resolving = queue_resolutions()
     redriven = queue_open_actions()
+    resyncing = queue_stale_bindings()
     count = queue_due_renewals()
     skewed = selectors.pairs_issued_in_the_future().count()
     if skewed:
         logger.warning("%d token pair(s) claim a refresh issue time in the future: renewed now", skewed)
     logger.info(
-        "Renewal sweep queued %d renewal(s), %d resolution(s), %d open action(s)", count, resolving, redriven
+        "Renewal sweep queued %d renewal(s), %d resolution(s), %d open action(s), %d bindings sync(s)",
+        count,
+        resolving,
+        redriven,
+        resyncing,
     )
     return count

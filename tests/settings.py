@@ -23,6 +23,8 @@ BITRIX24_HTTP_TIMEOUT = (2.0, 5.0)
 # Short unless a test's child process asks for the production figure (a 40 s OAuth answer).
 BITRIX24_OAUTH_TIMEOUT = (2.0, float(os.environ.get("BITRIX24_OAUTH_READ_TIMEOUT", "5")))
 BITRIX24_VERIFY_READ_TIMEOUT = float(os.environ.get("BITRIX24_VERIFY_READ_TIMEOUT", "5"))
+# An app built on the project, as an author would add one (its handlers register only when a test asks).
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.eventapp"]  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False

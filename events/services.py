@@ -1,0 +1,342 @@
+"""Accepting the app's events into the durable store, and running their handlers.
+
+Every event, online or offline, becomes an `AppEvent` row before anything else happens to it; the
+handlers run later in a worker (`events.tasks`). What a handler may rely on, and what not:
+- at least once: a worker killed after a handler finished but before the row says so runs it again;
+- once per delivery: the same delivery posted twice (or an offline record fetched twice) is one row;
+- no order: two events about one object may be handled in either order, or at the same time; a handler
+  reads the object's current state through the REST API instead of trusting the event's order.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from portals import registry
+from portals.client import PortalClient
+from portals.models import Portal, PortalState
+
+from .models import AppEvent, EventSource, EventState
+
+logger = logging.getLogger(__name__)
+
+
+def queued_grace() -> timedelta:
+    """A just-stored event is left this long to the task queued with it before the sweep queues it
+    again (BITRIX24_WANTED_GRACE_SECONDS, as for the portals' wanted actions)."""
+    return timedelta(seconds=settings.BITRIX24_WANTED_GRACE_SECONDS)
+
+
+# Identifiers kept from an event's data: short scalar values, a few levels deep, a few of them.
+IDS_MAX = 20
+IDS_DEPTH = 3
+ID_KEY_MAX = 40
+ID_VALUE_MAX = 64
+
+
+class TooManyEvents(Exception):
+    """The portal delivered more events than it may (per minute, or waiting at once): not stored."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What a handler gets (see portals.registry)."""
+
+    portal: Portal
+    event: str
+    object_id: str
+    ids: Mapping[str, Any]
+    user_id: int | None
+    occurred_at: datetime | None
+    offline: bool
+    attempt: int
+    record_id: int
+    client: PortalClient
+
+
+@dataclass(frozen=True)
+class Accepted:
+    outcome: str  # "queued", "duplicate", or "ignored" (no handler registered for it)
+    record: AppEvent | None = None
+
+
+# --- what an event carries ---------------------------------------------------------------------------
+
+
+def identifiers(data: Any) -> dict[str, Any]:
+    """The identifiers in an event's `data`, flattened (`FIELDS.ID`): short strings and numbers only.
+    Anything else (text, long values, deep structures) is not kept: handlers read objects through the
+    REST API, and the store must not grow with what a sender chooses to post."""
+    kept: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str, depth: int) -> None:
+        if len(kept) >= IDS_MAX or depth > IDS_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for key, child in list(value.items())[:IDS_MAX]:
+                key = str(key)[:ID_KEY_MAX]
+                walk(child, f"{prefix}.{key}" if prefix else key, depth + 1)
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, (int, str)) and prefix and len(str(value)) <= ID_VALUE_MAX:
+            kept[prefix] = value
+
+    walk(data, "", 0)
+    return kept
+
+
+def object_id(ids: Mapping[str, Any]) -> str:
+    for key in ("FIELDS.ID", "ID", "FIELDS.ENTITY_ID"):
+        if key in ids:
+            return str(ids[key])[:ID_VALUE_MAX]
+    return ""
+
+
+def user_id_of(value: Any) -> int | None:
+    try:
+        number = int(str(value))
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 2**63 else None
+
+
+def _timestamp(value: Any) -> datetime | None:
+    try:
+        seconds = int(str(value))
+    except (TypeError, ValueError):
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+# --- storing -----------------------------------------------------------------------------------------
+
+
+def check_budget(portal: Portal, *, now: datetime | None = None) -> None:
+    """Raise TooManyEvents when the portal is over its per-minute rate or its backlog. Both are counted
+    in the database, so they hold across any number of web and worker processes."""
+    now = now or timezone.now()
+    rate = settings.BITRIX24_EVENTS_PER_MINUTE
+    recent = AppEvent.objects.filter(portal=portal, received_at__gt=now - timedelta(minutes=1))
+    if recent.count() >= rate:
+        raise TooManyEvents(f"more than {rate} events in a minute from this portal", retry_after=60)
+    backlog = settings.BITRIX24_EVENT_BACKLOG
+    waiting = AppEvent.objects.filter(portal=portal, state__in=(EventState.QUEUED, EventState.RUNNING))
+    if waiting[:backlog].count() >= backlog:
+        raise TooManyEvents(f"{backlog} events of this portal are waiting to be handled", retry_after=300)
+
+
+def store(
+    *,
+    portal: Portal,
+    event: str,
+    source: str,
+    dedup_key: str,
+    ids: dict[str, Any],
+    user_id: int | None,
+    occurred_at: datetime | None,
+) -> Accepted:
+    """One row for one delivery; the same key again is a duplicate, not a second row."""
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            record = AppEvent.objects.create(
+                portal=portal,
+                event=event,
+                source=source,
+                dedup_key=dedup_key[:200],
+                object_id=object_id(ids),
+                ids=ids,
+                user_id=user_id,
+                occurred_at=occurred_at,
+                received_at=now,
+                next_attempt_at=now + queued_grace(),
+            )
+    except IntegrityError:
+        return Accepted(
+            "duplicate", AppEvent.objects.filter(portal=portal, dedup_key=dedup_key[:200]).first()
+        )
+    return Accepted("queued", record)
+
+
+def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mapping[str, Any]) -> Accepted:
+    """An event posted to /events/ and admitted by the portal's application token."""
+    if not registry.handlers_for(event):
+        return Accepted("ignored")
+    ids = identifiers(data)
+    occurred_at = _timestamp(ts)
+    # Bitrix24 stamps every delivery with `ts`: the same event about the same object at the same second is
+    # one delivery. Without a ts nothing tells two deliveries apart: each is kept.
+    stamp = str(int(occurred_at.timestamp())) if occurred_at else f"no-ts:{uuid.uuid4().hex}"
+    check_budget(portal)
+    return store(
+        portal=portal,
+        event=event,
+        source=EventSource.ONLINE,
+        dedup_key=f"{event}|{object_id(ids)}|{stamp}",
+        ids=ids,
+        user_id=user_id_of(auth.get("user_id")),
+        occurred_at=occurred_at,
+    )
+
+
+# --- running handlers --------------------------------------------------------------------------------
+
+
+def lease() -> timedelta:
+    """How long a running event is left to its worker before the sweep presumes the worker dead."""
+    return timedelta(seconds=settings.BITRIX24_EVENT_HANDLER_SECONDS + 60)
+
+
+def retry_delay(attempts: int) -> timedelta:
+    base = settings.BITRIX24_EVENT_RETRY_SECONDS
+    return timedelta(seconds=min(base * 2 ** max(attempts - 1, 0), 6 * 3600))
+
+
+def claim(event_id: int, *, now: datetime | None = None) -> AppEvent | None:
+    """Take the event for running: a queued one, or a running one whose worker's lease ran out.
+    Atomic, so a task queued twice (or by the sweep as well) runs the handlers once at a time."""
+    now = now or timezone.now()
+    taken = (
+        AppEvent.objects.filter(pk=event_id)
+        .filter(Q(state=EventState.QUEUED) | Q(state=EventState.RUNNING, next_attempt_at__lte=now))
+        .update(state=EventState.RUNNING, attempts=F("attempts") + 1, next_attempt_at=now + lease())
+    )
+    if not taken:
+        return None
+    return AppEvent.objects.select_related("portal").get(pk=event_id)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    retry_in: timedelta | None = None
+    error: str = ""
+
+
+def _finish(record: AppEvent, state: str, **fields: Any) -> None:
+    AppEvent.objects.filter(pk=record.pk).update(state=state, finished_at=timezone.now(), **fields)
+
+
+def handle(event_id: int) -> Outcome | None:
+    """Run the handlers of one event not run yet; None when there was nothing to take."""
+    record = claim(event_id)
+    if record is None:
+        return None
+    portal = record.portal
+    if portal.state == PortalState.UNINSTALLED:
+        _finish(record, EventState.DROPPED, last_error="the app was uninstalled from the portal")
+        return Outcome(EventState.DROPPED)
+    handlers = registry.handlers_for(record.event)
+    if not handlers:
+        _finish(record, EventState.DROPPED, last_error="no handler is registered for this event any more")
+        return Outcome(EventState.DROPPED)
+    context = EventContext(
+        portal=portal,
+        event=record.event,
+        object_id=record.object_id,
+        ids=dict(record.ids),
+        user_id=record.user_id,
+        occurred_at=record.occurred_at,
+        offline=record.source == EventSource.OFFLINE,
+        attempt=record.attempts,
+        record_id=record.pk,
+        client=PortalClient(portal, auth_connector=settings.BITRIX24_AUTH_CONNECTOR),
+    )
+    done = list(record.done_handlers)
+    for handler in handlers:
+        if handler.name in done:
+            continue
+        try:
+            handler.func(context)
+        except Exception as exc:  # the app's code: any failure is retried, then kept for staff
+            return _failed(record, handler.name, exc, done)
+        done.append(handler.name)
+        AppEvent.objects.filter(pk=record.pk).update(done_handlers=done)
+    _finish(record, EventState.HANDLED, last_error="")
+    return Outcome(EventState.HANDLED)
+
+
+def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> Outcome:
+    error = f"{handler}: {type(exc).__name__}: {exc}"[:500]
+    details = traceback.format_exc()[-20000:]
+    logger.warning("Handler %s failed on %s (attempt %d): %s", handler, record.event, record.attempts, exc)
+    if record.attempts > settings.BITRIX24_EVENT_RETRIES:
+        _finish(record, EventState.FAILED, last_error=error, traceback=details)
+        return Outcome(EventState.FAILED, error=error)
+    delay = retry_delay(record.attempts)
+    AppEvent.objects.filter(pk=record.pk).update(
+        state=EventState.QUEUED,
+        next_attempt_at=timezone.now() + delay,
+        last_error=error,
+        traceback=details,
+        done_handlers=done,
+    )
+    return Outcome(EventState.QUEUED, retry_in=delay, error=error)
+
+
+def run_again(event_ids: list[int]) -> list[int]:
+    """Staff: failed or dropped events start again with a fresh count of retries (handlers that already
+    succeeded on them are not run again). Returns the ids that will run."""
+    now = timezone.now()
+    ids = list(
+        AppEvent.objects.filter(
+            pk__in=event_ids, state__in=(EventState.FAILED, EventState.DROPPED)
+        ).values_list("pk", flat=True)
+    )
+    AppEvent.objects.filter(pk__in=ids).update(
+        state=EventState.QUEUED, attempts=0, finished_at=None, next_attempt_at=now + queued_grace()
+    )
+    return ids
+
+
+def due(now: datetime | None = None, limit: int = 1000) -> list[int]:
+    """Events the sweep should queue: queued and due (a retry, or a task that never came), or running
+    past their lease (a worker that died). Marked so the next sweep leaves them to this one's tasks."""
+    now = now or timezone.now()
+    ids = list(
+        AppEvent.objects.filter(state__in=(EventState.QUEUED, EventState.RUNNING), next_attempt_at__lte=now)
+        .order_by("next_attempt_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    AppEvent.objects.filter(pk__in=ids, state=EventState.QUEUED).update(next_attempt_at=now + queued_grace())
+    return ids
+
+
+def purge_expired(*, batch_size: int = 1000, max_batches: int = 100) -> int:
+    """Delete handled and dropped events after BITRIX24_EVENT_RETENTION_DAYS, failed ones after
+    BITRIX24_FAILED_EVENT_RETENTION_DAYS, in short batches."""
+    now = timezone.now()
+    finished = Q(
+        state__in=(EventState.HANDLED, EventState.DROPPED),
+        finished_at__lt=now - timedelta(days=settings.BITRIX24_EVENT_RETENTION_DAYS),
+    ) | Q(
+        state=EventState.FAILED,
+        finished_at__lt=now - timedelta(days=settings.BITRIX24_FAILED_EVENT_RETENTION_DAYS),
+    )
+    deleted = 0
+    for _ in range(max_batches):
+        batch = list(
+            AppEvent.objects.filter(finished).order_by("pk").values_list("pk", flat=True)[:batch_size]
+        )
+        if not batch:
+            break
+        deleted += AppEvent.objects.filter(pk__in=batch).delete()[0]
+    return deleted
