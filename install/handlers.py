@@ -217,8 +217,5 @@ def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     if handler is not None:
         member_id, result = handler(auth, data)
     else:
-        # The event store keeps the identifiers the handlers need: the log row keeps the bounded
-        # summary only, so a flood of admitted events does not grow the log by full bodies.
-        row._full = None  # type: ignore[attr-defined]
         member_id, result = _on_app_event(name, params, auth, data)
     return JsonResponse({"result": result, "event": name, "member_id": member_id})
