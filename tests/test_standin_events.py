@@ -1,6 +1,6 @@
-"""The stand-in's events: online deliveries to a handler, the offline queue, source keys and ONOFFLINEEVENT.
-Real servers on loopback, driven with ``requests``; a tiny ``http.server`` plays the app's event handler.
-No Django."""
+"""The stand-in's events: online deliveries to a handler, the offline queue, source keys, ONOFFLINEEVENT and
+the page for raising events by hand. Real servers on loopback, driven with ``requests``; a tiny
+``http.server`` plays the app's event handler. No Django."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
 
 from portals import phpform
 from portals.standin import FakePortal, StandIn
+from portals.standin.console import CONSOLE_PATH, FIRE_PATH
 from portals.standin.events import FEATURE_CONNECTOR, FEATURE_EXTENDED
 from tests.samples import load_json
 
@@ -630,3 +632,100 @@ def test_min_timeout_0_announces_once_per_request(
     result(http, portal, "crm.contact.update", auth=token, id=1, fields={"NAME": "y"})
     assert standin.wait_deliveries(TIMEOUT)
     assert len(receiver.events("ONOFFLINEEVENT")) == 2
+
+
+# ---- the page for raising events by hand
+
+
+class _Forms(HTMLParser):
+    """The forms of a page with their fields (inputs and selects, by name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, Any]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "form":
+            self.forms.append({"action": values.get("action"), "method": values.get("method"), "fields": {}})
+        elif tag in ("input", "select") and self.forms and values.get("name"):
+            self.forms[-1]["fields"][values["name"]] = values.get("value") or ""
+
+
+def _page_forms(http: requests.Session, portal: FakePortal) -> tuple[str, list[dict[str, Any]]]:
+    page = http.get(portal.url + CONSOLE_PATH, timeout=TIMEOUT)
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    parser = _Forms()
+    parser.feed(page.text)
+    return page.text, parser.forms
+
+
+def test_the_page_lists_bindings_and_its_forms_change_items_and_raise_events(
+    http: requests.Session, standin: StandIn, portal: FakePortal, token: str, receiver: Receiver
+) -> None:
+    result(http, portal, "event.bind", auth=token, event="ONCRMDEALADD", handler=receiver.url)
+    _bind_offline(http, portal, token, "ONCRMCONTACTUPDATE", auth_connector="sync")
+    portal.seed("crm.contact", 1)
+    text, forms = _page_forms(http, portal)
+    assert "ONCRMDEALADD" in text and receiver.url in text and "queue: sync" in text
+    assert "Offline queue (0 records)" in text
+    change, raise_ = forms
+    assert change["method"] == raise_["method"] == "post"
+    assert change["action"] == raise_["action"] == FIRE_PATH
+    assert set(change["fields"]) == {"token", "kind", "entity", "action", "id", "title", "user_id"}
+
+    added = http.post(
+        portal.url + FIRE_PATH,
+        data={**change["fields"], "entity": "crm.deal", "action": "add", "title": "From the page"},
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert added.status_code == 303
+    assert urlsplit(added.headers["Location"]).path == CONSOLE_PATH
+    assert [row["TITLE"] for row in portal.items["crm.deal"]] == ["From the page"]
+    assert standin.wait_deliveries(TIMEOUT)
+    assert [event["data"]["FIELDS"]["ID"] for event in receiver.events("ONCRMDEALADD")] == ["1"]
+    shown = http.get(portal.url + added.headers["Location"], timeout=TIMEOUT).text
+    assert "crm.deal 1: add by user 1" in shown
+
+    fields = {**change["fields"], "entity": "crm.contact", "action": "update", "id": "1", "title": "Renamed"}
+    http.post(portal.url + FIRE_PATH, data=fields, timeout=TIMEOUT)
+    assert portal.items["crm.contact"][0]["NAME"] == "Renamed"
+    assert [record["EVENT_NAME"] for record in portal.offline_queue("sync")] == ["ONCRMCONTACTUPDATE"]
+    text, _ = _page_forms(http, portal)
+    assert "Offline queue (1 record)" in text
+
+    raised = http.post(
+        portal.url + FIRE_PATH,
+        data={**raise_["fields"], "event": "onCrmDealAdd", "id": "42", "user_id": "3"},
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert raised.status_code == 303
+    assert standin.wait_deliveries(TIMEOUT)
+    assert [event["data"]["FIELDS"]["ID"] for event in receiver.events("ONCRMDEALADD")] == ["1", "42"]
+
+
+def test_the_fire_form_refuses_posts_without_the_pages_token_and_reports_mistakes(
+    http: requests.Session, portal: FakePortal
+) -> None:
+    _, [change, _] = _page_forms(http, portal)
+    forged = http.post(
+        portal.url + FIRE_PATH,
+        data={**change["fields"], "token": "guess", "entity": "crm.deal", "action": "add"},
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert forged.status_code == 403
+    assert portal.items["crm.deal"] == []
+
+    missing = http.post(
+        portal.url + FIRE_PATH,
+        data={**change["fields"], "entity": "crm.deal", "action": "update", "id": "5"},
+        allow_redirects=False,
+        timeout=TIMEOUT,
+    )
+    assert missing.status_code == 303
+    shown = http.get(portal.url + missing.headers["Location"], timeout=TIMEOUT).text
+    assert "class=problem" in shown and "Not found" in shown

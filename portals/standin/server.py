@@ -17,7 +17,7 @@ Events: ``crm.{contact,company,deal,lead}.{add,update,delete}`` (also inside ``b
 Online bindings get a form-encoded POST from a background courier after the REST answer
 (:meth:`StandIn.wait_deliveries`, ``FakePortal.deliveries``); offline bindings fill the portal's offline
 queue (``event.offline.*``, see ``events.py``). :meth:`FakePortal.change` and :meth:`FakePortal.fire`
-raise events from a test.
+raise events from a test; ``GET /standin/`` on a portal does it for a person (``console.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .. import phpform
-from . import payloads
+from . import console, payloads
 from .base import RestError as _RestError
 from .base import iso as _iso
 from .events import (
@@ -94,6 +94,11 @@ INVALID_CLIENT: Answer = (401, {"error": "invalid_client", "error_description": 
 
 APP_FRAME_PATH = "/app-frame/"
 APP_FRAME_NAME = "app-frame"
+# The hand-firing page needs no script and posts only to itself.
+_CONSOLE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
 
 
 def _time_block(
@@ -440,6 +445,15 @@ class _PortalHandler(_Handler):
         if split.path in (APP_FRAME_PATH, APP_FRAME_PATH.rstrip("/")) and self.command in ("GET", "HEAD"):
             self._app_frame(portal, split.query)
             return
+        if split.path in (console.CONSOLE_PATH, console.CONSOLE_PATH.rstrip("/")) and self.command in (
+            "GET",
+            "HEAD",
+        ):
+            self._console(portal, split.query)
+            return
+        if split.path == console.FIRE_PATH and self.command == "POST":
+            self._console_fire(portal, body)
+            return
         if not split.path.startswith("/rest/"):
             self._send_json(404, {"error": "NOT_FOUND", "error_description": "Not a REST path"})
             return
@@ -455,6 +469,28 @@ class _PortalHandler(_Handler):
         portal._log_call(self.command, method, params)
         status, payload = portal._handle(method, params)
         self._send_json(status, payload)
+
+    def _console(self, portal: FakePortal, query: str) -> None:
+        """``GET /standin/``: the page for raising events by hand (see ``console.py``)."""
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        page = console.page(portal, notice=params.get("done", ""), problem=params.get("problem", ""))
+        self._send(200, page.encode(), "text/html; charset=utf-8", _CONSOLE_HEADERS)
+
+    def _console_fire(self, portal: FakePortal, body: bytes) -> None:
+        """``POST /standin/fire``: carry out one form of the page, then back to it (303) with the outcome."""
+        try:
+            form = {
+                key: values[-1]
+                for key, values in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()
+            }
+            outcome = {"done": console.submit(portal, form)}
+        except PermissionError as exc:
+            self._send(403, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return
+        except (ValueError, UnicodeDecodeError) as exc:
+            outcome = {"problem": str(exc)}
+        location = f"{console.CONSOLE_PATH}?{urlencode(outcome)}"
+        self._send(303, b"", "text/html; charset=utf-8", {"Location": location, "Cache-Control": "no-store"})
 
     def _app_frame(self, portal: FakePortal, query: str) -> None:
         """``GET /app-frame/?handler=<app URL>&user_id=1[&admin=0][&placement=…]``: the portal page that
@@ -849,6 +885,9 @@ class FakePortal:
         # documented, the stand-in gives it to the same ones. Tests may flip either.
         top_plan = license_family in ("pro", "ent", "nfr")
         self.features: dict[str, bool] = {FEATURE_EXTENDED: top_plan, FEATURE_CONNECTOR: top_plan}
+        # The hand-firing page's forms carry this, so that another page open in the same browser cannot
+        # post to them.
+        self.console_token = secrets.token_hex(16)
         self.calls: list[tuple[str, str, JSON]] = []
         self._next_binding = 1
         self._notified: dict[int, float] = {}  # ONOFFLINEEVENT binding id -> when it was last raised
@@ -1440,7 +1479,7 @@ class FakePortal:
         with self._lock:
             self.deliveries.append(record)
 
-    # ---- raising events by hand
+    # ---- raising events by hand (tests, the /standin/ page)
 
     def change(
         self,
@@ -1857,6 +1896,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"portal {portal.url}  member_id={portal.member_id}")
             print(f"  application_token={portal.application_token}")
             print(f"  tokens={json.dumps(tokens)}")
+            print(f"  events by hand: {portal.url}{console.CONSOLE_PATH}")
         try:
             while True:
                 time.sleep(3600)
