@@ -22,7 +22,7 @@ from .. import phpform
 if TYPE_CHECKING:  # the server builds its app frame with these payloads
     from .server import FakePortal
 
-__all__ = ["launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]
+__all__ = ["event", "launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]
 
 Pairs = list[tuple[str, str]]
 
@@ -124,6 +124,58 @@ def onapppayment(portal: FakePortal) -> Pairs:
                 "client_endpoint": portal.client_endpoint,
                 "member_id": portal.member_id,
             },
+        }
+    )
+
+
+def _event_auth(portal: FakePortal, tokens: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``auth`` block of an ordinary event: the docs' order, without a refresh token.
+
+    The event pages' examples (e.g. api-reference/crm/deals/events/on-crm-deal-add.md) print a
+    ``refresh_token``, but _includes/auth-params-in-events.md marks it optional and events other than the
+    install normally carry none (docs/bitrix24-protocol.md §3): an app must not count on it.
+    ``scope`` is the app's scope, as the token carries it (on-offline-event.md: "the list of permissions
+    granted to the application"). Without ``tokens`` (a change no user made) there is no ``access_token``
+    nor ``expires_in``: "If the hit that initiated the event could not be linked to a specific Bitrix24
+    user, the tokens are not passed" (auth-params-in-events.md).
+    """
+    token_fields = (
+        {
+            "access_token": tokens["access_token"],
+            "expires_in": str(tokens.get("expires_in", portal.standin.access_ttl)),
+        }
+        if tokens is not None
+        else {}
+    )
+    return {
+        **token_fields,
+        "scope": tokens.get("scope", portal.scope) if tokens is not None else portal.scope,
+        "domain": portal.domain,
+        "server_endpoint": portal.standin.server_endpoint,
+        "status": portal.status,
+        "client_endpoint": portal.client_endpoint,
+        "member_id": portal.member_id,
+        "application_token": portal.application_token,
+    }
+
+
+def event(
+    portal: FakePortal, name: str, data: Any, tokens: Mapping[str, Any] | None, *, handler_id: int | str
+) -> Pairs:
+    """An event as the queue server posts it to a handler bound with ``event.bind``:
+    ``event``, ``event_handler_id``, ``data``, ``ts`` (when it is sent), ``auth`` with a token of the user
+    the binding is authorized as (api-reference/crm/deals/events/on-crm-deal-add.md; oncrmcontactadd-docs.json).
+
+    ``data`` is the event's own (``{"FIELDS": {"ID": "89"}}`` for CRM events); ONOFFLINEEVENT's is empty
+    (api-reference/events/on-offline-event.md), and an empty array is not sent at all, as PHP does.
+    """
+    return phpform.encode(
+        {
+            "event": name,
+            "event_handler_id": str(handler_id),
+            "data": data,
+            "ts": _ts(portal),
+            "auth": _event_auth(portal, tokens),
         }
     )
 

@@ -11,7 +11,13 @@ Standard library only, no Django: the stand-in must run in a bare interpreter an
 Clocks: token expiry, the refresh-token lifetime, authorization codes, the leaky bucket and the
 operating-time window are all judged by :meth:`StandIn.now` (``time.time()`` plus an offset moved by
 :meth:`StandIn.advance`), so a test can jump an hour ahead without sleeping. The ``duration`` reported for a
-method is real elapsed time.
+method is real elapsed time. So are the offline queue's ``TIMESTAMP_X`` and ONOFFLINEEVENT's ``minTimeout``.
+
+Events: ``crm.{contact,company,deal,lead}.{add,update,delete}`` (also inside ``batch``) raise their events.
+Online bindings get a form-encoded POST from a background courier after the REST answer
+(:meth:`StandIn.wait_deliveries`, ``FakePortal.deliveries``); offline bindings fill the portal's offline
+queue (``event.offline.*``, see ``events.py``). :meth:`FakePortal.change` and :meth:`FakePortal.fire`
+raise events from a test; ``GET /standin/`` on a portal does it for a person (``console.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +36,29 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .. import phpform
-from . import payloads
+from . import console, payloads
+from .base import RestError as _RestError
+from .base import iso as _iso
+from .events import (
+    CRM_EVENTS,
+    DEFAULT_MIN_TIMEOUT,
+    FEATURE_CONNECTOR,
+    FEATURE_EXTENDED,
+    LIST_PAGE,
+    OFFLINE_BATCH,
+    Courier,
+    OfflineQueue,
+    crm_event,
+    parse_filter,
+    parse_order,
+    post_form,
+)
 
 __all__ = ["FakePortal", "StandIn"]
 
@@ -73,10 +94,11 @@ INVALID_CLIENT: Answer = (401, {"error": "invalid_client", "error_description": 
 
 APP_FRAME_PATH = "/app-frame/"
 APP_FRAME_NAME = "app-frame"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+# The hand-firing page needs no script and posts only to itself.
+_CONSOLE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
 
 
 def _time_block(
@@ -134,15 +156,63 @@ def _split_scope(scope: str) -> set[str]:
     return {part for part in re.split(r"[,\s]+", scope) if part}
 
 
-class _RestError(Exception):
-    def __init__(self, status: int, code: str, description: str = "") -> None:
-        super().__init__(code)
-        self.status = status
-        self.code = code
-        self.description = description
+def _text(value: Any) -> str:
+    """A scalar parameter as text ("" when absent); arrays count as absent."""
+    if value is None or isinstance(value, dict | list):
+        return ""
+    return str(value).strip()
 
-    def answer(self) -> Answer:
-        return self.status, {"error": self.code, "error_description": self.description}
+
+def _flag(value: Any, *, default: bool) -> bool:
+    """A 0/1 parameter (``clear``, ``error``); "N" and "false" count as 0, as PHP code tends to read them."""
+    text = _text(value).lower()
+    if not text:
+        return default
+    return text not in ("0", "n", "false", "no")
+
+
+def _positive(value: Any, default: int) -> int:
+    """event-offline-get.md: ``limit`` is "an integer greater than 0"."""
+    text = _text(value)
+    if not text:
+        return default
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise _RestError(400, "ERROR_ARGUMENT", "Value must be positive integer")
+    return number
+
+
+def _array(value: Any, message: str) -> list[Any]:
+    """An array parameter: a JSON list, or a PHP form array (``id[]=1``, ``id[0]=1``); absent is empty."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, list):
+        return value
+    raise _RestError(400, "ERROR_ARGUMENT", message)
+
+
+def _same_binding(one: JSON, other: JSON) -> bool:
+    """What event.bind refuses as "already binded": the same event to the same handler as the same user
+    online; offline, the same event for the same source key."""
+    if one["event"] != other["event"] or one["offline"] != other["offline"]:
+        return False
+    if one["offline"]:
+        return bool(one["auth_connector"] == other["auth_connector"])
+    return bool(one["handler"] == other["handler"] and one["auth_type"] == other["auth_type"])
+
+
+def _min_timeout(binding: JSON) -> float:
+    """``options[minTimeout]`` of an ONOFFLINEEVENT binding, in seconds (on-offline-event.md: default 1)."""
+    options = binding.get("options") or {}
+    try:
+        return max(float(options.get("minTimeout", DEFAULT_MIN_TIMEOUT)), 0.0)
+    except (TypeError, ValueError):
+        return DEFAULT_MIN_TIMEOUT
 
 
 @dataclass
@@ -166,6 +236,18 @@ class _Code:
     user_id: int
     admin: bool
     created: float
+
+
+@dataclass
+class _Hit:
+    """One request to a portal (a whole batch is one): who made it, the source key it passed, and whether it
+    wrote to the offline queue — ONOFFLINEEVENT is raised once per hit at most (on-offline-event.md,
+    minTimeout 0: "one notification per request to Bitrix24")."""
+
+    user_id: int
+    admin: bool
+    auth_connector: str = ""
+    offline_written: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -363,6 +445,15 @@ class _PortalHandler(_Handler):
         if split.path in (APP_FRAME_PATH, APP_FRAME_PATH.rstrip("/")) and self.command in ("GET", "HEAD"):
             self._app_frame(portal, split.query)
             return
+        if split.path in (console.CONSOLE_PATH, console.CONSOLE_PATH.rstrip("/")) and self.command in (
+            "GET",
+            "HEAD",
+        ):
+            self._console(portal, split.query)
+            return
+        if split.path == console.FIRE_PATH and self.command == "POST":
+            self._console_fire(portal, body)
+            return
         if not split.path.startswith("/rest/"):
             self._send_json(404, {"error": "NOT_FOUND", "error_description": "Not a REST path"})
             return
@@ -378,6 +469,28 @@ class _PortalHandler(_Handler):
         portal._log_call(self.command, method, params)
         status, payload = portal._handle(method, params)
         self._send_json(status, payload)
+
+    def _console(self, portal: FakePortal, query: str) -> None:
+        """``GET /standin/``: the page for raising events by hand (see ``console.py``)."""
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        page = console.page(portal, notice=params.get("done", ""), problem=params.get("problem", ""))
+        self._send(200, page.encode(), "text/html; charset=utf-8", _CONSOLE_HEADERS)
+
+    def _console_fire(self, portal: FakePortal, body: bytes) -> None:
+        """``POST /standin/fire``: carry out one form of the page, then back to it (303) with the outcome."""
+        try:
+            form = {
+                key: values[-1]
+                for key, values in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()
+            }
+            outcome = {"done": console.submit(portal, form)}
+        except PermissionError as exc:
+            self._send(403, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return
+        except (ValueError, UnicodeDecodeError) as exc:
+            outcome = {"problem": str(exc)}
+        location = f"{console.CONSOLE_PATH}?{urlencode(outcome)}"
+        self._send(303, b"", "text/html; charset=utf-8", {"Location": location, "Cache-Control": "no-store"})
 
     def _app_frame(self, portal: FakePortal, query: str) -> None:
         """``GET /app-frame/?handler=<app URL>&user_id=1[&admin=0][&placement=…]``: the portal page that
@@ -444,6 +557,10 @@ class StandIn:
         self._refresh: dict[str, _Grant] = {}
         self._codes: dict[str, _Code] = {}
         self._server: _Server | None = None
+        # Not documented: how long the queue server waits for a handler. Long enough for a slow handler in a
+        # test, short enough that a hung one does not hold a delivery thread for long.
+        self.delivery_timeout: float = 10.0
+        self._courier = Courier()
 
     # ---- lifecycle
 
@@ -459,6 +576,10 @@ class StandIn:
             server.stop()
         for portal in list(self._portals.values()):
             portal._stop()
+        # Events still queued are dropped, as a queue server that went away would; a restarted stand-in
+        # delivers with a fresh courier.
+        courier, self._courier = self._courier, Courier()
+        courier.stop()
 
     def __enter__(self) -> StandIn:
         return self.start()
@@ -492,6 +613,17 @@ class StandIn:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._offset += seconds
+
+    # ---- events on their way to handlers
+
+    def wait_deliveries(self, timeout: float = 10.0) -> bool:
+        """Wait until every online event queued so far (on any portal) has been posted and its outcome
+        recorded in its portal's ``deliveries``; False if ``timeout`` seconds passed first.
+
+        Deliveries run on background threads, as Bitrix24's queue server sends events after the REST answer
+        (api-reference/events/index.md). A throttled ONOFFLINEEVENT that was not sent is not waited for.
+        """
+        return self._courier.wait(timeout)
 
     # ---- portals
 
@@ -742,8 +874,23 @@ class FakePortal:
         self.operating_limit: float | None = None
         self.rest_latency: float = 0.0
         self.write_delay: float = 0.0
+        # Bindings made with event.bind, in the order made: {"id", "event", "handler", "auth_type",
+        # "offline"}, plus "auth_connector" on offline ones and "options" when bound with options.
         self.events: list[JSON] = []
+        # What the queue server did with each online event: see _deliver.
+        self.deliveries: list[JSON] = []
+        self.offline = OfflineQueue()
+        # feature.get codes (api-reference/common/system/feature-get.md). auth_connector is "available on the
+        # Professional plan and above" (offline-events.md); which plans have the extended offline mode is not
+        # documented, the stand-in gives it to the same ones. Tests may flip either.
+        top_plan = license_family in ("pro", "ent", "nfr")
+        self.features: dict[str, bool] = {FEATURE_EXTENDED: top_plan, FEATURE_CONNECTOR: top_plan}
+        # The hand-firing page's forms carry this, so that another page open in the same browser cannot
+        # post to them.
+        self.console_token = secrets.token_hex(16)
         self.calls: list[tuple[str, str, JSON]] = []
+        self._next_binding = 1
+        self._notified: dict[int, float] = {}  # ONOFFLINEEVENT binding id -> when it was last raised
         self._lock = threading.RLock()
         self._level = 0.0
         self._level_at = standin.now()
@@ -861,15 +1008,19 @@ class FakePortal:
             previous = self.app_version
             self.app_version += 1
             self.events.clear()
+            self._notified.clear()
         self.rotate_application_token()
         return previous, self.app_version
 
     def uninstall(self) -> None:
-        """Every token of the portal dies; refresh → invalid_grant, REST → invalid_token; bindings dropped."""
+        """Every token of the portal dies; refresh → invalid_grant, REST → invalid_token; bindings and the
+        offline queue dropped."""
         self.installed = False
         self.standin._kill_portal_tokens(self.member_id)
         with self._lock:
             self.events.clear()
+            self._notified.clear()
+        self.offline.drop()  # the app's data on the portal goes with it
 
     def rename(self) -> str:
         """docs/bitrix24-protocol.md §6: a renamed portal answers the old domain with 302 to the new one.
@@ -931,9 +1082,13 @@ class FakePortal:
         grant, error = self.standin._check_access(params.get("auth"), self)
         if error is not None or grant is None:
             return error or INVALID_TOKEN
-        if method == "batch":
-            return self._batch(params, grant)
-        return self._call(method, params, grant)
+        hit = _Hit(grant.user_id, grant.admin, _text(params.get("auth_connector")))
+        try:
+            if method == "batch":
+                return self._batch(params, grant, hit)
+            return self._call(method, params, grant, hit)
+        finally:
+            self._hit_done(hit)
 
     def _operating_usage(self, method: str, now: float) -> tuple[float, float]:
         """Summed duration of ``method`` in the last 10 minutes and when the oldest share of it lapses."""
@@ -945,7 +1100,7 @@ class FakePortal:
             reset_at = records[0][0] + OPERATING_WINDOW if records else now + OPERATING_WINDOW
             return used, reset_at
 
-    def _call(self, method: str, params: JSON, grant: _Grant) -> Answer:
+    def _call(self, method: str, params: JSON, grant: _Grant, hit: _Hit) -> Answer:
         """Run one method with timing and the operating-time limit (limits.md: 429 OPERATION_TIME_LIMIT)."""
         started = self.standin.now()
         used, _ = self._operating_usage(method, started)
@@ -961,7 +1116,7 @@ class FakePortal:
         extra: JSON = {}
         answer: Answer | None = None
         try:
-            result, extra = self._run(method, params, grant)
+            result, extra = self._run(method, params, grant, hit)
         except _RestError as exc:
             answer = exc.answer()
         processing = time.perf_counter() - clock
@@ -977,7 +1132,7 @@ class FakePortal:
         )
         return 200, payload
 
-    def _run(self, method: str, params: JSON, grant: _Grant) -> tuple[Any, JSON]:
+    def _run(self, method: str, params: JSON, grant: _Grant, hit: _Hit) -> tuple[Any, JSON]:
         if method == "app.info":
             return self._app_info(), {}
         if method == "profile":
@@ -995,10 +1150,19 @@ class FakePortal:
         if method == "event.bind":
             return self._event_bind(params, grant), {}
         if method == "event.get":
-            with self._lock:
-                return [dict(binding) for binding in self.events], {}
+            return self._event_get(grant), {}
         if method == "event.unbind":
             return self._event_unbind(params, grant), {}
+        if method == "event.offline.get":
+            return self._offline_get(params, grant), {}
+        if method == "event.offline.clear":
+            return self._offline_clear(params, grant), {}
+        if method == "event.offline.error":
+            return self._offline_error(params, grant), {}
+        if method == "event.offline.list":
+            return self._offline_list(params, grant)
+        if method == "feature.get":
+            return self._feature_get(params), {}
         entity, _, action = method.rpartition(".")
         if entity in self.items and action in ("list", "add", "get", "update", "delete"):
             needed = entity.split(".")[0]
@@ -1008,13 +1172,19 @@ class FakePortal:
                 )
             if action == "list":
                 return self._entity_list(entity, params)
-            if action == "add":
-                return self._entity_add(entity, params), {}
             if action == "get":
                 return self._entity_get(entity, params), {}
+            if action == "add":
+                new_id = self._entity_add(entity, params)
+                self._changed(entity, new_id, action, params, hit)
+                return new_id, {}
             if action == "update":
-                return self._entity_update(entity, params), {}
-            return self._entity_delete(entity, params), {}
+                done = self._entity_update(entity, params)
+                self._changed(entity, self._id_param(params), action, params, hit)
+                return done, {}
+            done = self._entity_delete(entity, params)
+            self._changed(entity, self._id_param(params), action, params, hit)
+            return done, {}
         raise _RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
 
     def _app_info(self) -> JSON:
@@ -1034,44 +1204,441 @@ class FakePortal:
             "LICENSE_FAMILY": self.license_family,
         }
 
-    # ---- events (api-reference/events/event-bind.md, event-get.md, event-unbind.md)
+    # ---- event bindings (api-reference/events/event-bind.md, event-get.md, event-unbind.md)
+
+    def _event_kind(self, params: JSON) -> bool:
+        """``event_type``: True for offline; "online" (the default) or "offline", any case."""
+        value = _text(params.get("event_type")).lower() or "online"
+        if value not in ("online", "offline"):
+            raise _RestError(400, "ERROR_ARGUMENT", "Value must be one of {online|offline}")
+        return value == "offline"
+
+    def _source_key(self, params: JSON) -> str:
+        """``auth_connector``; a plan without source keys answers WRONG_LICENSE (event-bind.md)."""
+        key = _text(params.get("auth_connector"))
+        if key and not self.features.get(FEATURE_CONNECTOR):
+            raise _RestError(
+                403, "WRONG_LICENSE", "This feature is not enabled for the current license: auth_connector"
+            )
+        return key
+
+    def _bind_auth_type(self, params: JSON, grant: _Grant) -> str:
+        """event-bind.md: by default an administrator's binding is authorized as whoever triggers the event
+        ("0"), a non-administrator's as that user; a non-administrator may name only themselves."""
+        raw = _text(params.get("auth_type"))
+        if not raw:
+            return "0" if grant.admin else str(grant.user_id)
+        if not raw.isdigit():
+            # Not documented; auth_type is an integer on the page.
+            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'AUTH_TYPE' must be an integer")
+        auth_type = str(int(raw))
+        if not grant.admin and auth_type != str(grant.user_id):
+            raise _RestError(
+                403,
+                "ACCESS_DENIED",
+                "Access denied! Event binding with AUTH_TYPE requires administrator access rights",
+            )
+        return auth_type
 
     def _event_bind(self, params: JSON, grant: _Grant) -> bool:
-        event = str(params.get("event") or "").upper()
-        handler = params.get("handler")
-        if not event.startswith("ON"):
+        event = _text(params.get("event")).upper()
+        if not event:
+            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'EVENT' is null or empty")
+        # event-bind.md: "The event must belong to the application's scope or be a basic event".
+        if not event.startswith("ON") or (
+            event.startswith("ONCRM") and "crm" not in _split_scope(self.scope)
+        ):
             raise _RestError(400, "ERROR_EVENT_NOT_FOUND", "Event not found")
-        if not isinstance(handler, str) or not handler:
-            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'handler' is null or empty")
-        auth_type = str(params.get("auth_type") or "0")
-        offline = 1 if str(params.get("event_type") or "online").lower() == "offline" else 0
-        # event-bind.md: a user without admin rights cannot bind offline events nor for another user.
-        if not grant.admin and (offline or auth_type not in ("0", str(grant.user_id))):
-            raise _RestError(403, "ACCESS_DENIED", "Access denied!")
-        binding = {"event": event, "handler": handler, "auth_type": auth_type, "offline": offline}
+        offline = self._event_kind(params)
+        key = self._source_key(params)
+        binding: JSON
+        if offline:
+            if not grant.admin:
+                raise _RestError(
+                    403,
+                    "ACCESS_DENIED",
+                    "Access denied! Offline events binding requires administrator access rights",
+                )
+            if event == "ONOFFLINEEVENT":
+                # on-offline-event.md: "the queue notification itself is not placed into the queue".
+                raise _RestError(400, "ERROR_ARGUMENT", "Offline event cannot be registered for this event.")
+            # offline-events.md: no handler URL (ignored if sent), auth_type ignored.
+            binding = {"event": event, "handler": "", "auth_type": "0", "offline": 1, "auth_connector": key}
+        else:
+            handler = params.get("handler")
+            if not isinstance(handler, str) or not handler.strip():
+                raise _RestError(400, "ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty")
+            parts = urlsplit(handler.strip())
+            if parts.scheme.lower() not in ("http", "https"):
+                raise _RestError(400, "ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol")
+            # event-bind.md: "The host name must contain a dot, so localhost is not accepted".
+            if "." not in (parts.hostname or ""):
+                raise _RestError(400, "ERROR_WRONG_HANDLER_URL", "Wrong handler URL")
+            binding = {
+                "event": event,
+                "handler": handler.strip(),
+                "auth_type": self._bind_auth_type(params, grant),
+                "offline": 0,
+            }
+            options = params.get("options")
+            if isinstance(options, dict) and options:
+                binding["options"] = dict(options)  # ONOFFLINEEVENT's minTimeout (on-offline-event.md)
         with self._lock:
-            if binding in self.events:
-                # Not on the doc page; the answer real portals give, as apps in the wild check for it.
-                raise _RestError(400, "ERROR_CORE", "Handler already binded")
+            if any(_same_binding(existing, binding) for existing in self.events):
+                # event-bind.md lists this answer; apps in the wild look for "already binded" in it.
+                raise _RestError(400, "ERROR_CORE", "Unable to set event handler: Handler already binded")
+            binding["id"] = self._next_binding
+            self._next_binding += 1
             self.events.append(binding)
         return True
 
-    def _event_unbind(self, params: JSON, grant: _Grant) -> JSON:
-        if not grant.admin:
-            raise _RestError(403, "ACCESS_DENIED", "Access denied!")  # event-unbind.md: administrator only
-        wanted: JSON = {}
-        if params.get("event"):
-            wanted["event"] = str(params["event"]).upper()
-        if params.get("handler"):
-            wanted["handler"] = params["handler"]
-        if "auth_type" in params:
-            wanted["auth_type"] = str(params.get("auth_type") or "0")
-        wanted["offline"] = 1 if str(params.get("event_type") or "online").lower() == "offline" else 0
+    def _event_get(self, grant: _Grant) -> list[JSON]:
+        """event-get.md: online bindings as ``event, handler, auth_type, offline``, offline ones as ``event,
+        connector_id, offline``; an administrator sees all, anyone else only those authorized as them."""
         with self._lock:
-            kept = [b for b in self.events if any(b[k] != v for k, v in wanted.items())]
-            count = len(self.events) - len(kept)
-            self.events[:] = kept
-        return {"count": count}
+            bindings = [dict(binding) for binding in self.events]
+        shown: list[JSON] = []
+        for binding in bindings:
+            if binding["offline"]:
+                if grant.admin:
+                    shown.append(
+                        {"event": binding["event"], "connector_id": binding["auth_connector"], "offline": 1}
+                    )
+            elif grant.admin or binding["auth_type"] == str(grant.user_id):
+                shown.append(
+                    {
+                        "event": binding["event"],
+                        "handler": binding["handler"],
+                        "auth_type": binding["auth_type"],
+                        "offline": 0,
+                    }
+                )
+        return shown
+
+    def _event_unbind(self, params: JSON, grant: _Grant) -> JSON:
+        """event-unbind.md: removes every binding matching ``event`` and, online, ``handler`` (and
+        ``auth_type`` when given: "0" or empty for "the user who triggered the event"); offline, the one of
+        the ``auth_connector`` given (none: those without a source key). Answers ``{"count": n}``."""
+        event = _text(params.get("event")).upper()
+        if not event:
+            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'EVENT' is null or empty")
+        offline = self._event_kind(params)
+        key = self._source_key(params)
+        if offline:
+            if not grant.admin:
+                raise _RestError(
+                    403,
+                    "ACCESS_DENIED",
+                    "Access denied! Offline events unbinding requires administrator access rights",
+                )
+
+            def matches(binding: JSON) -> bool:
+                return (
+                    bool(binding["offline"])
+                    and binding["event"] == event
+                    and binding["auth_connector"] == key
+                )
+
+        else:
+            handler = params.get("handler")
+            if not isinstance(handler, str) or not handler.strip():
+                raise _RestError(400, "ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty")
+            wanted: str | None
+            if "auth_type" in params:
+                raw = _text(params.get("auth_type"))
+                wanted = str(int(raw)) if raw.isdigit() else raw or "0"
+                if not grant.admin and wanted != str(grant.user_id):
+                    raise _RestError(
+                        403,
+                        "ACCESS_DENIED",
+                        "Access denied! Event unbinding with AUTH_TYPE requires administrator access rights",
+                    )
+            else:
+                # Without auth_type an administrator removes every user's bindings, anyone else their own.
+                wanted = None if grant.admin else str(grant.user_id)
+
+            def matches(binding: JSON) -> bool:
+                return (
+                    not binding["offline"]
+                    and binding["event"] == event
+                    and binding["handler"] == handler.strip()
+                    and (wanted is None or binding["auth_type"] == wanted)
+                )
+
+        with self._lock:
+            removed = [binding for binding in self.events if matches(binding)]
+            self.events[:] = [binding for binding in self.events if not matches(binding)]
+            for binding in removed:
+                self._notified.pop(binding["id"], None)
+        return {"count": len(removed)}
+
+    def _feature_get(self, params: JSON) -> JSON:
+        """api-reference/common/system/feature-get.md: ``{"value": "Y"|"N"}`` for ``CODE``."""
+        code = _text(params.get("CODE", params.get("code")))
+        if not code:
+            raise _RestError(400, "CODE_EMPTY", "CODE can't be empty")
+        return {"value": "Y" if self.features.get(code) else "N"}
+
+    # ---- raising events
+
+    def _changed(self, entity: str, item_id: Any, action: str, params: JSON, hit: _Hit) -> None:
+        """A REST write changed an item: raise its event. A command's own ``auth_connector`` wins over the
+        request's (not documented for batch: a command without one takes the batch's)."""
+        event = crm_event(entity, action)
+        if event is not None:
+            key = _text(params.get("auth_connector")) or hit.auth_connector
+            self._raise(event, {"FIELDS": {"ID": str(item_id)}}, hit, key)
+
+    def _raise(self, event: str, data: Any, hit: _Hit, source_key: str) -> None:
+        """Hand ``event`` to every binding of it: online ones to the courier (the REST answer does not wait
+        for them), offline ones into the queue of their source key — unless the change was made with that
+        same key (offline-events.md, "How to Avoid Cycles"). Online bindings get the event whatever key
+        the writer passed: only offline queues know source keys."""
+        with self._lock:
+            if not self.installed:
+                return
+            bindings = [dict(binding) for binding in self.events if binding["event"] == event]
+        for binding in bindings:
+            if not binding["offline"]:
+                self._send(binding, event, data, hit)
+                continue
+            channel = binding["auth_connector"]
+            if channel and channel == source_key:
+                continue
+            self.offline.write(
+                channel=channel, event=event, data=data, user_id=hit.user_id, now=self.standin.now()
+            )
+            hit.offline_written = True
+
+    def _hit_done(self, hit: _Hit) -> None:
+        """After a request that wrote to the offline queue: raise ONOFFLINEEVENT on its online bindings, each
+        at most once per ``options[minTimeout]`` seconds (default 1; on-offline-event.md). What is written
+        while a binding waits out its timeout is not announced later on its own (whether Bitrix24 sends a
+        late notification is not documented): an app must empty the queue whenever it is told."""
+        if not hit.offline_written:
+            return
+        now = self.standin.now()
+        due: list[JSON] = []
+        with self._lock:
+            for binding in self.events:
+                if binding["event"] != "ONOFFLINEEVENT" or binding["offline"]:
+                    continue
+                last = self._notified.get(binding["id"])
+                if last is not None and now - last < _min_timeout(binding):
+                    continue
+                self._notified[binding["id"]] = now
+                due.append(dict(binding))
+        for binding in due:
+            # on-offline-event.md: "data arrives empty" (an empty array, which a form does not carry).
+            self._send(binding, "ONOFFLINEEVENT", [], hit)
+
+    def _send(self, binding: JSON, event: str, data: Any, hit: _Hit) -> None:
+        """Queue one delivery. event-bind.md: auth_type "0" authorizes the handler as the user who triggered
+        the event, another value as that user."""
+        queued = self.standin.now()
+        user_id = hit.user_id if binding["auth_type"] == "0" else int(binding["auth_type"])
+        admin = hit.admin and user_id == hit.user_id
+        self.standin._courier.put(lambda: self._deliver(binding, event, data, user_id, admin, queued))
+
+    def _deliver(
+        self, binding: JSON, event: str, data: Any, user_id: int, admin: bool, queued: float
+    ) -> None:
+        """Post one event, once, as the queue server does, and record the outcome in ``deliveries``:
+        ``{"event", "handler", "event_handler_id", "user_id", "form" (the pairs posted), "status" (HTTP status
+        or None), "error" (None or why nothing was answered), "refused" (True when nothing was sent),
+        "queued", "started", "finished" (the stand-in's clock)}``. Failures are not retried
+        (api-reference/events/index.md). Only loopback handlers are called: the stand-in is a development
+        tool and sends live tokens; anything else is recorded as refused."""
+        handler = str(binding["handler"])
+        record: JSON = {
+            "event": event,
+            "handler": handler,
+            "event_handler_id": str(binding["id"]),
+            "user_id": user_id,
+            "form": [],
+            "status": None,
+            "error": None,
+            "refused": False,
+            "queued": queued,
+            "started": self.standin.now(),
+        }
+        try:
+            _require_loopback_url(handler)
+        except ValueError as exc:
+            record["refused"], record["error"] = True, f"refused: {exc}"
+        else:
+            # Tokens are the user's own, usable against the REST API (api-reference/events/index.md); a change
+            # without a user (user_id 0, "by an agent") carries none.
+            tokens = self.issue_tokens(user_id, admin=admin) if user_id else None
+            pairs = payloads.event(self, event, data, tokens, handler_id=binding["id"])
+            record["form"] = pairs
+            record["status"], record["error"] = post_form(
+                handler, pairs, timeout=self.standin.delivery_timeout, user_agent=_Handler.server_version
+            )
+        record["finished"] = self.standin.now()
+        with self._lock:
+            self.deliveries.append(record)
+
+    # ---- raising events by hand (tests, the /standin/ page)
+
+    def change(
+        self,
+        entity: str,
+        item_id: int | str,
+        action: str = "update",
+        *,
+        user_id: int = 1,
+        admin: bool = True,
+        auth_connector: str = "",
+    ) -> None:
+        """Someone changed ``entity`` item ``item_id`` in the portal (``action``: add, update or delete):
+        raise its event (``crm.deal`` + ``update`` → ONCRMDEALUPDATE, data ``{"FIELDS": {"ID": …}}``) as the
+        portal would. The item itself is not touched (see :meth:`edit`). ``user_id`` 0: a change without a
+        user (an agent), whose online events carry no token. Raises ValueError for an entity without events."""
+        event = crm_event(entity, action)
+        if event is None:
+            raise ValueError(
+                f"no event for {entity}.{action}: entities with events are {', '.join(CRM_EVENTS)}"
+            )
+        self.fire(
+            event,
+            {"FIELDS": {"ID": str(item_id)}},
+            user_id=user_id,
+            admin=admin,
+            auth_connector=auth_connector,
+        )
+
+    def fire(
+        self, event: str, data: Any = None, *, user_id: int = 1, admin: bool = True, auth_connector: str = ""
+    ) -> None:
+        """Raise any event with any ``data`` on this portal, as one request would: online bindings get it
+        through the courier, offline ones in their queue, then ONOFFLINEEVENT as due."""
+        hit = _Hit(user_id, admin, auth_connector)
+        self._raise(event.upper(), data, hit, auth_connector)
+        self._hit_done(hit)
+
+    def edit(
+        self,
+        entity: str,
+        action: str,
+        item_id: int | str | None = None,
+        fields: JSON | None = None,
+        *,
+        user_id: int = 1,
+        admin: bool = True,
+    ) -> str:
+        """A user adds, updates or deletes an item in the portal itself (not through the app): the data changes
+        and the item's event is raised. Returns the item's ID. ValueError if it cannot be done."""
+        if entity not in CRM_EVENTS or entity not in self.items:
+            raise ValueError(f"{entity!r} is not one of {', '.join(CRM_EVENTS)}")
+        try:
+            if action == "add":
+                item = str(self._entity_add(entity, {"fields": dict(fields or {})}))
+            elif action == "update":
+                item = self._id_param({"id": item_id})
+                self._entity_update(entity, {"id": item, "fields": dict(fields or {})})
+            elif action == "delete":
+                item = self._id_param({"id": item_id})
+                self._entity_delete(entity, {"id": item})
+            else:
+                raise ValueError(f"action must be add, update or delete, not {action!r}")
+        except _RestError as exc:
+            raise ValueError(f"{entity} {item_id}: {exc.description}") from exc
+        self.change(entity, item, action, user_id=user_id, admin=admin)
+        return item
+
+    def offline_queue(self, auth_connector: str = "") -> list[JSON]:
+        """The offline queue of one source key (default: none), as event.offline.list shows it, by ID."""
+        return [record.for_list() for record in self.offline.records(auth_connector)]
+
+    # ---- offline events (api-reference/events/offline-events.md, event-offline-*.md)
+
+    def _offline_queue_key(self, params: JSON, grant: _Grant) -> str:
+        """The event.offline.* pages: "Who can execute the method: administrator" (403 ACCESS_DENIED "Access
+        denied!"), in an application's context only — every stand-in token is an application's. Returns the
+        source key whose queue the call works on."""
+        if not grant.admin:
+            raise _RestError(403, "ACCESS_DENIED", "Access denied!")
+        return self._source_key(params)
+
+    def _offline_get(self, params: JSON, grant: _Grant) -> JSON:
+        """event-offline-get.md: ``{"process_id": …, "events": [...]}``."""
+        key = self._offline_queue_key(params, grant)
+        clear = _flag(params.get("clear"), default=True)
+        if not clear and not self.features.get(FEATURE_EXTENDED):
+            raise _RestError(
+                403,
+                "WRONG_LICENSE",
+                "This feature is not enabled for the current license: extended offline events handling",
+            )
+        limit = _positive(params.get("limit"), OFFLINE_BATCH)
+        process_id, events = self.offline.take(
+            channel=key,
+            conditions=parse_filter(params.get("filter"), listing=False),
+            order=parse_order(params.get("order"), listing=False),
+            limit=min(limit, OFFLINE_BATCH),
+            clear=clear,
+            process_id=_text(params.get("process_id")),
+            error=_flag(params.get("error"), default=False),
+            now=self.standin.now(),
+        )
+        return {"process_id": process_id, "events": events}
+
+    def _offline_clear(self, params: JSON, grant: _Grant) -> bool:
+        """event-offline-clear.md: always ``true``; ``message_id`` wins over ``id``; an empty ``process_id``
+        (allowed, unlike a missing one) names the records outside every batch."""
+        key = self._offline_queue_key(params, grant)
+        if params.get("process_id") is None:
+            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'PROCESS_ID' is null or empty")
+        ids = _array(params.get("id"), "Value must be array of integers")
+        if not all(str(item).isdigit() and int(str(item)) > 0 for item in ids):
+            raise _RestError(400, "ERROR_ARGUMENT", "Value must be array of integers")
+        message_ids = _array(params.get("message_id"), "Value must be array of MESSAGE_ID values")
+        if not all(isinstance(item, str) and len(item) == 32 for item in message_ids):
+            raise _RestError(400, "ERROR_ARGUMENT", "Value must be array of MESSAGE_ID values")
+        self.offline.clear(
+            channel=key,
+            process_id=_text(params.get("process_id")),
+            ids=[int(str(item)) for item in ids],
+            message_ids=[str(item) for item in message_ids],
+            now=self.standin.now(),
+        )
+        return True
+
+    def _offline_error(self, params: JSON, grant: _Grant) -> bool:
+        """event-offline-error.md: always ``true``; message_id is required (an array), its length unchecked."""
+        key = self._offline_queue_key(params, grant)
+        if params.get("process_id") is None:
+            raise _RestError(400, "ERROR_ARGUMENT", "Argument 'PROCESS_ID' is null or empty")
+        if params.get("message_id") is None:
+            raise _RestError(400, "ERROR_ARGUMENT", "Value must be array of MESSAGE_ID values")
+        message_ids = _array(params.get("message_id"), "Value must be array of MESSAGE_ID values")
+        self.offline.mark_error(
+            channel=key,
+            process_id=_text(params.get("process_id")),
+            message_ids=[str(item) for item in message_ids],
+            now=self.standin.now(),
+        )
+        return True
+
+    def _offline_list(self, params: JSON, grant: _Grant) -> tuple[list[JSON], JSON]:
+        """event-offline-list.md: pages of 50 by ``start``, with ``total`` and ``next``; changes nothing."""
+        key = self._offline_queue_key(params, grant)
+        rows = self.offline.read(
+            channel=key,
+            conditions=parse_filter(params.get("filter"), listing=True),
+            order=parse_order(params.get("order"), listing=True),
+            now=self.standin.now(),
+        )
+        try:
+            start = max(int(_text(params.get("start")) or 0), 0)
+        except ValueError:
+            start = 0
+        extra: JSON = {}
+        if start + LIST_PAGE < len(rows):
+            extra["next"] = start + LIST_PAGE
+        extra["total"] = len(rows)
+        return rows[start : start + LIST_PAGE], extra
 
     # ---- entities: <entity>.list / .add / .get / .update / .delete
 
@@ -1236,7 +1803,7 @@ class FakePortal:
             return lookup(whole)
         return self._REFERENCE.sub(lambda m: str(lookup(m)), value)
 
-    def _batch(self, params: JSON, grant: _Grant) -> Answer:
+    def _batch(self, params: JSON, grant: _Grant, hit: _Hit) -> Answer:
         started = self.standin.now()
         clock = time.perf_counter()
         cmd = params.get("cmd")
@@ -1281,7 +1848,7 @@ class FakePortal:
                             "error_description": "Method is not allowed for batch usage",
                         }
                     else:
-                        status, payload = self._call(method, inner, grant)
+                        status, payload = self._call(method, inner, grant, hit)
                         if status == 200:
                             results[key] = payload["result"]
                             times[key] = payload["time"]
@@ -1329,6 +1896,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"portal {portal.url}  member_id={portal.member_id}")
             print(f"  application_token={portal.application_token}")
             print(f"  tokens={json.dumps(tokens)}")
+            print(f"  events by hand: {portal.url}{console.CONSOLE_PATH}")
         try:
             while True:
                 time.sleep(3600)
