@@ -397,3 +397,18 @@ LOGGING = {
         "axes": {"level": "WARNING"},
     },
 }
+
+# --- Metrics ---------------------------------------------------------------------------------
+# Every process of this machine (web, worker, beat) counts into its own file in this folder, and /metrics
+# adds them up (portals.metrics). prometheus_client reads the variable once, when first imported: every
+# entry point (manage.py, wsgi, celery) loads these settings before that. Set empty, each process keeps
+# its counts to itself (right for one process only). bin/run empties the folder at each start.
+METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "metrics")).strip()
+if METRICS_DIR:
+    METRICS_DIR = str(Path(METRICS_DIR).resolve())
+    Path(METRICS_DIR).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
+else:
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+# /metrics answers only a scraper presenting this as a bearer token; unset, /metrics is a 404.
+BITRIX24_METRICS_TOKEN = env_str("BITRIX24_METRICS_TOKEN")
