@@ -1,5 +1,5 @@
 """Operators' view: /metrics adds up the counters of the web and worker processes and reads portal gauges
-from the database, for a scraper with the bearer token only.
+from the database, for a scraper with the bearer token only; JSON logs and the error tracker redact tokens.
 
 The main test runs the product as separate processes on one metrics folder of its own: a web process
 (`backend_process`) and a Celery worker (`celery_worker`). A renewal is done by the worker, a forged launch
@@ -8,7 +8,11 @@ and an install event are posted to the web, and the web's /metrics shows each of
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.celery import app as celery_app
 from portals import governor, metrics, tasks
+from portals.masking import fingerprint
 from portals.models import PairState, PortalState, RenewalAttempt, RenewalLog, RenewalOutcome, RenewalTrigger
 from portals.standin import payloads as bx
 from tests.factories import PortalFactory, TokenPairFactory
@@ -243,3 +248,141 @@ def test_counting_never_fails_the_work_it_counts(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "RENEWALS", Broken())
     metrics.renewal("beat", "renewed")  # no exception
     assert "Could not count renewal" in caplog.text
+
+
+# --- logs and the error tracker ---------------------------------------------------------------------
+
+TOKEN = "s3cr3tT0kenValue0123456789abcdef"
+
+
+def _python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_json_log_format_writes_json_lines_without_tokens():
+    result = _python(
+        f"""
+        import logging
+        import django
+
+        django.setup()
+        log = logging.getLogger("portals.renewal")
+        log.warning("refresh refused for refresh_token=%s", {TOKEN!r})
+        log.info("launch", extra={{"url": "https://portal.example/app/?AUTH_ID={TOKEN}"}})
+        try:
+            raise ValueError("bad grant access_token={TOKEN}")
+        except ValueError:
+            log.exception("renewal failed")
+        """,
+        DJANGO_LOG_FORMAT="json",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert [line["message"] for line in lines][-3:] == [
+        f"refresh refused for refresh_token=<fp:{fingerprint(TOKEN)}>",
+        "launch",
+        "renewal failed",
+    ]
+    assert {"time", "level", "logger", "pid"} <= set(lines[-1])
+    assert lines[-1]["level"] == "ERROR" and lines[-1]["logger"] == "portals.renewal"
+    assert "ValueError: bad grant access_token=<fp:" in lines[-1]["exc_info"]
+    assert lines[-2]["url"] == f"https://portal.example/app/?AUTH_ID=<fp:{fingerprint(TOKEN)}>"
+    assert TOKEN not in result.stderr
+
+
+def test_an_unknown_log_format_is_refused():
+    result = _python("import django; django.setup()", DJANGO_LOG_FORMAT="xml")
+    assert result.returncode != 0
+    assert "DJANGO_LOG_FORMAT='xml' is not plain or json" in result.stderr
+
+
+def test_sentry_dsn_starts_the_error_tracker_and_what_it_sends_is_redacted():
+    # The settings start the tracker; its transport is replaced before, so nothing leaves the process.
+    result = _python(
+        f"""
+        import json
+        import logging
+
+        import django
+        import sentry_sdk
+        import sentry_sdk.client
+        from sentry_sdk.transport import Transport
+
+        sent = []
+
+        class Capture(Transport):
+            def capture_envelope(self, envelope):
+                sent.extend(item.payload.json for item in envelope.items if item.payload.json)
+
+        sentry_sdk.client.make_transport = Capture
+        django.setup()
+
+        from portals.logging import redact_event
+
+        log = logging.getLogger("portals.renewal")
+        log.warning("first try with refresh_token=%s", {TOKEN!r})
+        try:
+            raise RuntimeError("refused: refresh_token={TOKEN}")
+        except RuntimeError:
+            sentry_sdk.capture_exception()
+        log.error("renewal failed: AUTH_ID=%s", {TOKEN!r})
+        with sentry_sdk.new_scope() as scope:
+            scope.set_extra("headers", {{"X-Bitrix24-Auth": {TOKEN!r}, "Accept": "text/html"}})
+            sentry_sdk.capture_message("with a header")
+        sentry_sdk.flush()
+        client = sentry_sdk.get_client()
+        print(json.dumps({{
+            "active": client.is_active(),
+            "dsn": str(client.dsn),
+            "transport": type(client.transport).__name__,
+            "pii": client.options["send_default_pii"],
+            "bodies": client.options["max_request_body_size"],
+            "locals": client.options["include_local_variables"],
+            "before_send": client.options["before_send"] is redact_event,
+            "integrations": sorted(client.integrations),
+            "events": [event for event in sent if event.get("event_id")],
+        }}, default=str))
+        """,
+        SENTRY_DSN="http://key@127.0.0.1:9/1",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["active"] and report["dsn"] == "http://key@127.0.0.1:9/1"
+    assert report["transport"] == "Capture"
+    assert report["pii"] is False and report["bodies"] == "never" and report["locals"] is False
+    assert report["before_send"]
+    assert {"django", "celery"} <= set(report["integrations"])
+    events = report["events"]
+    assert len(events) == 3
+    text = json.dumps(events)
+    assert TOKEN not in text
+    assert f"<fp:{fingerprint(TOKEN)}>" in text
+    exception = events[0]["exception"]["values"][-1]
+    assert exception["value"] == f"refused: refresh_token=<fp:{fingerprint(TOKEN)}>"
+    logged = events[1]["logentry"]
+    assert (
+        logged["formatted"] == f"renewal failed: AUTH_ID=<fp:{fingerprint(TOKEN)}>" and not logged["params"]
+    )
+    assert events[2]["extra"]["headers"]["X-Bitrix24-Auth"] == f"<fp:{fingerprint(TOKEN)}>"
+    assert events[2]["extra"]["headers"]["Accept"] == "text/html"
+
+
+def test_without_sentry_dsn_no_tracker_runs():
+    result = _python(
+        """
+        import django, sentry_sdk
+        django.setup()
+        print(sentry_sdk.get_client().is_active())
+        """,
+        SENTRY_DSN="",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
