@@ -18,6 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
 from config import timeouts
+from portals import logging as product_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DJANGO_VAR_DIR", BASE_DIR / "var"))
@@ -403,13 +404,26 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Logging --------------------------------------------------------------------------------
+# DJANGO_LOG_FORMAT=json: one JSON object a line (time, level, logger, pid, message, exc_info), for a log
+# collector; redacted as a whole, extra fields included (portals.logging.JsonFormatter).
+LOG_FORMAT = env_str("DJANGO_LOG_FORMAT", "plain").lower()
+if LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"DJANGO_LOG_FORMAT={LOG_FORMAT!r} is not plain or json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"redact": {"()": "portals.logging.RedactTokensFilter"}},
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "portals.logging.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
+            "timestamp": "time",
+        },
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["redact"]},
     },
     "root": {"handlers": ["console"], "level": env_str("DJANGO_LOG_LEVEL", "INFO")},
     "loggers": {
@@ -419,3 +433,23 @@ LOGGING = {
         "axes": {"level": "WARNING"},
     },
 }
+
+# --- Metrics and the error tracker ------------------------------------------------------------
+# Every process of this machine (web, worker, beat) counts into its own file in this folder, and /metrics
+# adds them up (portals.metrics). prometheus_client reads the variable once, when first imported: every
+# entry point (manage.py, wsgi, celery) loads these settings before that. Set empty, each process keeps
+# its counts to itself (right for one process only). bin/run empties the folder at each start.
+METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "metrics")).strip()
+if METRICS_DIR:
+    METRICS_DIR = str(Path(METRICS_DIR).resolve())
+    Path(METRICS_DIR).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
+else:
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+# /metrics answers only a scraper presenting this as a bearer token; unset, /metrics is a 404.
+BITRIX24_METRICS_TOKEN = env_str("BITRIX24_METRICS_TOKEN")
+# Errors to Sentry (or a compatible tracker) when set: Django and Celery, no personal data, no request
+# bodies or local variables, every string redacted (portals.logging.start_error_tracker).
+SENTRY_DSN = env_str("SENTRY_DSN")
+if SENTRY_DSN:
+    product_logging.start_error_tracker(SENTRY_DSN)

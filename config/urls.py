@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from portals.admin.dashboard import dashboard
+from portals.exporter import metrics_view
 from portals.views import healthz
 
 urlpatterns = [
@@ -10,4 +11,5 @@ urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="admin_dashboard"),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
 ]

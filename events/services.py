@@ -23,7 +23,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from portals import registry
+from portals import metrics, registry
 from portals.client import PortalClient
 from portals.models import Portal, PortalState
 
@@ -186,7 +186,7 @@ def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappi
     # one delivery. Without a ts nothing tells two deliveries apart: each is kept.
     stamp = str(int(occurred_at.timestamp())) if occurred_at else f"no-ts:{uuid.uuid4().hex}"
     check_budget(portal)
-    return store(
+    accepted = store(
         portal=portal,
         event=event,
         source=EventSource.ONLINE,
@@ -195,6 +195,9 @@ def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappi
         user_id=user_id_of(auth.get("user_id")),
         occurred_at=occurred_at,
     )
+    if accepted.outcome == "duplicate":
+        metrics.event_handled(event, "duplicate")
+    return accepted
 
 
 # --- running handlers --------------------------------------------------------------------------------
@@ -235,11 +238,26 @@ def _finish(record: AppEvent, state: str, **fields: Any) -> None:
     AppEvent.objects.filter(pk=record.pk).update(state=state, finished_at=timezone.now(), **fields)
 
 
+# How each end of a run is counted (portals.metrics): a run that leaves the event queued is a retry.
+_COUNTED = {
+    EventState.HANDLED: "handled",
+    EventState.QUEUED: "retry",
+    EventState.FAILED: "failed",
+    EventState.DROPPED: "dropped",
+}
+
+
 def handle(event_id: int) -> Outcome | None:
     """Run the handlers of one event not run yet; None when there was nothing to take."""
     record = claim(event_id)
     if record is None:
         return None
+    outcome = _run(record)
+    metrics.event_handled(record.event, _COUNTED[EventState(outcome.state)])
+    return outcome
+
+
+def _run(record: AppEvent) -> Outcome:
     portal = record.portal
     if portal.state == PortalState.UNINSTALLED:
         _finish(record, EventState.DROPPED, last_error="the app was uninstalled from the portal")

@@ -19,6 +19,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from events.services import TooManyEvents
+from portals import metrics
 from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
 from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
@@ -211,6 +212,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             request, status=503, code="busy", message="the backend cannot store requests right now", html=html
         )
         response["Retry-After"] = "10"
+        metrics.inbound(kind, InboundStatus.FAILED)
         return response
     frame_origin = ""
     row._sizes = _sizes(request)  # type: ignore[attr-defined]
@@ -289,6 +291,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     except Exception:
         # The answer is decided; losing the outcome on the log row must not turn it into a 500.
         logger.exception("Could not record the outcome of inbound %s #%s", kind, row.pk)
+    metrics.inbound(kind, status)
     return response
 
 

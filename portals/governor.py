@@ -23,6 +23,8 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 # KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), seconds the key outlives
@@ -81,6 +83,7 @@ class Governor:
     def acquire(self, key: str, limit: Limit) -> float:
         wait = self.reserve(key, limit)
         if wait > 0:
+            metrics.governor_waited(wait)
             time.sleep(wait)
         return wait
 

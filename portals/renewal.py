@@ -37,7 +37,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from . import journal, oauth, stopping
+from . import journal, metrics, oauth, stopping
 from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
@@ -129,6 +129,7 @@ def _log(
         old_fingerprint=fingerprint(pair.refresh_token if old is None else old),
         new_fingerprint=fingerprint(new) if new else "",
     )
+    transaction.on_commit(lambda: metrics.renewal(trigger, outcome))  # a rolled-back row never happened
 
 
 # The state_reason of a portal whose new background pair is being confirmed by a renewal.

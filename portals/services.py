@@ -8,6 +8,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, oauth, renewal
+from . import http, metrics, oauth, renewal
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
 
@@ -47,6 +48,8 @@ class VerificationError(Exception):
         super().__init__(message)
         self.refusal = refusal
         self.code = code
+        if not isinstance(sys.exc_info()[1], VerificationError):  # a refusal restated is counted once
+            metrics.refusal(refusal, code)
 
 
 class UpstreamUnavailable(Exception):

@@ -303,7 +303,10 @@ def test_a_flood_of_admitted_events_is_bounded_in_storage_and_handler_work(
     assert refused.count() == 1000 - accepted
     sizes = {
         status: max(len(json.dumps(row.body)) + len(json.dumps(row.query)) for row in rows)
-        for status, rows in (("refused", refused), ("accepted", InboundRequest.objects.filter(http_status=200)))
+        for status, rows in (
+            ("refused", refused),
+            ("accepted", InboundRequest.objects.filter(http_status=200)),
+        )
     }
     print("largest inbound rows (bytes):", sizes)
     assert sizes["refused"] < 4000  # a bounded summary
