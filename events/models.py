@@ -95,9 +95,9 @@ class AppEvent(models.Model):
 
 
 class OfflineQueue(models.Model):
-    """Our side of one portal's offline event queue: whether it should be pulled, and the process id
-    under which records were last fetched, stored before the fetch so that a pull killed after the
-    portal handed records out finds them again (`event.offline.list` by that process id)."""
+    """Our side of one portal's offline event queue: whether it should be pulled, and what a pull in
+    progress has fetched, so that a pull killed after the portal handed records out finds them again
+    (`event.offline.list`; see events.offline)."""
 
     portal = models.OneToOneField(
         Portal, on_delete=models.CASCADE, related_name="offline_queue", help_text="The portal."
@@ -105,7 +105,14 @@ class OfflineQueue(models.Model):
     process_id = models.CharField(
         max_length=64,
         blank=True,
-        help_text="Process id of a fetch not yet cleared on the portal (empty: nothing outstanding).",
+        help_text="Process id the portal reserved the last fetched records under, until they are stored "
+        "and cleared (empty: nothing outstanding).",
+    )
+    fetching_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Set before event.offline.get is sent, cleared once its records are stored and cleared: "
+        "a pull that finds it set recovers what the portal reserved for the interrupted one.",
     )
     wanted_at = models.DateTimeField(
         null=True, blank=True, help_text="When a notification (ONOFFLINEEVENT) asked for a pull not yet done."

@@ -1,31 +1,34 @@
 """Pulling a portal's offline event queue into the durable store, losing nothing to a crash.
 
 Offline bindings make the portal keep one record per changed object instead of calling us, so changes
-made while the backend is down wait on the portal. A pull (docs: api-reference/events/offline-events.md):
+made while the backend is down wait on the portal. A pull (docs: api-reference/events/offline-events.md,
+event-offline-get.md, event-offline-clear.md, event-offline-list.md):
 
-1. a new process id is stored in our database (OfflineQueue.process_id) *before* the fetch;
-2. `event.offline.get` with `clear=0` and that process id: the portal hides the records it hands out
-   under it (parallel callers get others) but keeps them;
-3. the records are stored as `AppEvent` rows (deduplicated by record id, message id and time);
+1. `OfflineQueue.fetching_since` is stored: a fetch is about to be sent;
+2. `event.offline.get` with `clear=0`: the portal reserves the records it hands out under a process id
+   of its choosing (parallel callers get others) and keeps them;
+3. that process id is stored at once, then the records as `AppEvent` rows (deduplicated by record id,
+   message id and time);
 4. `event.offline.clear` with the process id and the message ids removes them from the portal;
-5. the process id is forgotten.
+5. the process id and the fetch mark are forgotten.
 
-Killed anywhere between 2 and 4, the next pull finds the process id still stored and reads the records
-hidden under it with `event.offline.list` (which does not change the queue), stores what is not stored
-yet and clears them: nothing is lost, and nothing is stored twice. `event.offline.error` is used only
-for a record that cannot be stored at all (no event name); a handler's failure is retried from our
-store, not left on the portal.
+Killed after 2, the next pull finds the process id (or, killed before it was stored, the fetch mark)
+and reads the reserved records with `event.offline.list` (which changes nothing): by the stored process
+id, or every reserved record of the queue, since only one pull of a portal runs at a time and only our
+pulls reserve its records. It stores what is not stored yet and clears them: nothing is lost, and
+nothing is stored twice. `event.offline.error` is used only for a record that cannot be stored at all
+(no event name); a handler's failure is retried from our store, not left on the portal.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -108,25 +111,52 @@ def _store_records(
         elif accepted.record is not None:
             result.stored += 1
             created.append(accepted.record.pk)
+    if created:  # counted as stored, not when the pull ends: a pull killed later stored them all the same
+        OfflineQueue.objects.filter(portal=portal).update(pulled=F("pulled") + len(created))
     return clear, broken, created
 
 
 def _settle(client: PortalClient, process_id: str, clear: list[str], broken: list[str]) -> None:
     if broken:
-        client.call("event.offline.error", {"process_id": process_id, "message_id": broken}, idempotent=True)
+        client.call(
+            "event.offline.error", _offline_params(process_id=process_id, message_id=broken), idempotent=True
+        )
     if clear:
-        client.call("event.offline.clear", {"process_id": process_id, "message_id": clear}, idempotent=True)
+        client.call(
+            "event.offline.clear", _offline_params(process_id=process_id, message_id=clear), idempotent=True
+        )
+
+
+def _offline_params(**params: Any) -> dict[str, Any]:
+    # With a connector the portal keeps the bound events in that connector's queue: every call about the
+    # queue names it (offline-events.md).
+    if settings.BITRIX24_AUTH_CONNECTOR:
+        params["auth_connector"] = settings.BITRIX24_AUTH_CONNECTOR
+    return params
+
+
+def _reserved(client: PortalClient, process_id: str) -> list[Any]:
+    """The records reserved under `process_id`, or under any process id when it is ''."""
+    condition = {"=PROCESS_ID": process_id} if process_id else {">PROCESS_ID": ""}
+    return list(client.list("event.offline.list", _offline_params(filter=condition)))
 
 
 def _recover(
-    client: PortalClient, portal: Portal, process_id: str, result: PullResult, on_stored: OnStored
+    client: PortalClient, portal: Portal, queue: OfflineQueue, result: PullResult, on_stored: OnStored
 ) -> None:
-    hidden = list(client.list("event.offline.list", {"filter": {"=PROCESS_ID": process_id}}))
+    """Store and clear what an interrupted pull left reserved on the portal."""
+    hidden = _reserved(client, queue.process_id)
+    batches: dict[str, list[Any]] = {}
+    for record in hidden:
+        if isinstance(record, dict) and record.get("PROCESS_ID"):
+            batches.setdefault(str(record["PROCESS_ID"]), []).append(record)
     before = result.stored
-    clear, broken, created = _store_records(portal, hidden, result)
-    on_stored(created)
-    _settle(client, process_id, clear, broken)
+    for process_id, records in batches.items():
+        clear, broken, created = _store_records(portal, records, result)
+        on_stored(created)
+        _settle(client, process_id, clear, broken)
     result.recovered += result.stored - before
+    _set(queue, process_id="", fetching_since=None)
     if hidden:
         logger.info(
             "Offline queue of %s: %d record(s) of an interrupted pull recovered", portal.domain, len(hidden)
@@ -162,32 +192,30 @@ def pull(*, portal: Portal, on_stored: OnStored = lambda ids: None, max_pages: i
     if not _take(queue, started):
         result.busy = True
         return result
+    queue.refresh_from_db()  # what the last pull left, as it is now that this one holds the lease
     client = PortalClient(portal)
     try:
-        if queue.process_id:
-            _recover(client, portal, queue.process_id, result, on_stored)
-            _set(queue, process_id="")
+        if queue.process_id or queue.fetching_since:
+            _recover(client, portal, queue, result, on_stored)
         for _page in range(max_pages):
             try:
                 services.check_budget(portal)
             except services.TooManyEvents:
                 result.more = True  # the records wait on the portal, where they cost us nothing
                 break
-            process_id = uuid.uuid4().hex
-            _set(queue, process_id=process_id)  # stored before the fetch: see the module's docstring
-            answer = client.call("event.offline.get", {"clear": 0, "process_id": process_id, "limit": PAGE})
+            _set(queue, fetching_since=timezone.now())  # see the module's docstring
+            answer = client.call("event.offline.get", _offline_params(clear=0, limit=PAGE))
             answer = answer if isinstance(answer, dict) else {}
-            given = str(answer.get("process_id") or process_id)
-            if given != process_id:
-                _set(queue, process_id=given)
             records = answer.get("events") or []
+            process_id = str(answer.get("process_id") or "")
             if not records:
-                _set(queue, process_id="")
+                _set(queue, fetching_since=None)
                 break
+            _set(queue, process_id=process_id)  # before anything else: the records are reserved under it
             clear, broken, created = _store_records(portal, records, result)
             on_stored(created)
-            _settle(client, given, clear, broken)
-            _set(queue, process_id="")
+            _settle(client, process_id, clear, broken)
+            _set(queue, process_id="", fetching_since=None)
             if len(records) < PAGE:
                 break
         else:
@@ -203,5 +231,5 @@ def pull(*, portal: Portal, on_stored: OnStored = lambda ids: None, max_pages: i
         done.update(wanted_at=timezone.now())
     else:
         done.filter(wanted_at__lte=started).update(wanted_at=None)
-    done.update(pulled=F("pulled") + result.stored, last_error="")
+    done.update(last_error="")
     return result

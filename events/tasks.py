@@ -110,7 +110,8 @@ def queue_due_pulls(now: Any = None, limit: int = PULLS_PER_SWEEP) -> int:
     """Portals whose queue was notified and not pulled since, or (when any handler is offline) not
     pulled for BITRIX24_OFFLINE_PULL_SECONDS: a notification may have been lost while we were down."""
     now = now or timezone.now()
-    free = Q(offline_queue__lease_until__isnull=True) | Q(offline_queue__lease_until__lt=now)
+    # A pull whose lease is held is queued all the same: the task gives up at once while its holder
+    # lives, and takes over when the holder is proven dead (events.offline).
     wanted = Q(offline_queue__wanted_at__isnull=False)
     if registry.events(offline=True):
         stale = now - timedelta(seconds=settings.BITRIX24_OFFLINE_PULL_SECONDS)
@@ -119,7 +120,7 @@ def queue_due_pulls(now: Any = None, limit: int = PULLS_PER_SWEEP) -> int:
     debounced = Q(offline_queue__queued_at__isnull=True) | Q(offline_queue__queued_at__lt=now - PULL_DEBOUNCE)
     ids = list(
         Portal.objects.filter(state=PortalState.INSTALLED)
-        .filter(wanted, free, debounced)
+        .filter(wanted, debounced)
         .order_by("pk")
         .values_list("pk", flat=True)[:limit]
     )

@@ -874,6 +874,10 @@ class FakePortal:
         self.operating_limit: float | None = None
         self.rest_latency: float = 0.0
         self.write_delay: float = 0.0
+        # Seconds one method sleeps before it runs, or after it ran and before it answers (a slow portal at
+        # the worst moment, for fault tests: a caller killed meanwhile never learns what was done).
+        self.method_delays: dict[str, float] = {}
+        self.answer_delays: dict[str, float] = {}
         # Bindings made with event.bind, in the order made: {"id", "event", "handler", "auth_type",
         # "offline"}, plus "auth_connector" on offline ones and "options" when bound with options.
         self.events: list[JSON] = []
@@ -1112,6 +1116,8 @@ class FakePortal:
         clock = time.perf_counter()
         if self.rest_latency > 0:
             time.sleep(self.rest_latency)
+        if self.method_delays.get(method, 0) > 0:
+            time.sleep(self.method_delays[method])
         result: Any = None
         extra: JSON = {}
         answer: Answer | None = None
@@ -1119,6 +1125,8 @@ class FakePortal:
             result, extra = self._run(method, params, grant, hit)
         except _RestError as exc:
             answer = exc.answer()
+        if self.answer_delays.get(method, 0) > 0:
+            time.sleep(self.answer_delays[method])
         processing = time.perf_counter() - clock
         finished = started + processing
         with self._lock:
