@@ -268,6 +268,11 @@ BITRIX24_OPERATING_WAIT_MAX = env_int("BITRIX24_OPERATING_WAIT_MAX", 600)
 INBOUND_LOG_RETENTION_DAYS = env_int("INBOUND_LOG_RETENTION_DAYS", 30)
 # Events bound with event.bind after install and update (ONAPPUNINSTALL always).
 BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
+# The Bitrix24 stand-in for trying the app by hand (`bin/manage bitrix24_standin`) listens on fixed ports:
+# bin/run's backend trusts them while no BITRIX24_CLIENT_ID is set (config/development.sh, same figures),
+# so either side can be restarted without new settings.
+BITRIX24_STANDIN_OAUTH_PORT = env_int("BITRIX24_STANDIN_OAUTH_PORT", 8001)
+BITRIX24_STANDIN_PORTAL_PORT = env_int("BITRIX24_STANDIN_PORTAL_PORT", 8002)
 
 # --- Celery ---------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
