@@ -2,9 +2,10 @@ from django.contrib import admin
 from django.urls import include, path
 
 from portals.admin.dashboard import dashboard
-from portals.views import healthz
+from portals.views import healthz, home
 
 urlpatterns = [
+    path("", home, name="home"),
     path("", include("install.urls")),
     path("api/", include("api.urls")),
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="admin_dashboard"),
