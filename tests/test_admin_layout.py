@@ -198,7 +198,7 @@ def _fits(page: Any, url: str, name: str) -> dict[str, Any]:
     return figures
 
 
-def test_the_admin_fits_1280_pixels(page, live_server):
+def test_the_admin_fits_1280_pixels(live_server, page):
     busy = _installations()
     _log_in(page, live_server)
     base = live_server.url
@@ -210,6 +210,14 @@ def test_the_admin_fits_1280_pixels(page, live_server):
     assert portal_list["tables"]
 
     _fits(page, f"{base}{reverse('admin:portals_portal_change', args=(busy.pk,))}", "portal-page")
+    # The inlines' times take one line each (Django's "Nov. 28, 2026, 7:17 a.m." took four).
+    heights = page.evaluate(
+        """() => [...document.querySelectorAll(
+              "#token_pairs-group td.field-access_expires span, #token_pairs-group td.field-refresh_issued span,"
+              + " #token_pairs-group td.field-last_renewed span, #renewals-group td.field-when span")
+           ].map(span => span.getBoundingClientRect().height)"""
+    )
+    assert len(heights) >= 4 * 3 + 6 and max(heights) < 24, heights
     _fits(page, f"{base}{reverse('admin:install_inboundrequest_changelist')}", "inbound-list")
     error_cell = page.locator("#result_list td.field-error").first
     box = error_cell.bounding_box()
@@ -224,7 +232,7 @@ def test_the_admin_fits_1280_pixels(page, live_server):
     assert labels[0] == (today - timedelta(days=13)).strftime("%-d %b"), labels
 
 
-def test_an_empty_dashboard_says_so(page, live_server):
+def test_an_empty_dashboard_says_so(live_server, page):
     # As `migrate` leaves a new installation: the sweep's entry, which beat has not sent yet.
     every, _ = IntervalSchedule.objects.get_or_create(every=15, period=IntervalSchedule.MINUTES)
     PeriodicTask.objects.update_or_create(
