@@ -291,6 +291,11 @@ BITRIX24_FAILED_EVENT_RETENTION_DAYS = env_int("BITRIX24_FAILED_EVENT_RETENTION_
 # Portals with offline handlers are asked for their queue this often even without an ONOFFLINEEVENT
 # notification (a notification lost while the backend was down).
 BITRIX24_OFFLINE_PULL_SECONDS = env_int("BITRIX24_OFFLINE_PULL_SECONDS", 300)
+# The Bitrix24 stand-in for trying the app by hand (`bin/manage bitrix24_standin`) listens on fixed ports:
+# bin/run's backend trusts them while no BITRIX24_CLIENT_ID is set (config/development.sh, same figures),
+# so either side can be restarted without new settings.
+BITRIX24_STANDIN_OAUTH_PORT = env_int("BITRIX24_STANDIN_OAUTH_PORT", 8001)
+BITRIX24_STANDIN_PORTAL_PORT = env_int("BITRIX24_STANDIN_PORTAL_PORT", 8002)
 
 # --- Celery ---------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")

@@ -3,9 +3,10 @@ from django.urls import include, path
 
 from portals.admin.dashboard import dashboard
 from portals.exporter import metrics_view
-from portals.views import healthz
+from portals.views import healthz, home
 
 urlpatterns = [
+    path("", home, name="home"),
     path("", include("install.urls")),
     path("api/", include("api.urls")),
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="admin_dashboard"),

@@ -194,9 +194,17 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     """Log, run the handler, record the outcome; map known failures to 4xx answers."""
     html = kind != InboundKind.EVENT and wants_html(request)
     if request.method != "POST":
-        response = error_response(
-            request, status=405, code="method_not_allowed", message="use POST", html=html
-        )
+        if wants_html(request):
+            # A person who opened one of these URLs in a browser (the events URL too): say what it is for
+            # and that Bitrix24 calls it with POST. Programs keep the JSON answer; both are 405.
+            response = render(
+                request, "install/post_only.html", {"kind": kind, "path": request.path}, status=405
+            )
+            set_frame_policy(response, "")
+        else:
+            response = error_response(
+                request, status=405, code="method_not_allowed", message="use POST", html=False
+            )
         response["Allow"] = "POST"
         return response
     try:

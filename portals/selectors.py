@@ -316,7 +316,7 @@ class SweepState(enum.StrEnum):
 
     SCHEDULED = "scheduled"  # next_run_at says when (unknown if the entry has no schedule)
     DISABLED = "disabled"  # refresh tokens are only renewed on demand
-    NOT_RUN_YET = "not_run_yet"  # beat runs it soon
+    NOT_RUN_YET = "not_run_yet"  # beat has not sent it yet; next_run_at says when it first will
     NOT_COMPUTABLE = "not_computable"  # the schedule gives no next time (a solar one without a location …)
     OVERDUE = "overdue"  # the next run is past by more than beat's flush interval: is beat running?
 
@@ -332,15 +332,19 @@ class SweepSchedule:
     enabled: bool
     schedule: BeatSchedule | None  # beat's schedule row; None: the entry has none
     last_run_at: datetime | None
-    next_run_at: datetime | None  # None: never run yet, disabled, or not computable
+    next_run_at: datetime | None  # None: disabled, or not computable
     state: SweepState
+    runs: int = 0  # how many times beat has sent it (PeriodicTask.total_run_count)
 
 
 def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
     """Every django-celery-beat entry that runs the renewal sweep, and when it runs next.
 
-    Beat keeps last_run_at in the database (flushed every few minutes), so "next" is an estimate:
-    last run + interval, or the crontab's next time after the last run.
+    Read from where beat's DatabaseScheduler records its runs: `PeriodicTask.last_run_at` and
+    `total_run_count`, written when it sends the task. An entry it has never sent counts its first
+    interval from when the entry was last saved (`date_changed`): a sweep created by `migrate` first
+    runs one interval after the migration, not when beat starts. "Next" is last run + interval, or
+    the crontab's next time after it.
     """
     now = now or timezone.now()
     result = []
@@ -350,16 +354,18 @@ def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
     for task in tasks.order_by("name"):
         scheduler = task.scheduler
         next_run: datetime | None = None
-        state = SweepState.SCHEDULED
+        state = SweepState.SCHEDULED if task.last_run_at else SweepState.NOT_RUN_YET
+        # DatabaseScheduler's own starting point (django_celery_beat.schedulers.ModelEntry).
+        since = task.last_run_at or task.date_changed or now
         if not task.enabled:
             state = SweepState.DISABLED
-        elif task.last_run_at is None:
-            state = SweepState.NOT_RUN_YET
+        elif task.last_run_at is None and task.start_time is not None:
+            next_run = max(task.start_time, since)
         elif task.interval is not None:
-            next_run = task.last_run_at + timedelta(**{task.interval.period: task.interval.every})
+            next_run = since + timedelta(**{task.interval.period: task.interval.every})
         elif scheduler is not None:
             try:
-                next_run = now + scheduler.schedule.remaining_estimate(task.last_run_at)
+                next_run = now + scheduler.schedule.remaining_estimate(since)
             except Exception:  # an exotic schedule: say so, don't fail the page
                 state = SweepState.NOT_COMPUTABLE
         if next_run is not None and next_run < now - timedelta(minutes=5):
@@ -372,6 +378,7 @@ def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
                 last_run_at=task.last_run_at,
                 next_run_at=next_run,
                 state=state,
+                runs=task.total_run_count,
             )
         )
     return result

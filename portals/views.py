@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import logging
 
-from django.http import HttpRequest, JsonResponse
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_safe
 
 from . import health
 
@@ -38,3 +41,19 @@ def healthz(request: HttpRequest) -> JsonResponse:
     if not result.ok:
         response["Retry-After"] = "10"
     return response
+
+
+@require_safe
+def home(request: HttpRequest) -> HttpResponse:
+    """`/`: what this backend is, with links to the admin, the API schema and health, the URLs to give
+    Bitrix24, and (in development) how to try it with the stand-in. A person who opens the site's root
+    used to get Django's 404 page."""
+    standin_oauth = f"http://127.0.0.1:{settings.BITRIX24_STANDIN_OAUTH_PORT}"
+    context = {
+        "base": request.build_absolute_uri("/").rstrip("/"),
+        "debug": settings.DEBUG,
+        "standin": standin_oauth in settings.BITRIX24_OAUTH_SERVERS,
+        "standin_oauth_port": settings.BITRIX24_STANDIN_OAUTH_PORT,
+        "standin_portal_port": settings.BITRIX24_STANDIN_PORTAL_PORT,
+    }
+    return render(request, "portals/home.html", context)

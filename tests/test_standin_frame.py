@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 from html.parser import HTMLParser
 from typing import Any
@@ -113,34 +114,35 @@ def _free_port() -> int:
 
 @pytest.mark.django_db(transaction=True)
 def test_bitrix24_standin_command_installs_a_portal_and_prints_how_to_open_it(live_server, settings):
-    oauth_port = _free_port()
-    # The backend trusts the command's OAuth server, as the printed settings tell a developer to do.
+    oauth_port, portal_port = _free_port(), _free_port()
+    # The backend trusts the command's OAuth server, as bin/run's defaults do for its fixed ports.
     settings.BITRIX24_OAUTH_SERVERS = [f"http://127.0.0.1:{oauth_port}"]
-    out = io.StringIO()
+    texts = []
+    for _ in range(2):  # run again on the same ports: a restart, which must install again as it is
+        out = io.StringIO()
+        call_command(
+            "bitrix24_standin",
+            backend=live_server.url,
+            oauth_port=oauth_port,
+            portal_port=portal_port,
+            wait=30,
+            exit_after_install=True,
+            stdout=out,
+        )
+        texts.append(out.getvalue())
 
-    call_command(
-        "bitrix24_standin",
-        backend=live_server.url,
-        oauth_port=oauth_port,
-        wait=30,
-        exit_after_install=True,
-        stdout=out,
-    )
-
-    text = out.getvalue()
-    assert f"export BITRIX24_OAUTH_SERVERS=http://127.0.0.1:{oauth_port}" in text
-    for line in (
-        "export BITRIX24_PORTAL_DOMAINS=127.0.0.1:*",
-        "export BITRIX24_ALLOW_HTTP=1",
-        f"export BITRIX24_CLIENT_ID={settings.BITRIX24_CLIENT_ID}",
-        f"export BITRIX24_CLIENT_SECRET={settings.BITRIX24_CLIENT_SECRET}",
-    ):
-        assert line in text
-    portal = Portal.objects.get()
+    text = texts[0]
+    assert "export " not in text  # trusted already: nothing to set
+    portal = Portal.objects.get()  # the second run reinstalled the same portal (its member_id is stable)
+    assert portal.domain == f"127.0.0.1:{portal_port}"
     assert TokenPair.objects.get(portal=portal).is_background
-    assert (
-        f"http://{portal.domain}{APP_FRAME_PATH}?handler={quote(live_server.url + '/app/', safe='')}" in text
-    )
+    for text in texts:
+        assert f"member_id {portal.member_id}" in text
+        assert (
+            f"http://{portal.domain}{APP_FRAME_PATH}?handler={quote(live_server.url + '/app/', safe='')}"
+            in text
+        )
+        assert f"{live_server.url}/admin/portals/portal/" in text
 
 
 @pytest.mark.django_db(transaction=True)
@@ -148,5 +150,31 @@ def test_bitrix24_standin_command_gives_up_with_the_reason(live_server, settings
     from django.core.management import CommandError
 
     # The backend does not trust this stand-in's OAuth server (left at the session stand-in's).
+    out = io.StringIO()
     with pytest.raises(CommandError, match="did not accept the install: the backend answered 401"):
-        call_command("bitrix24_standin", backend=live_server.url, wait=0.5, stdout=io.StringIO())
+        call_command(
+            "bitrix24_standin", backend=live_server.url, oauth_port=0, portal_port=0, wait=0.5, stdout=out
+        )
+    text = out.getvalue()
+    # It said what the backend needs to trust it.
+    assert "do not trust it yet (BITRIX24_OAUTH_SERVERS does not name http://127.0.0.1:" in text
+    match = re.search(r"export BITRIX24_OAUTH_SERVERS=(http://127\.0\.0\.1:\d+)", text)
+    assert match and match.group(1) not in settings.BITRIX24_OAUTH_SERVERS
+    for line in (
+        "export BITRIX24_ALLOW_HTTP=1",
+        f"export BITRIX24_CLIENT_ID={settings.BITRIX24_CLIENT_ID}",
+        f"export BITRIX24_CLIENT_SECRET={settings.BITRIX24_CLIENT_SECRET}",
+    ):
+        assert line in text
+    assert "It does not trust this stand-in" in text
+
+
+def test_bitrix24_standin_command_says_when_its_ports_are_taken():
+    from django.core.management import CommandError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CommandError, match="is it running already, in another terminal"):
+            call_command("bitrix24_standin", oauth_port=port, portal_port=0, stdout=io.StringIO())

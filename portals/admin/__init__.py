@@ -26,3 +26,8 @@ __all__ = ["logs", "portal"]
 # admin/index.html comes first in the template search (django.contrib.admin is listed before this
 # app), so the site is pointed at a differently named template that extends it.
 admin.site.index_template = "admin/portals/index.html"
+
+# The header, the browser tab and the home page's heading name the product, not the framework.
+admin.site.site_header = "Bitrix24 app backend"
+admin.site.site_title = "Bitrix24 app backend admin"
+admin.site.index_title = "Staff admin"

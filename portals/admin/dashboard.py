@@ -20,6 +20,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import date_format
 
 from portals import selectors
 from portals.models import PortalState, RenewalOutcome
@@ -32,6 +33,10 @@ CHART_TOP = 32  # px above it, for the counts and the "renewal window" label
 BAR_WIDTH = 22
 BAR_GAP = 6
 ACTIVITY_DAYS = 14
+# The activity chart's columns are wider than the days-left bars: each is labelled with its date
+# ("28 Nov"), which a 28 px column could not hold.
+DAY_WIDTH = 30
+DAY_GAP = 14
 
 # The activity chart's stacked series, bottom up: the DayActivity field, the renewal outcome it
 # counts (which gives its colour), what a bar's tooltip calls it and what the legend calls it.
@@ -48,7 +53,9 @@ ACTIVITY_LEGEND = [(outcome_colour(outcome), legend) for _, outcome, _, legend i
 SWEEP_NOTES = {
     selectors.SweepState.SCHEDULED: "",
     selectors.SweepState.DISABLED: "disabled: refresh tokens are only renewed on demand",
-    selectors.SweepState.NOT_RUN_YET: "soon (beat has not run it yet)",
+    selectors.SweepState.NOT_RUN_YET: (
+        "beat has not run it yet: it counts the first interval from when the entry was saved"
+    ),
     selectors.SweepState.NOT_COMPUTABLE: "next run not computable for this schedule",
     selectors.SweepState.OVERDUE: "overdue: is celery beat running?",
 }
@@ -73,6 +80,7 @@ class SweepLine:
     last_run_at: datetime | None
     next_run_at: datetime | None
     note: str
+    runs: int
 
     @classmethod
     def of(cls, entry: selectors.SweepSchedule) -> SweepLine:
@@ -83,6 +91,7 @@ class SweepLine:
             last_run_at=entry.last_run_at,
             next_run_at=entry.next_run_at,
             note=SWEEP_NOTES[entry.state],
+            runs=entry.runs,
         )
 
 
@@ -140,7 +149,7 @@ def activity_chart(days: list[selectors.DayActivity]) -> dict[str, Any]:
     columns = []
     scale = 120 / top
     for index, day in enumerate(days):
-        x = index * (BAR_WIDTH + BAR_GAP)
+        x = index * (DAY_WIDTH + DAY_GAP)
         y = 20 + 120
         segments = []
         for field, outcome, name, _ in ACTIVITY_SERIES:
@@ -151,10 +160,20 @@ def activity_chart(days: list[selectors.DayActivity]) -> dict[str, Any]:
             height = max(2, round(count * scale))
             y -= height
             segments.append({"y": y, "height": height, "colour": colour, "title": f"{count} {name}"})
-        columns.append({"x": x, "top": y, "day": day, "segments": segments, "label": day.day.strftime("%d")})
+        columns.append(
+            {
+                "x": x,
+                "centre": x + DAY_WIDTH // 2,
+                "top": y,
+                "day": day,
+                "segments": segments,
+                "label": date_format(day.day, "j M"),
+            }
+        )
     return {
         "columns": columns,
-        "width": max(len(days) * (BAR_WIDTH + BAR_GAP), 1),
+        "bar_width": DAY_WIDTH,
+        "width": max(len(days) * (DAY_WIDTH + DAY_GAP), 1),
         "height": 20 + 120 + 36,
         "baseline": 20 + 120,
     }

@@ -67,6 +67,19 @@ def short_time(moment: datetime | None) -> str:
     )
 
 
+def log_time(moment: datetime | None) -> str:
+    """A log row's time on one line ("2026-11-23 06:17"; the seconds and zone on hover): Django's
+    "Nov. 23, 2026, 6:17 a.m." took four lines in a narrow column."""
+    if moment is None:
+        return "—"
+    local = timezone.localtime(moment)
+    return format_html(
+        '<span title="{}" style="white-space:nowrap">{}</span>',
+        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        local.strftime("%Y-%m-%d %H:%M"),
+    )
+
+
 def days_left_html(refresh_issued_at: datetime | None, pair_state: str | None = None) -> str:
     """Days left before the refresh token lapses, coloured by `palette.days_left_colour`; a pair
     that is not active reads as such, in red, whatever its days left."""

@@ -1894,11 +1894,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-secret", default="standin-secret")
     parser.add_argument("--portals", type=int, default=1)
     parser.add_argument("--seed", type=int, default=120, help="crm.contact items per portal")
+    # Fixed ports let a backend keep trusting the stand-in across restarts (bin/run trusts 8001 and 8002).
+    parser.add_argument("--oauth-port", type=int, default=0, help="OAuth server port (default: any free)")
+    parser.add_argument(
+        "--portal-port",
+        type=int,
+        default=0,
+        help="the first portal's port, the next ones' follow (default: any free)",
+    )
     args = parser.parse_args(argv)
-    with StandIn(args.client_id, args.client_secret) as standin:
+    with StandIn(args.client_id, args.client_secret, oauth_port=args.oauth_port) as standin:
         print(f"OAuth server: {standin.oauth_url}  (client_id={standin.client_id})")
-        for _ in range(args.portals):
-            portal = standin.add_portal()
+        for index in range(args.portals):
+            portal = standin.add_portal(port=args.portal_port + index if args.portal_port else 0)
             portal.seed("crm.contact", args.seed)
             tokens = portal.issue_tokens()
             print(f"portal {portal.url}  member_id={portal.member_id}")

@@ -1,0 +1,20 @@
+# The defaults bin/run runs the product with, sourced by bin/run and bin/manage: a command run beside
+# bin/run (createsuperuser, the Bitrix24 stand-in) then sees the same database, secrets and Bitrix24
+# settings. Whatever the environment already sets wins. Sourced from the repository's root.
+
+export DJANGO_DEBUG=${DJANGO_DEBUG:-1}
+export PORT=${PORT:-8000}
+export DJANGO_VAR_DIR=${DJANGO_VAR_DIR:-$PWD/var}
+
+# Without the app's own credentials there is nothing in Bitrix24 to talk to: trust the stand-in instead
+# (`bin/manage bitrix24_standin`, a fake Bitrix24 on loopback), on fixed ports so that restarting either
+# side needs no new settings. These ports are the stand-in's defaults too (config/settings.py).
+if [ -z "${BITRIX24_CLIENT_ID:-}" ]; then
+  export BITRIX24_STANDIN_OAUTH_PORT=${BITRIX24_STANDIN_OAUTH_PORT:-8001}
+  export BITRIX24_STANDIN_PORTAL_PORT=${BITRIX24_STANDIN_PORTAL_PORT:-8002}
+  export BITRIX24_CLIENT_ID=app.standin
+  export BITRIX24_CLIENT_SECRET=${BITRIX24_CLIENT_SECRET:-standin-secret}
+  export BITRIX24_OAUTH_SERVERS=${BITRIX24_OAUTH_SERVERS:-http://127.0.0.1:$BITRIX24_STANDIN_OAUTH_PORT}
+  export BITRIX24_PORTAL_DOMAINS=${BITRIX24_PORTAL_DOMAINS:-127.0.0.1:$BITRIX24_STANDIN_PORTAL_PORT}
+  export BITRIX24_ALLOW_HTTP=${BITRIX24_ALLOW_HTTP:-1}
+fi
