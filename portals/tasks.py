@@ -196,7 +196,8 @@ def carry_out_task(action_id: int) -> str:
                 return _failed(action, "a renewal was in progress elsewhere", retry_in=timedelta(minutes=1))
         elif action.kind == WantedKind.BIND_EVENTS:
             if action.portal.state != PortalState.UNINSTALLED:
-                note = bindings.sync_bindings(portal=action.portal).summary()
+                synced = bindings.sync_bindings(portal=action.portal)
+                note = synced.summary() if synced.changed else ""
             else:
                 note = "the portal was uninstalled meanwhile"
         elif action.kind == WantedKind.CONFIRM_UNINSTALL:

@@ -31,7 +31,7 @@ from django.db import connection
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from portals import crypto, journal, oauth, operations, renewal, selectors, tasks
+from portals import bindings, crypto, journal, oauth, operations, renewal, selectors, tasks
 from portals.models import (
     AttemptState,
     PairState,
@@ -724,16 +724,16 @@ def test_asked_again_while_running_the_action_is_not_closed_by_the_earlier_run(
     monkeypatch.setattr(carry_out_task, "apply_async", lambda args, **kw: sent.append(tuple(args)))
     action = tasks.want(WantedKind.BIND_EVENTS, portal=installed_portal)
     runs: list[int] = []
-    bind = tasks.bindings.bind_events
+    sync = tasks.bindings.sync_bindings
 
-    def bind_while_an_update_arrives(*, portal: Portal) -> list[str]:
+    def bind_while_an_update_arrives(*, portal: Portal) -> bindings.SyncResult:
         runs.append(1)
-        bound = bind(portal=portal)
+        result = sync(portal=portal)
         if len(runs) == 1:
             tasks.want(WantedKind.BIND_EVENTS, portal=portal)  # the second update, mid-run
-        return bound
+        return result
 
-    monkeypatch.setattr(tasks.bindings, "bind_events", bind_while_an_update_arrives)
+    monkeypatch.setattr(tasks.bindings, "sync_bindings", bind_while_an_update_arrives)
 
     assert carry_out_task.apply(args=(action.pk,)).get() == "done, and asked again meanwhile: queued again"
     assert WantedAction.objects.get(pk=action.pk).done_at is None

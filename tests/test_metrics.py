@@ -3,7 +3,8 @@ from the database, for a scraper with the bearer token only; JSON logs and the e
 
 The main test runs the product as separate processes on one metrics folder of its own: a web process
 (`backend_process`) and a Celery worker (`celery_worker`). A renewal is done by the worker, a forged launch
-and an install event are posted to the web, and the web's /metrics shows each of them counted.
+and an install event are posted to the web, an app event is stored by the web and handled by the worker,
+and the web's /metrics shows each of them counted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.celery import app as celery_app
-from portals import governor, metrics, tasks
+from portals import governor, metrics, phpform, tasks
 from portals.masking import fingerprint
 from portals.models import PairState, PortalState, RenewalAttempt, RenewalLog, RenewalOutcome, RenewalTrigger
 from portals.standin import payloads as bx
@@ -86,6 +87,7 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
         env.get("REDIS_URL", ""),
         migrate=False,
         PROMETHEUS_MULTIPROC_DIR=str(folder),
+        B24_TEST_EVENTAPP_DIR=str(tmp_path),  # the test app's event handlers, in the web and the worker
         BITRIX24_METRICS_TOKEN=METRICS_TOKEN,
         BITRIX24_TOKEN_KEYS=os.environ["BITRIX24_TOKEN_KEYS"],  # it reads the pairs this test stored
         **{key: env[key] for key in TRUST},
@@ -115,7 +117,9 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
     # A renewal done by a Celery worker: another process, counting into the same folder.
     pair = installed_portal.token_pairs.get(user_id=1)
     celery_app.control.purge()  # tasks earlier tests queued with no worker to run them
-    with celery_worker({**env, "PROMETHEUS_MULTIPROC_DIR": str(folder)}):
+    with celery_worker(
+        {**env, "PROMETHEUS_MULTIPROC_DIR": str(folder), "B24_TEST_EVENTAPP_DIR": str(tmp_path)}
+    ):
         assert tasks.queue_renewals([pair.pk], trigger=RenewalTrigger.STAFF, force=True) == 1
         _wait(
             lambda: RenewalLog.objects.filter(pair=pair, outcome=RenewalOutcome.RENEWED).exists(),
@@ -124,6 +128,16 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
         _wait(
             lambda: _value(counted(), "bitrix24_renewals_total", trigger="staff", outcome="renewed") == 1,
             "the renewal in the web's scrape",
+        )
+        # An app event: stored by the web, its handler (tests/eventapp) run by the worker.
+        app_event = http.post(f"{web.url}/events/", data=_company_added(b24), timeout=30)
+        assert app_event.json()["result"] == "queued", app_event.text
+        _wait(
+            lambda: _value(
+                counted(), "bitrix24_events_handled_total", event="ONCRMCOMPANYADD", outcome="handled"
+            )
+            == 1,
+            "the handled event in the web's scrape",
         )
     holder = RenewalAttempt.objects.get(pair=pair).holder_pid
     assert holder not in (os.getpid(), web.proc.pid)
@@ -153,6 +167,21 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
     assert _value(last, "bitrix24_inbound_requests_total", kind="launch", status="accepted") == 0
     assert (folder / f"counter_{web.proc.pid}.db").exists()
     assert _value(last, "bitrix24_portals", state="installed") == 1
+
+
+def _company_added(b24) -> list[tuple[str, str]]:
+    return phpform.encode(
+        {
+            "event": "ONCRMCOMPANYADD",
+            "data": {"FIELDS": {"ID": "7"}},
+            "ts": "1724695689",
+            "auth": {
+                "domain": b24.domain,
+                "member_id": b24.member_id,
+                "application_token": b24.application_token,
+            },
+        }
+    )
 
 
 # --- the endpoint -------------------------------------------------------------------------------------
