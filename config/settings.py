@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
-from config import timeouts
+from config import timeouts, translations
 from portals import logging as product_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -89,6 +89,11 @@ SECRET_KEY = dev_secret("DJANGO_SECRET_KEY", "secret_key", get_random_secret_key
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
+# The worked example of an app (example/: a deal tab, event handlers, a frontend endpoint): for
+# development, tests and the stand-in. Off by default: it is never bound on customer portals unless asked.
+BITRIX24_EXAMPLE_APP = env_bool("BITRIX24_EXAMPLE_APP", False)
+BITRIX24_APPS = [app for app in env_list("BITRIX24_APPS") if app != "example"]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -105,10 +110,12 @@ INSTALLED_APPS = [
     "events",
     "install",
     "api",
-    # The app built on this project: its Django app(s), registering event handlers in their
-    # `bitrix24.py` (see portals.registry).
-    *env_list("BITRIX24_APPS"),
+    # The app built on this project: its Django app(s), registering event handlers and placement views
+    # in their `bitrix24.py` (see portals.registry) and frontend endpoints in their `frontend.py`.
+    *BITRIX24_APPS,
 ]
+if BITRIX24_EXAMPLE_APP:
+    INSTALLED_APPS.append("example")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -154,6 +161,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "install.context.bitrix24",
             ],
         },
     },
@@ -192,6 +200,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
+# The app's pages follow the portal user's LANG in these; placement titles are bound in each (LANG_ALL).
+LANGUAGES = [("en", "English"), ("ru", "Русский"), ("de", "Deutsch")]
+# Catalogs (<app>/locale/*/LC_MESSAGES/django.po) are compiled into var/ when they change: nothing
+# generated lives beside the sources, and no gettext tools are needed (config/translations.py).
+LOCALE_PATHS = translations.compile_catalogs(BASE_DIR, VAR_DIR)
 USE_TZ = True
 
 STATIC_URL = "static/"
@@ -274,6 +287,9 @@ INBOUND_LOG_RETENTION_DAYS = env_int("INBOUND_LOG_RETENTION_DAYS", 30)
 # Events bound with event.bind after install and update (ONAPPUNINSTALL always), besides those the app's
 # handlers register (portals.registry); these are only logged.
 BITRIX24_EVENTS = [name.upper() for name in env_list("BITRIX24_EVENTS")]
+# Bitrix24's JS library for the app's pages (BX24.init, getAuth, callMethod, installFinish): Bitrix24's
+# own in production; the stand-in serves a small one of its own, so pages work offline against it.
+BITRIX24_JS_URL = env_str("BITRIX24_JS_URL", "//api.bitrix24.com/api/v1/")
 # Offline bindings carry this key, and the app's own writes from event handlers pass it, so that the
 # portal does not queue the app's own changes (a cycle). Empty: bound without one (portals whose plan has
 # no connectors).

@@ -6,12 +6,14 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.utils import translation
 
 from events import tasks as event_tasks
-from portals import services, tasks
+from portals import registry, services, tasks
+from portals.client import PortalClient
 from portals.models import Portal, PortalState
 
-from . import parsing
+from . import parsing, placements
 from .inbound import describe, set_frame_policy
 from .models import InboundRequest
 
@@ -77,7 +79,9 @@ def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
         scope=auth.scope,
         application_token=auth.application_token,
     )
-    response = render(request, "install/install.html", {"portal": portal, "lang": auth.lang})
+    lang = placements.language(auth.lang)
+    with translation.override(lang):
+        response = render(request, "install/install.html", {"portal": portal, "lang": lang})
     set_frame_policy(response, portal.origin)
     return response
 
@@ -93,15 +97,34 @@ def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
         scope=auth.scope,
     )
     _confirm(portal)
-    context = {
-        "portal": portal,
-        "user_id": verified.info.user_id,
-        "is_background_user": bool(pair and pair.is_background),
-        "placement": auth.placement,
-        "placement_options": auth.placement_options,
-        "lang": auth.lang,
-    }
-    response = render(request, "install/app.html", context)
+    lang = placements.language(auth.lang)
+    user_id = int(verified.info.user_id or 0)
+    if (auth.placement or "DEFAULT").upper() != "DEFAULT" or registry.placement_for("DEFAULT"):
+        # A placement (a CRM tab, a menu item) opened: the app's view for it, or a page saying it has none.
+        context = placements.PlacementContext(
+            portal=portal,
+            user_id=user_id,
+            placement=(auth.placement or "DEFAULT").upper(),
+            options=auth.placement_options,
+            lang=lang,
+            access_token=auth.access_token,
+            client=PortalClient(portal, user_id=user_id),
+        )
+        response = placements.show(request, context)
+    else:
+        with translation.override(lang):
+            response = render(
+                request,
+                "install/app.html",
+                {
+                    "portal": portal,
+                    "user_id": verified.info.user_id,
+                    "is_background_user": bool(pair and pair.is_background),
+                    "placement": auth.placement,
+                    "placement_options": auth.placement_options,
+                    "lang": lang,
+                },
+            )
     set_frame_policy(response, portal.origin)
     return response
 

@@ -16,7 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from events.services import TooManyEvents
 from portals import metrics
@@ -26,6 +26,7 @@ from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, Ve
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest
+from .placements import language
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,14 @@ def error_response(
     request: HttpRequest, *, status: int, code: str, message: str, html: bool, frame_origin: str = ""
 ) -> HttpResponse:
     if html:
-        response = render(
-            request, "install/error.html", {"status": status, "code": code, "message": message}, status=status
-        )
+        # In the portal user's language when the frame said it (LANG in the query string).
+        with translation.override(language(request.GET.get("LANG", ""))):
+            response = render(
+                request,
+                "install/error.html",
+                {"status": status, "code": code, "message": message},
+                status=status,
+            )
         set_frame_policy(response, frame_origin)
         return response
     return JsonResponse({"error": code, "error_description": message}, status=status)

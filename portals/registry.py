@@ -1,4 +1,4 @@
-"""Where the app's own code plugs in: its handlers for Bitrix24 events.
+"""Where the app's own code plugs in: its handlers for Bitrix24 events and its placement views.
 
 An app built on this project keeps its code in a Django app of its own and registers from that app's
 `bitrix24.py` module, which is imported at start-up in every process (web, worker, beat), as Django's
@@ -22,8 +22,17 @@ worker, never in the request that delivered the event, and may run more than onc
 body beyond identifiers is not trusted (the application token that admits an event is known to every
 employee who opens the app).
 
-This module imports nothing of the project: the bindings sync (which events to bind) and the event
-worker (which handlers to run) both read it.
+A placement view (a widget: a CRM card tab, a menu item) is registered the same way::
+
+    @placement("CRM_DEAL_DETAIL_TAB", title=gettext_lazy("Deal notes"))
+    def deal_tab(request, context):
+        ...  # an HttpResponse; context: install.placements.PlacementContext
+
+A launch whose PLACEMENT is registered is verified as every launch and handed to that view; the bindings
+sync binds each registered placement with `placement.bind` (titles in every language, LANG_ALL).
+
+This module imports nothing of the project: the bindings sync (which events and placements to bind),
+the event worker (which handlers to run) and the launch (which view to show) all read it.
 """
 
 from __future__ import annotations
@@ -59,6 +68,22 @@ class EventHandler:
 
 
 _handlers: dict[str, list[EventHandler]] = {}
+_placements: dict[str, Placement] = {}
+PLACEMENT_CODE = re.compile(r"^[A-Z][A-Z0-9_]{1,80}$")
+
+
+@dataclass(frozen=True)
+class Placement:
+    code: str
+    view: Callable[..., Any]
+    title: Any  # a str or a lazy translation: rendered in each language for LANG_ALL
+    description: Any = ""
+    group_name: Any = ""
+    options: Any = None  # placement.bind's OPTIONS, as documented for the placement
+
+    @property
+    def name(self) -> str:
+        return f"{self.view.__module__}.{self.view.__qualname__}"
 
 
 def on(event: str, *, offline: bool = False) -> Callable[[F], F]:
@@ -90,6 +115,40 @@ def on(event: str, *, offline: bool = False) -> Callable[[F], F]:
     return register
 
 
+V = TypeVar("V", bound=Callable[..., Any])
+
+
+def placement(
+    code: str, *, title: Any, description: Any = "", group_name: Any = "", options: Any = None
+) -> Callable[[V], V]:
+    """Register the decorated view for the placement `code` (e.g. CRM_DEAL_DETAIL_TAB). `title` (and
+    `description`, `group_name`) may be lazy translations: each language the app is translated to gets
+    its own in LANG_ALL. One view per placement: the launch has to know which one to show."""
+    name = code.strip().upper()
+    if not PLACEMENT_CODE.match(name):
+        raise ImproperlyConfigured(f"{code!r} is not a Bitrix24 placement code (like 'CRM_DEAL_DETAIL_TAB')")
+    if not str(title).strip():
+        raise ImproperlyConfigured(f"placement {name} needs a title: Bitrix24 shows it on the tab or menu")
+
+    def register(view: V) -> V:
+        entry = Placement(name, view, title, description, group_name, options)
+        existing = _placements.get(name)
+        if existing is not None and existing.name != entry.name:
+            raise ImproperlyConfigured(f"placement {name} already has a view: {existing.name}")
+        _placements[name] = entry
+        return view
+
+    return register
+
+
+def placement_for(code: str) -> Placement | None:
+    return _placements.get(code.upper())
+
+
+def placements() -> list[Placement]:
+    return [_placements[code] for code in sorted(_placements)]
+
+
 def handlers_for(event: str) -> list[EventHandler]:
     return list(_handlers.get(event.upper(), ()))
 
@@ -108,7 +167,9 @@ def autodiscover() -> None:
 def replaced(register: Callable[[], None] | None = None) -> Iterator[None]:
     """Run with an empty registry (filled by `register`), restoring the app's afterwards: for tests."""
     saved = {name: list(handlers) for name, handlers in _handlers.items()}
+    saved_placements = dict(_placements)
     _handlers.clear()
+    _placements.clear()
     try:
         if register is not None:
             register()
@@ -116,3 +177,5 @@ def replaced(register: Callable[[], None] | None = None) -> Iterator[None]:
     finally:
         _handlers.clear()
         _handlers.update(saved)
+        _placements.clear()
+        _placements.update(saved_placements)

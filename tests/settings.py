@@ -25,6 +25,11 @@ BITRIX24_OAUTH_TIMEOUT = (2.0, float(os.environ.get("BITRIX24_OAUTH_READ_TIMEOUT
 BITRIX24_VERIFY_READ_TIMEOUT = float(os.environ.get("BITRIX24_VERIFY_READ_TIMEOUT", "5"))
 # An app built on the project, as an author would add one (its handlers register only when a test asks).
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.eventapp"]  # noqa: F405
+# The example app's templates and frontend endpoint are there in every test; its handlers and placement
+# register only where a test asks (portals.registry.replaced(example.bitrix24.register)), so that the
+# other tests bind and handle only their own.
+if "example" not in INSTALLED_APPS:
+    INSTALLED_APPS.append("example")
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False

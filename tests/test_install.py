@@ -6,9 +6,10 @@ import json
 
 import pytest
 import requests
+from django.http import HttpResponse
 
 from install.models import InboundRequest, InboundStatus
-from portals import phpform
+from portals import phpform, registry
 from portals.models import Portal, PortalState, TokenPair
 from portals.standin import payloads as bx
 from tests.samples import docs_event
@@ -104,17 +105,24 @@ def test_install_frame_stores_and_renders_install_finish(backend, b24, standin):
     assert TokenPair.objects.get(portal__member_id=b24.member_id).is_background
 
 
-def test_launch_renders_the_portal_user_and_placement(backend, b24):
+def test_launch_hands_the_placement_view_the_portal_user_and_options(backend, b24):
     backend.install_event(b24)
     employee = b24.issue_tokens(7, admin=False)
     options = {"ID": "8061", "URI": "/crm/deal/details/8061/"}
+    seen = []
 
-    response = backend.launch(b24, employee, placement="CRM_DEAL_DETAIL_TAB", options=options)
+    def tab(request, context):
+        seen.append(context)
+        return HttpResponse(
+            f"{context.portal.domain} {context.placement} {context.user_id} {dict(context.options)}"
+        )
+
+    with registry.replaced(lambda: registry.placement("CRM_DEAL_DETAIL_TAB", title="Tab")(tab)):
+        response = backend.launch(b24, employee, placement="CRM_DEAL_DETAIL_TAB", options=options)
 
     assert response.status_code == 200, response.text
-    assert b24.domain in response.text
-    assert "CRM_DEAL_DETAIL_TAB" in response.text
-    assert "8061" in response.text and "/crm/deal/details/8061/" in response.text
+    assert response.text == f"{b24.domain} CRM_DEAL_DETAIL_TAB 7 {options}"
+    assert seen[0].access_token == employee["access_token"] and seen[0].lang == "en"
     portal = Portal.objects.get(member_id=b24.member_id)
     assert portal.last_launch_at is not None
     assert TokenPair.objects.get(portal=portal, user_id=7).access_token == employee["access_token"]

@@ -69,7 +69,8 @@ PAGE_SIZE = 50  # settings/how-to-call-rest-api/list-methods-pecularities.md: li
 MAX_BATCH = 50  # settings/how-to-call-rest-api/batch.md: at most 50 commands
 OPERATING_WINDOW = 600.0  # limits.md: operating time is summed per method over 10 minutes
 CODE_TTL = 30.0  # settings/oauth/index.md: the authorization code lives 30 seconds
-DEFAULT_ENTITIES = ("crm.contact", "crm.company", "crm.deal", "crm.lead")
+# crm.timeline.comment: notes an app writes on a CRM item's timeline (api-reference/crm/timeline/comments/).
+DEFAULT_ENTITIES = ("crm.contact", "crm.company", "crm.deal", "crm.lead", "crm.timeline.comment")
 # Scopes this stand-in enforces for entity methods (crm.contact.list needs "crm"). Anything else is open.
 KNOWN_SCOPES = frozenset({"crm", "user", "im", "task", "tasks", "entity", "disk", "lists", "catalog", "sale"})
 _LICENSE_TYPES = {"ent": "ent250", "pro": "pro100", "std": "std", "basic": "basic", "nfr": "nfr"}
