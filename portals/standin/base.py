@@ -20,11 +20,16 @@ def iso(ts: float) -> str:
 class RestError(Exception):
     """A method's refusal: the HTTP status and the ``error`` / ``error_description`` body portals answer."""
 
-    def __init__(self, status: int, code: str, description: str = "") -> None:
+    def __init__(self, status: int, code: str, description: str = "", *, argument: str = "") -> None:
         super().__init__(code)
         self.status = status
         self.code = code
         self.description = description
+        # placement-bind.md: ERROR_ARGUMENT names the missing parameter in an ``argument`` member.
+        self.argument = argument
 
     def answer(self) -> tuple[int, dict[str, Any]]:
-        return self.status, {"error": self.code, "error_description": self.description}
+        body: dict[str, Any] = {"error": self.code, "error_description": self.description}
+        if self.argument:
+            body["argument"] = self.argument
+        return self.status, body

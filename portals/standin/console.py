@@ -1,7 +1,8 @@
 """A stand-in portal's page for raising events by hand: ``GET /standin/`` and ``POST /standin/fire``.
 
-For a person trying the app against the stand-in: the page lists the app's event bindings, its offline
-queue and the last deliveries, and has two small forms — change a CRM item as a portal user would (the item
+For a person trying the app against the stand-in: the page lists the app's widgets (placement.bind) with a
+form that opens each one as a portal user would (for a chosen CRM item where the widget has one), the app's
+event bindings, its offline queue and the last deliveries, and has two small forms — change a CRM item as a portal user would (the item
 changes and its event is raised) and raise any event. Each form posts to ``/standin/fire``, which answers
 with a redirect back to the page (post/redirect/get), the outcome in the query string.
 
@@ -18,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from .base import iso
 from .events import CRM_EVENTS
+from .placements import title_in, with_id
 
 if TYPE_CHECKING:  # the portal serves this page; only its type is named here
     from .server import FakePortal
 
 __all__ = ["CONSOLE_PATH", "FIRE_PATH", "page", "submit"]
+
+APP_FRAME_PATH = "/app-frame/"  # the portal page that opens the app (server.APP_FRAME_PATH)
 
 CONSOLE_PATH = "/standin/"
 FIRE_PATH = "/standin/fire"
@@ -87,6 +91,35 @@ def _options(values: list[str], selected: str = "") -> str:
     return "".join(
         f"<option{' selected' if value == selected else ''}>{html.escape(value)}</option>" for value in values
     )
+
+
+def _placement_rows(portal: FakePortal) -> str:
+    """One form per bound widget: ``GET /app-frame/?placement=…&handler=…[&id=…]&user_id=…&lang=…``.
+    Titles are shown in the portal's language (LANG_ALL, placement-bind.md)."""
+    with portal._lock:
+        bindings = [dict(binding) for binding in portal.placements]
+    if not bindings:
+        return "<p class=empty>No widget is bound (placement.bind).</p>"
+    rows = []
+    for binding in bindings:
+        code = html.escape(binding["placement"])
+        item = (
+            '<label>ID <input name="id" size="6" required></label>' if with_id(binding["placement"]) else ""
+        )
+        rows.append(
+            f"""<tr><td>{code}</td><td>{html.escape(title_in(binding, portal.language_id))}</td>
+<td>{html.escape(binding["handler"])}</td><td>
+<form method="get" action="{APP_FRAME_PATH}" class="open-placement">
+  <input type="hidden" name="placement" value="{code}">
+  <input type="hidden" name="handler" value="{html.escape(binding["handler"])}">
+  {item}
+  <label>User <input name="user_id" size="4" value="1"></label>
+  <label>Language <select name="lang">{_options(["en", "de", "ru"], portal.language_id)}</select></label>
+  <button type="submit">Open</button>
+</form></td></tr>"""
+        )
+    head = "<tr><th>placement</th><th>title</th><th>handler</th><th>open</th></tr>"
+    return "<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
 
 
 def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
@@ -157,9 +190,14 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
 </head>
 <body>
   <header>Bitrix24 stand-in · portal <b>{domain}</b> · member_id {html.escape(portal.member_id)}
-    · app {"installed" if portal.installed else "not installed"}</header>
+    · app {"installed" if portal.installed else "not installed"}
+    · <span id="install-finish">{"installFinish called" if portal.install_finished else "installFinish not called yet"}</span></header>
   <main>
   {flash}
+  <section id="placements">
+    <h2>Widgets ({len(portal.placements)})</h2>
+    {_placement_rows(portal)}
+  </section>
   <section>
     <h2>Change an item as a portal user</h2>
     <form method="post" action="{FIRE_PATH}">
