@@ -33,9 +33,13 @@ from rest_framework.permissions import BasePermission
 from portals.client import PortalClient
 
 from .authentication import Bitrix24FrameAuthentication, IsPortalUser, PortalUser
-from .views import FrameAPIView, bitrix24_errors
+from .views import _FRAME_ERRORS, FrameAPIView, bitrix24_errors
 
-__all__ = ["FrontendAPIView", "bitrix24_errors", "frontend_modules"]
+__all__ = ["FRONTEND_ERRORS", "FrontendAPIView", "bitrix24_errors", "frontend_modules"]
+
+# The answers every frontend endpoint may give besides its own, for its OpenAPI description
+# (`@extend_schema(responses={200: MySerializer, **FRONTEND_ERRORS})`).
+FRONTEND_ERRORS = _FRAME_ERRORS
 
 
 class FrontendAPIView(FrameAPIView):

@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 from django.urls import path
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from api.frontend import FrontendAPIView, bitrix24_errors
+from api.frontend import FRONTEND_ERRORS, FrontendAPIView, bitrix24_errors
+from portals.client import RestError
+
+
+class DealNotesSerializer(serializers.Serializer[dict[str, object]]):
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    notes = serializers.IntegerField(help_text="Timeline notes on the deal.")
 
 
 class DealNotes(FrontendAPIView):
     """The deal's title and how many timeline notes it has, read as the user who opened the tab."""
 
+    @extend_schema(responses={200: DealNotesSerializer, **FRONTEND_ERRORS})
     def get(self, request: Request, deal_id: int) -> Response:
         client = self.client()
         with bitrix24_errors():  # Bitrix24's refusals as the API's JSON errors (502/503)
-            deal = client.call("crm.deal.get", {"id": deal_id}, fail_fast=True)
+            try:
+                deal = client.call("crm.deal.get", {"id": deal_id}, fail_fast=True)
+            except RestError as exc:
+                if exc.code.upper() == "NOT_FOUND":  # no such deal, or not one this user may see
+                    raise NotFound(f"No deal {deal_id} for this user.") from exc
+                raise
             notes = client.call(
                 "crm.timeline.comment.list",
                 {"filter": {"ENTITY_ID": deal_id, "ENTITY_TYPE": "deal"}},

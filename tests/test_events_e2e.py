@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import requests
 from django.core.management import call_command
+from django.utils.translation import gettext_lazy
 
 from config.celery import app as celery_app
 from events.models import AppEvent, EventState, OfflineQueue
 from events.tasks import sweep_events
+from example import bitrix24 as example
 from portals import bindings, registry
 from portals.standin import FakePortal, StandIn
 from tests.eventapp import bitrix24 as eventapp
@@ -244,6 +246,12 @@ def _bound(fake: FakePortal) -> set[tuple[str, int, str]]:
     return {(b["event"], b["offline"], b["handler"]) for b in fake.events}
 
 
+def _placed(fake: FakePortal) -> set[tuple[str, str, str]]:
+    return {
+        (p["placement"], p["handler"], p["lang_all"].get("ru", {}).get("TITLE", "")) for p in fake.placements
+    }
+
+
 def test_sync_binds_200_portals_within_their_rate_limits_and_unbinds_what_is_no_longer_wanted(
     transactional_db: None, standin: StandIn, handlers: Path, settings: Any
 ) -> None:
@@ -259,25 +267,36 @@ def test_sync_binds_200_portals_within_their_rate_limits_and_unbinds_what_is_no_
         ("ONOFFLINEEVENT", 0, handler),
         ("ONCRMCONTACTUPDATE", 1, ""),
     }
-    started = time.monotonic()
-    output = _sync()
+    # The example's deal tab, its title bound in every language the app speaks (LANG_ALL).
+    tab = {("CRM_DEAL_DETAIL_TAB", "http://127.0.0.1:9/app/", "Заметки по сделке")}
+
+    def with_tab() -> None:
+        eventapp.register()
+        registry.placement("CRM_DEAL_DETAIL_TAB", title=gettext_lazy("Deal notes"))(example.deal_tab)
+
+    with registry.replaced(with_tab):
+        started = time.monotonic()
+        output = _sync()
     print(output.splitlines()[-1], f"({time.monotonic() - started:.1f} s)")
     assert sum(line.startswith("[") for line in output.splitlines()) == 200  # progress, one line per portal
-    assert all(_bound(fake) == wanted for fake in fakes)
+    assert all(_bound(fake) == wanted for fake in fakes)  # event.get
+    assert all(_placed(fake) == tab for fake in fakes)  # placement.get
     assert sum(fake.bucket_stats["rejected"] for fake in fakes) == 0  # no QUERY_LIMIT_EXCEEDED
     assert "0 failed" in output
 
-    # A release drops the company handler: a dry run says so and changes nothing; the sync unbinds it.
+    # A release drops the company handler and the tab: a dry run says so and changes nothing; the sync
+    # unbinds them.
     def fewer() -> None:
         registry.on("ONCRMDEALADD")(eventapp.deal_added)
         registry.on("ONCRMCONTACTUPDATE", offline=True)(eventapp.contact_updated)
 
     with registry.replaced(fewer):
         dry = _sync("--dry-run")
-        assert "200 changed" in dry and "200 would be unbound" in dry
-        assert all(("ONCRMCOMPANYADD", 0, handler) in _bound(fake) for fake in fakes)
+        assert "200 changed" in dry and "400 would be unbound" in dry
+        assert all(("ONCRMCOMPANYADD", 0, handler) in _bound(fake) and _placed(fake) == tab for fake in fakes)
         _sync()
         assert all(_bound(fake) == wanted - {("ONCRMCOMPANYADD", 0, handler)} for fake in fakes)
+        assert all(_placed(fake) == set() for fake in fakes)
         assert sum(fake.bucket_stats["rejected"] for fake in fakes) == 0
 
 

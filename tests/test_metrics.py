@@ -87,7 +87,9 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
         env.get("REDIS_URL", ""),
         migrate=False,
         PROMETHEUS_MULTIPROC_DIR=str(folder),
-        B24_TEST_EVENTAPP_DIR=str(tmp_path),  # the test app's event handlers, in the web and the worker
+        # The test app's event handlers, in the web (installed as an app author installs theirs) and the worker.
+        BITRIX24_APPS="tests.eventapp",
+        B24_TEST_EVENTAPP_DIR=str(tmp_path),
         BITRIX24_METRICS_TOKEN=METRICS_TOKEN,
         BITRIX24_TOKEN_KEYS=os.environ["BITRIX24_TOKEN_KEYS"],  # it reads the pairs this test stored
         **{key: env[key] for key in TRUST},
@@ -129,9 +131,13 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
             lambda: _value(counted(), "bitrix24_renewals_total", trigger="staff", outcome="renewed") == 1,
             "the renewal in the web's scrape",
         )
-        # An app event: stored by the web, its handler (tests/eventapp) run by the worker.
-        app_event = http.post(f"{web.url}/events/", data=_company_added(b24), timeout=30)
-        assert app_event.json()["result"] == "queued", app_event.text
+    # An app event: stored by the web, its handler (tests/eventapp) run by a worker on the web's broker.
+    app_event = http.post(f"{web.url}/events/", data=_company_added(b24), timeout=30)
+    assert app_event.json()["result"] == "queued", app_event.text
+    broker = {key: web.env[key] for key in ("CELERY_QUEUE", "DJANGO_VAR_DIR")}
+    with celery_worker(
+        {**env, **broker, "PROMETHEUS_MULTIPROC_DIR": str(folder), "B24_TEST_EVENTAPP_DIR": str(tmp_path)}
+    ):
         _wait(
             lambda: _value(
                 counted(), "bitrix24_events_handled_total", event="ONCRMCOMPANYADD", outcome="handled"
@@ -163,7 +169,9 @@ def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
         _value(last, "bitrix24_verification_refusals_total", refusal="not_accepted", code="invalid_token")
         == 1
     )
-    assert _value(last, "bitrix24_inbound_requests_total", kind="event", status="accepted") == 1
+    # The app event and ONAPPINSTALL.
+    assert _value(last, "bitrix24_inbound_requests_total", kind="event", status="accepted") == 2
+    assert _value(last, "bitrix24_events_handled_total", event="ONCRMCOMPANYADD", outcome="handled") == 1
     assert _value(last, "bitrix24_inbound_requests_total", kind="launch", status="accepted") == 0
     assert (folder / f"counter_{web.proc.pid}.db").exists()
     assert _value(last, "bitrix24_portals", state="installed") == 1
