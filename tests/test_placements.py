@@ -14,7 +14,8 @@ import requests
 from babel.messages.pofile import read_po
 from django.core.exceptions import ImproperlyConfigured
 
-from events.models import AppEvent
+from events import services
+from events.models import AppEvent, EventSource
 from events.tasks import handle_event_task
 from example import bitrix24 as example
 from portals import registry
@@ -172,3 +173,33 @@ def test_every_string_of_the_app_pages_and_the_example_is_translated(app: str, l
     assert missing == [], f"{app}: not translated to {lang}: {missing}"
     unused = sorted({m.id for m in catalog if m.id} - wanted)
     assert unused == [], f"{app}: {lang} translations of strings no longer used: {unused}"
+
+
+# --- the example's offline handler -------------------------------------------------------------------
+
+
+def test_the_example_notes_a_contact_change_without_queueing_its_own_write(
+    installed_portal: Any, b24: FakePortal, example_app: None, settings: Any
+) -> None:
+    """An offline ONCRMCONTACTUPDATE (as a pull stores it): the example writes a timeline note with the
+    connector, so the portal does not queue that write back to the app."""
+    settings.BITRIX24_AUTH_CONNECTOR = "example-app"
+    b24.seed("crm.contact", 3)
+    accepted = services.store(
+        portal=installed_portal,
+        event="ONCRMCONTACTUPDATE",
+        source=EventSource.OFFLINE,
+        dedup_key="offline|ONCRMCONTACTUPDATE|1|m1|2026-11-28T08:00:00+00:00",
+        ids={"FIELDS.ID": "3"},
+        user_id=1,
+        occurred_at=None,
+    )
+    assert accepted.record is not None
+    assert handle_event_task.apply(args=(accepted.record.pk,)).get() == "handled"
+    note = b24.items["crm.timeline.comment"][0]
+    assert (note["ENTITY_ID"], note["ENTITY_TYPE"]) == ("3", "contact")
+    assert "Name3 Seeded3" in note["COMMENT"]
+    writes = [params for _http, method, params in b24.calls if method == "crm.timeline.comment.add"]
+    assert writes[0]["auth_connector"] == "example-app"
+    reads = [params for _http, method, params in b24.calls if method == "crm.contact.get"]
+    assert "auth_connector" not in reads[0]  # reads need no connector
