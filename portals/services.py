@@ -282,6 +282,7 @@ def _upsert_portal(
     scope: str = "",
     generation: int | None = None,
     annotations: dict[str, Any] | None = None,
+    defer: tuple[str, ...] = (),
 ) -> Portal:
     """The portal row for a verified token, locked; created on first sight (pending until `_revive`
     says otherwise), renamed if its domain moved.
@@ -297,7 +298,7 @@ def _upsert_portal(
         "app_status": info.status[:1],
         "scope": scope or info.scope,
     }
-    portals = Portal.objects.select_for_update().annotate(**(annotations or {}))
+    portals = Portal.objects.select_for_update().annotate(**(annotations or {})).defer(*defer)
     try:
         with transaction.atomic():
             portal, created = portals.get_or_create(
@@ -454,6 +455,26 @@ def install_portal(
     return portal
 
 
+# A launch neither reads nor writes the application tokens (decrypting and encrypting them is most of
+# what a launch would spend on the portal row).
+_NOT_IN_A_LAUNCH = ("application_token", "pending_application_token")
+# What a launch may change on the portal: `_upsert_portal`'s fields, `_revive`'s, the launch time.
+_LAUNCH_WRITES = [
+    "domain",
+    "protocol",
+    "oauth_server",
+    "app_status",
+    "scope",
+    "state",
+    "state_reason",
+    "reinstall_cause",
+    "installed_at",
+    "uninstalled_at",
+    "last_launch_at",
+    "updated_at",
+]
+
+
 class _AskProfileFirst(Exception):
     """The launch may move the background mark: `profile` must be asked, outside the transaction."""
 
@@ -519,6 +540,7 @@ def _record_launch(
             "my_pair_id": Subquery(mine.values("pk")[:1]),
             "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
         },
+        defer=_NOT_IN_A_LAUNCH,
     )
     background = False
     if user_id is not None and not getattr(portal, "has_background", False):
@@ -535,7 +557,7 @@ def _record_launch(
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
-    portal.save()
+    portal.save(update_fields=_LAUNCH_WRITES)
     if user_id is None:
         return portal, None
     my_pair_id = getattr(portal, "my_pair_id", None)
