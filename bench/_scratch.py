@@ -3,7 +3,9 @@ points the product (and the processes it starts) at them."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -11,15 +13,52 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+class OAuthProcess:
+    """The stand-in's OAuth server in a child process (bench/_oauth.py), with `grants` issued."""
+
+    client_id = "app.bench"
+    client_secret = "bench-secret"  # noqa: S105 - the stand-in's
+
+    def __init__(self, latency: float, grants: int) -> None:
+        self._out = Path(tempfile.mkdtemp(prefix="b24-bench-oauth-")) / "grants.jsonl"
+        self._proc = subprocess.Popen(
+            [
+                *(sys.executable, str(ROOT / "bench" / "_oauth.py"), "--latency", str(latency)),
+                *("--grants", str(grants), "--out", str(self._out)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        self.oauth_url = self._proc.stdout.readline().strip()
+        self.grants = [json.loads(line) for line in self._out.read_text().splitlines()]
+        self.pid = self._proc.pid
+
+    @property
+    def stats(self) -> dict[str, int]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write("stats\n")
+        self._proc.stdin.flush()
+        return collections.Counter(json.loads(self._proc.stdout.readline()))
+
+    def stop(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait(10)
+
+
 @contextlib.contextmanager
-def scratch(oauth_latency: float = 0.0) -> Iterator[object]:
-    """Yields the started StandIn with Django set up on a fresh database; drops it afterwards."""
+def scratch(oauth_latency: float = 0.0, oauth: OAuthProcess | None = None) -> Iterator[Any]:
+    """Yields the started StandIn (or `oauth`, the OAuth server in its own process) with Django set up
+    on a fresh database; drops it afterwards."""
     from cryptography.fernet import Fernet
 
     from portals.standin import StandIn
@@ -30,8 +69,10 @@ def scratch(oauth_latency: float = 0.0) -> Iterator[object]:
     admin = ["psql", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)]
     admin += ["-U", parts.username or "postgres", "-q", "-c"]
     subprocess.run([*admin, f"CREATE DATABASE {db_name}"], check=True)
-    standin = StandIn(client_id="app.bench", client_secret="bench-secret").start()
-    standin.oauth_latency = oauth_latency
+    standin: Any = oauth
+    if standin is None:
+        standin = StandIn(client_id="app.bench", client_secret="bench-secret").start()
+        standin.oauth_latency = oauth_latency
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings",
         DJANGO_DEBUG="0",

@@ -1,25 +1,67 @@
 """Benchmark: a beat sweep renewing N portals through a real Celery worker against the stand-in.
 
     .venv/bin/python bench/renew_sweep.py --portals 2000 --latency 0.05 --concurrency 8
+    .venv/bin/python bench/renew_sweep.py --portals 100000 --latency 0 --concurrency 8 --no-floor
 
 Uses a scratch PostgreSQL database (on BENCH_DATABASE_URL's server, default
 postgres://postgres@127.0.0.1:5432) and REDIS_URL as the broker when set (the filesystem broker
-otherwise); starts the Bitrix24 stand-in with the given latency on every OAuth call, stores N portals
-whose refresh tokens are due, starts `celery worker`, runs the sweep and waits until every pair is
-renewed. Prints the sweep's wall time beside the ideal N x latency / concurrency. Not a test: the
-figures depend on the machine; compare them within one run.
+otherwise); starts the stand-in's OAuth server in its own process with the given latency on every
+call, stores N portals whose refresh tokens are due, starts `celery worker` and first measures the
+floor: tasks that only make the same OAuth calls, in the same batches (no database, no encryption).
+Then runs the sweep in this process (its CPU time is measured) and waits until every pair is renewed,
+sampling the worker's memory (every process of its group). Prints the wall times beside the ideal
+N x latency / concurrency, and ends with `ratio=<sweep wall / ideal>` (without latency: against the
+floor). Not a test: the figures depend on the machine; compare them within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
-from _scratch import ROOT, scratch
+from _scratch import ROOT, OAuthProcess, scratch
+
+
+def group_rss_mib(pgid: int) -> float:
+    """Resident memory of every process in a process group, in MiB."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1024
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU of every process in a process group."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / TICKS
 
 
 def main() -> int:
@@ -29,86 +71,146 @@ def main() -> int:
     parser.add_argument("--portals", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every OAuth call")
     parser.add_argument("--concurrency", type=int, default=8, help="worker processes")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--no-floor", action="store_true", help="skip the no-op floor")
+    parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
-    os.environ["BITRIX24_RENEW_SPREAD_SECONDS"] = "0"  # measure throughput, not the spread
+    n = args.portals
+    os.environ["BITRIX24_RENEW_PER_SWEEP"] = str(n)  # one sweep hands out every due pair
+    floor_n = 0 if args.no_floor else n
+    print(f"issuing {n + floor_n} grants in the OAuth server's process …", flush=True)
+    oauth = OAuthProcess(args.latency, n + floor_n)
 
-    with scratch(oauth_latency=args.latency) as standin:
+    with scratch(oauth=oauth):
+        from django.conf import settings
         from django.utils import timezone
 
         from config.celery import app
         from portals.models import Portal, RenewalLog, RenewalOutcome, TokenPair
+        from portals.selectors import due_pairs
         from portals.tasks import sweep_due_pairs
 
-        print(f"storing {args.portals} portals whose refresh tokens are due …", flush=True)
+        print(f"storing {n} portals whose refresh tokens are due …", flush=True)
         now = timezone.now()
-        fakes = [standin.add_portal() for _ in range(args.portals)]
-        Portal.objects.bulk_create(
-            [
-                Portal(
-                    member_id=f.member_id, domain=f.domain, protocol="http", oauth_server=standin.oauth_url
-                )
-                for f in fakes
-            ],
-            batch_size=500,
-        )
-        ids = dict(Portal.objects.values_list("member_id", "pk"))
-        pairs = []
-        for fake in fakes:
-            tokens = fake.issue_tokens(1)
-            pairs.append(
-                TokenPair(
-                    portal_id=ids[fake.member_id],
-                    user_id=1,
-                    is_background=True,
-                    access_token=tokens["access_token"],
-                    refresh_token=tokens["refresh_token"],
-                    access_expires_at=now + timedelta(hours=1),
-                    refresh_issued_at=now - timedelta(days=25),
+        grants, spare = oauth.grants[:n], oauth.grants[n:]
+        for start in range(0, n, 5000):
+            chunk = grants[start : start + 5000]
+            Portal.objects.bulk_create(
+                [
+                    Portal(
+                        member_id=g["member_id"],
+                        domain=g["domain"],
+                        protocol="http",
+                        oauth_server=oauth.oauth_url,
+                    )
+                    for g in chunk
+                ],
+                batch_size=1000,
+            )
+            ids = dict(
+                Portal.objects.filter(member_id__in=[g["member_id"] for g in chunk]).values_list(
+                    "member_id", "pk"
                 )
             )
-        TokenPair.objects.bulk_create(pairs, batch_size=500)
+            TokenPair.objects.bulk_create(
+                [
+                    TokenPair(
+                        portal_id=ids[g["member_id"]],
+                        user_id=1,
+                        is_background=True,
+                        access_token=g["access_token"],
+                        refresh_token=g["refresh_token"],
+                        access_expires_at=now + timedelta(hours=1),
+                        refresh_issued_at=now - timedelta(days=25),
+                    )
+                    for g in chunk
+                ],
+                batch_size=1000,
+            )
+        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"}
         worker = subprocess.Popen(
             [
-                *(sys.executable, "-m", "celery", "-A", "config", "worker"),
+                *(sys.executable, "-m", "celery", "-A", "_floor", "worker"),
                 *("--concurrency", str(args.concurrency), "--pool", "prefork", "--loglevel", "WARNING"),
                 *("--without-gossip", "--without-mingle"),
             ],
-            cwd=ROOT,
-            env=dict(os.environ),
+            cwd=ROOT / "bench",
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        batch = settings.BITRIX24_RENEW_BATCH
+        floor_wall = None
         try:
-            time.sleep(5)  # every worker process is up before the clock starts
-            ok_before = standin.stats["refresh_ok"]
+            time.sleep(6)  # every worker process is up before the clock starts
+            if floor_n:
+                before = oauth.stats["refresh_ok"]
+                started = time.monotonic()
+                tokens = [g["refresh_token"] for g in spare]
+                for i in range(0, len(tokens), batch):
+                    app.send_task("bench.floor", args=(oauth.oauth_url, tokens[i : i + batch]))
+                while (
+                    oauth.stats["refresh_ok"] - before < floor_n and time.monotonic() - started < args.timeout
+                ):
+                    time.sleep(0.2)
+                floor_wall = time.monotonic() - started
+            worker_cpu = group_cpu_seconds(worker.pid)
+            rss_before = group_rss_mib(worker.pid)
+            rss_peak = rss_before
+            ok_before = oauth.stats["refresh_ok"]
             started = time.monotonic()
-            sweep_due_pairs.delay()
+            cpu = time.process_time()
+            sweep_due_pairs()  # the beat's task, run here: its CPU is this process's
+            sweep_cpu = time.process_time() - cpu
+            sweep_wall = time.monotonic() - started
             done = 0
-            while time.monotonic() - started < args.timeout and done < args.portals:
-                time.sleep(0.2)
-                done = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count()
+            while time.monotonic() - started < args.timeout and done < n:
+                time.sleep(0.5)
+                rss_peak = max(rss_peak, group_rss_mib(worker.pid))
+                done = oauth.stats["refresh_ok"] - ok_before
+            while (
+                RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() < done
+                and time.monotonic() - started < args.timeout
+            ):
+                time.sleep(0.2)  # the last answers' stores
             wall = time.monotonic() - started
+            worker_cpu = group_cpu_seconds(worker.pid) - worker_cpu
+            renewed = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count()
+            left = due_pairs().count() + TokenPair.objects.filter(last_renewed_at__isnull=True).count()
         finally:
-            worker.terminate()
-            worker.wait(30)
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(60)
             app.control.purge()
-        ideal = args.portals * args.latency / args.concurrency
+        stats = oauth.stats
+        ideal = n * args.latency / args.concurrency
         broker = "redis" if os.environ.get("REDIS_URL") else "filesystem"
         print()
-        print(f"portals renewed         {done} of {args.portals}")
-        print(
-            f"refresh ok / invalid    {standin.stats['refresh_ok'] - ok_before} / {standin.stats['refresh_invalid_grant']}"
-        )
         print(
             f"worker                  prefork, concurrency {args.concurrency}, prefetch 1, acks late, broker {broker}"
         )
+        print(f"batches                 {batch} pairs a task; OAuth server in its own process")
         print(f"OAuth latency           {args.latency * 1000:.0f} ms per call")
-        print(f"sweep wall time         {wall:8.2f} s")
+        print(f"portals renewed         {renewed} of {n}; left unrenewed {left}")
+        print(f"refresh ok / invalid    {stats['refresh_ok'] - floor_n} / {stats['refresh_invalid_grant']}")
+        print(f"sweep run               {sweep_wall:8.2f} s wall, {sweep_cpu:.2f} s CPU (this process)")
+        print(
+            f"worker RSS              {rss_before:8.1f} MiB before, {rss_peak:.1f} MiB peak (+{rss_peak - rss_before:.1f})"
+        )
+        print(
+            f"worker CPU              {worker_cpu:8.2f} s, {worker_cpu / max(renewed, 1) * 1000:.1f} ms per renewal"
+        )
+        print(f"load average            {os.getloadavg()[0]:.2f} (2 cores here; others' work counts too)")
         print(f"ideal N x latency / c   {ideal:8.2f} s")
-        print(f"ideal / wall            {ideal / wall:8.0%}")
-        print(f"renewals per second     {done / wall:8.1f}")
-        return 0 if done >= args.portals else 1
+        if floor_wall is not None:
+            print(
+                f"no-op floor             {floor_wall:8.2f} s"
+                + (f"  ({floor_wall / ideal:.2f} x ideal)" if ideal else "")
+            )
+        print(f"sweep wall time         {wall:8.2f} s" + (f"  ({wall / ideal:.2f} x ideal)" if ideal else ""))
+        print(f"renewals per second     {renewed / wall:8.1f}")
+        reference = ideal or floor_wall
+        print(f"ratio={wall / reference:.2f}" if reference else "ratio=n/a")
+        return 0 if renewed >= n and left == 0 else 1
 
 
 if __name__ == "__main__":

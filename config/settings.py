@@ -260,9 +260,11 @@ BITRIX24_VERIFY_READ_TIMEOUT = env_float("BITRIX24_VERIFY_READ_TIMEOUT", 10.0)
 # portal are answered 429 without asking (a forger cannot make the backend hammer the OAuth server).
 BITRIX24_UNVERIFIED_BUDGET = env_int("BITRIX24_UNVERIFIED_BUDGET", 20)
 BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
-# Proactive sweep: renewals are spread over this many seconds so that thousands of portals
-# due at once do not reach the OAuth server in the same second.
-BITRIX24_RENEW_SPREAD_SECONDS = env_int("BITRIX24_RENEW_SPREAD_SECONDS", 600)
+# Proactive sweep: it hands out at most this many due pairs a run (every 15 minutes by default), the
+# most urgent first, so that thousands of portals due at once reach the OAuth server over several runs;
+# one worker task renews BITRIX24_RENEW_BATCH of them, one after the other.
+BITRIX24_RENEW_PER_SWEEP = env_int("BITRIX24_RENEW_PER_SWEEP", 5000)
+BITRIX24_RENEW_BATCH = env_int("BITRIX24_RENEW_BATCH", 25)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
 # The longest a web request waits for a Celery worker to renew a token it needs before answering 503

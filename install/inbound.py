@@ -1,7 +1,9 @@
 """Keep every inbound request before trusting it, and answer it the same way every time.
 
-The row is written first, outside any transaction; the handler runs its own transactions; the
-outcome (or the failure) is written on the row afterwards, so a rollback never hides a request.
+The row is written first, outside any transaction, as soon as the request is parsed and before
+anything in it is verified or acted upon (`describe`); the handler runs its own transactions; the
+outcome (or the failure) is written on the row afterwards, so a rollback never hides a request. Two
+writes a request: the description, then the outcome (a request that cannot even be parsed: one).
 """
 
 from __future__ import annotations
@@ -196,6 +198,21 @@ def set_frame_policy(response: HttpResponse, origin: str) -> None:
 Handler = Callable[[HttpRequest, InboundRequest], HttpResponse]
 
 
+class LogUnavailable(Exception):
+    """The inbound row cannot be written: nothing in the request may be trusted or stored."""
+
+
+def _busy(request: HttpRequest, kind: str, html: bool) -> HttpResponse:
+    # Nothing can be trusted or stored without the log row: ask the sender to come back.
+    logger.exception("Cannot record an inbound %s request", kind)
+    response = error_response(
+        request, status=503, code="busy", message="the backend cannot store requests right now", html=html
+    )
+    response["Retry-After"] = "10"
+    metrics.inbound(kind, InboundStatus.FAILED)
+    return response
+
+
 def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpResponse:
     """Log, run the handler, record the outcome; map known failures to 4xx answers."""
     html = kind != InboundKind.EVENT and wants_html(request)
@@ -213,26 +230,19 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             )
         response["Allow"] = "POST"
         return response
-    try:
-        row = InboundRequest.objects.create(
-            kind=kind,
-            remote_addr=request.META.get("REMOTE_ADDR") or None,
-            headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
-        )
-    except DatabaseError:
-        # Nothing can be trusted or stored without the log row: ask the sender to come back.
-        logger.exception("Cannot record an inbound %s request", kind)
-        response = error_response(
-            request, status=503, code="busy", message="the backend cannot store requests right now", html=html
-        )
-        response["Retry-After"] = "10"
-        metrics.inbound(kind, InboundStatus.FAILED)
-        return response
+    # Written by describe() once the request is parsed, before the handler trusts anything in it.
+    row = InboundRequest(
+        kind=kind,
+        remote_addr=request.META.get("REMOTE_ADDR") or None,
+        headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
+    )
     frame_origin = ""
     row._sizes = _sizes(request)  # type: ignore[attr-defined]
     try:
         response = handler(request, row)
         status, error = InboundStatus.ACCEPTED, ""
+    except LogUnavailable:
+        return _busy(request, kind, html)
     except BadRequest as exc:
         if not row.body and not row.query:
             row.body = _raw_preview(request)
@@ -295,9 +305,14 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     elif getattr(row, "_body_replaced", False):
         changed.append("body")
     try:
+        if row.pk is None:
+            # Refused before it could be described (unparseable): the row is written once, now.
+            row.save(force_insert=True)
+            changed = []
         # Only what changed: rewriting an unchanged body would leave a dead copy behind on PostgreSQL.
         try:
-            row.save(update_fields=changed)
+            if changed:
+                row.save(update_fields=changed)
         except DatabaseError:
             # The row went while the request ran (an uninstall with CLEAN deletes the portal's log, this
             # row included): write it again, so the uninstall itself stays on record.
@@ -337,4 +352,10 @@ def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any]
         field = InboundRequest._meta.get_field(name)
         limit = getattr(field, "max_length", None) or 255
         setattr(row, name, printable(text_value)[:limit])
-    row.save()
+    if row.pk is not None:
+        row.save()
+        return
+    try:
+        row.save(force_insert=True)  # the request's first write
+    except DatabaseError as exc:
+        raise LogUnavailable from exc

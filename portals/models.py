@@ -291,6 +291,8 @@ class RenewalLog(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # A portal's latest renewals (the portal list's "last renewal", the portal page's recent ones).
+        indexes = [models.Index(fields=["portal", "-created_at"], name="renewal_log_portal_time")]
 
     def __str__(self) -> str:
         return f"{self.outcome} {self.created_at:%Y-%m-%d %H:%M:%S}"

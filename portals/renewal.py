@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -136,6 +137,48 @@ def _log(
 CONFIRMING = "new background pair: confirming it with a renewal"
 
 
+_GRANT_FIELDS = [
+    "access_token",
+    "refresh_token",
+    "access_expires_at",
+    "refresh_issued_at",
+    "scope",
+    "state",
+    "last_renewed_at",
+    "last_error",
+    "consecutive_failures",
+    "next_attempt_at",
+    "updated_at",
+]
+
+# What the sweep's renewals read of a pair under its lock: enough to decide, to journal, to store and
+# to log (its access token, scope and the portal's other columns are never needed there).
+_NARROW_FIELDS = (
+    "portal_id",
+    "user_id",
+    "is_background",
+    "refresh_token",
+    "access_expires_at",
+    "refresh_issued_at",
+    "state",
+    "consecutive_failures",
+    "last_error",
+    "portal__member_id",
+    "portal__oauth_server",
+    "portal__state",
+    "portal__reinstall_cause",
+)
+
+
+def _locked(pair_id: int, trigger: str) -> TokenPair:
+    """The pair under its row lock, with its portal. The sweep reads only the columns it needs; the
+    other triggers hand the pair back to a caller, which gets it whole."""
+    pairs = TokenPair.objects.select_for_update(of=("self",)).select_related("portal")
+    if trigger == RenewalTrigger.BEAT:
+        pairs = pairs.only(*_NARROW_FIELDS)
+    return pairs.get(pk=pair_id)
+
+
 def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> None:
     pair.access_token = grant.access_token
     pair.refresh_token = grant.refresh_token
@@ -148,8 +191,14 @@ def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> Non
     pair.last_error = ""
     pair.consecutive_failures = 0
     pair.next_attempt_at = None
-    pair.save()
-    if pair.is_background:
+    pair.save(update_fields=_GRANT_FIELDS)
+    # Read under the pair's lock; whoever marks a portal for its tokens holds that same lock.
+    portal = pair.portal
+    if (
+        pair.is_background
+        and portal.state == PortalState.NEEDS_REINSTALL
+        and portal.reinstall_cause in (ReinstallCause.TOKENS, ReinstallCause.CONFIRMING)
+    ):
         # The background pair has now renewed: it proves the portal's tokens work again. A mark staff
         # set is theirs to take back.
         Portal.objects.filter(
@@ -228,7 +277,7 @@ def _claim(
     """Step 1, in one short transaction: decide, resolve what an earlier process left, journal."""
     recovered: int | None = None
     with transaction.atomic():
-        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        pair = _locked(pair_id, trigger)
         now = timezone.now()
         interrupted_at: datetime | None = None
         unfinished = RenewalAttempt.objects.filter(pair=pair, state=AttemptState.IN_FLIGHT).first()
@@ -301,7 +350,7 @@ def _refused(claim: _Claim, pair_id: int, exc: oauth.OAuthRefused, trigger: str,
     """The OAuth server refused the token: record why, unless a newer pair was stored meanwhile."""
     failure = RenewalFailed(str(exc), transient=False, code=exc.code)
     with transaction.atomic():
-        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        pair = _locked(pair_id, trigger)
         if pair.refresh_token != claim.old_refresh:
             # Someone stored a newer pair meanwhile (a launch, a reinstall): that one is live.
             _finish(claim.attempt_id, AttemptState.FAILED, f"stale token refused: {exc.code}")
@@ -322,7 +371,7 @@ def _refused(claim: _Claim, pair_id: int, exc: oauth.OAuthRefused, trigger: str,
 
 def _failed(claim: _Claim, pair_id: int, exc: oauth.OAuthError, trigger: str, started: float) -> None:
     with transaction.atomic():
-        pair = TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
+        pair = _locked(pair_id, trigger)
         _mark_transient(pair, exc, timezone.now())
         _finish(claim.attempt_id, AttemptState.FAILED, str(exc))
         _log(pair, trigger, RenewalOutcome.TRANSIENT, started, error=str(exc))
@@ -339,21 +388,26 @@ def _store(
     while True:
         try:
             with transaction.atomic():
-                pair = (
-                    TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
-                )
-                attempt = RenewalAttempt.objects.select_for_update().get(pk=claim.attempt_id)
-                note = ""
-                if attempt.state != AttemptState.IN_FLIGHT:
+                pair = _locked(pair_id, trigger)
+                now = timezone.now()
+                # Under the pair's lock nobody else changes the attempt: a resolver takes the same lock.
+                finished = RenewalAttempt.objects.filter(
+                    pk=claim.attempt_id, state=AttemptState.IN_FLIGHT
+                ).update(state=AttemptState.STORED, finished_at=now, note="")
+                if not finished:
                     # Our lease ran out and a resolver took the attempt over. If it stored our second
                     # copy or a newer pair came, the pair moved on; if it found no copy and marked the
                     # pair lost, this grant is the live one: store it all the same.
                     if pair.refresh_token != claim.old_refresh and pair.state != PairState.LOST:
                         return pair
-                    note = f"stored after the lease ran out (the attempt was {attempt.state})"
+                    was = RenewalAttempt.objects.values_list("state", flat=True).get(pk=claim.attempt_id)
+                    _finish(
+                        claim.attempt_id,
+                        AttemptState.STORED,
+                        f"stored after the lease ran out (the attempt was {was})",
+                    )
                     logger.warning("Renewal of pair %s stored after its lease ran out", pair_id)
-                _apply_grant(pair, grant, timezone.now())
-                _finish(claim.attempt_id, AttemptState.STORED, note)
+                _apply_grant(pair, grant, now)
                 _log(
                     pair,
                     trigger,
@@ -445,6 +499,68 @@ def renew_pair(
         pair = _store(claim, pair_id, grant, trigger, started, kept=kept)
         journal.forget(claim.attempt_id)
     return Renewal(pair, renewed=True)
+
+
+@dataclass
+class Batch:
+    """What `renew_batch` did: outcomes counted, and the pairs it did not start."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    left: list[int] = field(default_factory=list)
+    stopped: bool = False  # `left` is not empty because the process was asked to stop
+
+    def summary(self) -> str:
+        done = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes.items())) or "nothing"
+        return done + (f"; {len(self.left)} handed back" if self.left else "")
+
+
+def _drop_connection() -> None:
+    try:
+        connection.close()
+    except Exception:  # a connection that broke may fail to close; a new one is opened next time
+        logger.debug("closing a broken database connection failed", exc_info=True)
+
+
+def _renew_one(pair_id: int, trigger: str) -> str:
+    for attempt in (1, 2):
+        try:
+            result = renew_pair(pair_id, trigger=trigger, wait=False)
+        except TokenPair.DoesNotExist:
+            return "gone"
+        except RenewalFailed as exc:
+            return "failed" if exc.transient else "refused"
+        except (OperationalError, InterfaceError) as exc:
+            # A connection that broke since the last pair (a database restart): a new one, and this
+            # pair once more. Nothing was sent: the claim's transaction had not committed, or the pair
+            # stays journaled in flight under this live process and its lease resolves it.
+            _drop_connection()
+            if attempt == 2:
+                logger.warning("Renewal of pair %s: the database is unreachable (%s)", pair_id, exc)
+                return "failed"
+            continue
+        if result.busy:
+            return "busy"
+        return "renewed" if result.renewed else "skipped"
+    raise AssertionError("unreachable")
+
+
+def renew_batch(pair_ids: Sequence[int], *, trigger: str, budget: float) -> Batch:
+    """Renew pairs one after the other, each exactly as `renew_pair` does (its own journal entry, its
+    own lease, short transactions, no transaction open during its refresh). A pair that another live
+    process is renewing is skipped, not waited for.
+
+    Between pairs, and only there: a stop signal ends the batch (the pair in hand is finished first,
+    see `portals.stopping`), and so does `budget` seconds spent, so that a pair is started only while
+    its whole renewal still fits in the caller's time limit. The pairs not started are in `left`."""
+    batch = Batch()
+    ends = time.monotonic() + budget
+    for index, pair_id in enumerate(pair_ids):
+        if stopping.stop_requested() or (index and time.monotonic() >= ends):
+            batch.left = list(pair_ids[index:])
+            batch.stopped = stopping.stop_requested()
+            break
+        batch.outcomes[_renew_one(pair_id, trigger)] += 1
+    return batch
 
 
 def unfinished_attempts(portal: Portal | None = None) -> QuerySet[RenewalAttempt]:

@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -275,7 +276,14 @@ def identify_token(*, portal: Portal, access_token: str) -> oauth.AppInfo:
     return info
 
 
-def _upsert_portal(*, verified: Verified, scope: str = "", generation: int | None = None) -> Portal:
+def _upsert_portal(
+    *,
+    verified: Verified,
+    scope: str = "",
+    generation: int | None = None,
+    annotations: dict[str, Any] | None = None,
+    defer: tuple[str, ...] = (),
+) -> Portal:
     """The portal row for a verified token, locked; created on first sight (pending until `_revive`
     says otherwise), renamed if its domain moved.
 
@@ -290,14 +298,15 @@ def _upsert_portal(*, verified: Verified, scope: str = "", generation: int | Non
         "app_status": info.status[:1],
         "scope": scope or info.scope,
     }
+    portals = Portal.objects.select_for_update().annotate(**(annotations or {})).defer(*defer)
     try:
         with transaction.atomic():
-            portal, created = Portal.objects.select_for_update().get_or_create(
+            portal, created = portals.get_or_create(
                 member_id=info.member_id, defaults={**defaults, "state": PortalState.PENDING}
             )
     except IntegrityError:
         # A concurrent request created it first: the unique member_id is the natural key.
-        portal, created = Portal.objects.select_for_update().get(member_id=info.member_id), False
+        portal, created = portals.get(member_id=info.member_id), False
     if generation is not None and portal.install_generation != generation:
         raise VerificationError(
             "the app was uninstalled from this portal while this request was being verified",
@@ -446,6 +455,30 @@ def install_portal(
     return portal
 
 
+# A launch neither reads nor writes the application tokens (decrypting and encrypting them is most of
+# what a launch would spend on the portal row).
+_NOT_IN_A_LAUNCH = ("application_token", "pending_application_token")
+# What a launch may change on the portal: `_upsert_portal`'s fields, `_revive`'s, the launch time.
+_LAUNCH_WRITES = [
+    "domain",
+    "protocol",
+    "oauth_server",
+    "app_status",
+    "scope",
+    "state",
+    "state_reason",
+    "reinstall_cause",
+    "installed_at",
+    "uninstalled_at",
+    "last_launch_at",
+    "updated_at",
+]
+
+
+class _AskProfileFirst(Exception):
+    """The launch may move the background mark: `profile` must be asked, outside the transaction."""
+
+
 def record_launch(
     *,
     verified: Verified,
@@ -460,27 +493,26 @@ def record_launch(
 
     app.info proves the launch's access token, not its refresh token: a working pair of that user
     keeps its refresh token (only the access token is taken), so a junk REFRESH_ID cannot replace
-    a good one. A user without a working pair gets the launch's pair as it is."""
-    info = verified.info
-    may_take_background = False
-    if (
-        info.user_id is not None
-        and not TokenPair.objects.filter(
-            portal__member_id=info.member_id, is_background=True, state=PairState.ACTIVE
-        ).exists()
-    ):
-        # Asked before the transaction: no row lock is held while the portal answers.
+    a good one. A user without a working pair gets the launch's pair as it is.
+
+    A repeat launch (a portal with a background pair, a user with a working pair) costs one locked
+    read of the portal (which also tells both), one UPDATE of the portal and one of the pair."""
+    fields: dict[str, Any] = {
+        "verified": verified,
+        "access_token": access_token,
+        "refresh_token": refresh_token,
+        "expires_in": expires_in,
+        "scope": scope,
+        "generation": generation,
+    }
+    try:
+        return _record_launch(**fields, may_take_background=None)
+    except _AskProfileFirst:
+        # No row lock is held while the portal answers: the transaction was rolled back, and runs again.
+        info = verified.info
         probe = Portal(member_id=info.member_id, domain=info.domain, protocol=verified.protocol)
         may_take_background = PortalClient(probe, access_token=access_token).is_admin()
-    return _record_launch(
-        verified=verified,
-        access_token=access_token,
-        refresh_token=refresh_token,
-        expires_in=expires_in,
-        scope=scope,
-        may_take_background=may_take_background,
-        generation=generation,
-    )
+    return _record_launch(**fields, may_take_background=may_take_background)
 
 
 @transaction.atomic
@@ -491,34 +523,63 @@ def _record_launch(
     refresh_token: str,
     expires_in: int,
     scope: str,
-    may_take_background: bool,
+    may_take_background: bool | None,
     generation: int | None,
 ) -> tuple[Portal, TokenPair | None]:
+    """`may_take_background` None: not asked yet; raises _AskProfileFirst if it must be."""
     now = timezone.now()
-    portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
     user_id = verified.info.user_id
-    background = (
-        user_id is not None
-        and may_take_background
-        and not TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).exists()
+    active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
+    mine = active.filter(user_id=user_id if user_id is not None else -1)
+    portal = _upsert_portal(
+        verified=verified,
+        scope=scope,
+        generation=generation,
+        annotations={
+            "has_background": Exists(active.filter(is_background=True)),
+            "my_pair_id": Subquery(mine.values("pk")[:1]),
+            "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
+        },
+        defer=_NOT_IN_A_LAUNCH,
     )
+    background = False
+    if user_id is not None and not getattr(portal, "has_background", False):
+        if may_take_background is None:
+            raise _AskProfileFirst
+        # Asked again under the lock: another admin's launch may have taken it meanwhile.
+        background = (
+            may_take_background
+            and not TokenPair.objects.filter(
+                portal=portal, is_background=True, state=PairState.ACTIVE
+            ).exists()
+        )
     _revive(portal, now, new_background=background)
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
-    portal.save()
+    portal.save(update_fields=_LAUNCH_WRITES)
     if user_id is None:
         return portal, None
-    working = (
-        TokenPair.objects.select_for_update()
-        .filter(portal=portal, user_id=user_id, state=PairState.ACTIVE)
-        .first()
-    )
-    if working is not None and not background:
-        working.access_token = access_token
-        working.access_expires_at = now + timedelta(seconds=expires_in)
-        working.save(update_fields=["access_token", "access_expires_at", "updated_at"])
-        return portal, working
+    my_pair_id = getattr(portal, "my_pair_id", None)
+    if my_pair_id is not None and not background:
+        expires_at = now + timedelta(seconds=expires_in)
+        # A renewal holds the pair's row lock, not the portal's: the state is checked by the write itself.
+        if TokenPair.objects.filter(pk=my_pair_id, state=PairState.ACTIVE).update(
+            access_token=access_token, access_expires_at=expires_at, updated_at=now
+        ):
+            working = TokenPair.from_db(
+                None,
+                ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at"],
+                [
+                    my_pair_id,
+                    portal.pk,
+                    user_id,
+                    bool(getattr(portal, "my_pair_is_background", False)),
+                    access_token,
+                    expires_at,
+                ],
+            )  # the rest of the row is read if asked for
+            return portal, working
     pair = _store_pair(
         portal=portal,
         user_id=user_id,

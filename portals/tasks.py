@@ -10,7 +10,6 @@ caller: a request that has committed its work answers as such even when the brok
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -93,18 +92,14 @@ def renew_pair_task(  # type: ignore[no-untyped-def]
     return "busy elsewhere" if result.busy else "done"
 
 
-def queue_renewals(pair_ids: Iterable[int], *, trigger: str, force: bool = False, spread: float = 0) -> int:
-    """Queue one renewal task per pair once the transaction commits, each delayed by a random
-    0–`spread` seconds so that thousands of portals do not reach the OAuth server in one second.
+def queue_renewals(pair_ids: Iterable[int], *, trigger: str, force: bool = False) -> int:
+    """Queue one renewal task per pair once the transaction commits (staff, commands: a few pairs).
     The pairs' own state is the record of this work: a due pair stays due until renewed."""
     ids = list(pair_ids)
-    spread = max(spread, 0)
 
     def send() -> None:
         for pair_id in ids:
-            publish(
-                renew_pair_task, pair_id, trigger, force, countdown=random.uniform(0, spread) if spread else 0
-            )
+            publish(renew_pair_task, pair_id, trigger, force)
 
     if ids:
         transaction.on_commit(send)
@@ -116,13 +111,43 @@ def queue_on_demand_renewal(pair_id: int, rejected_fingerprint: str = "") -> boo
     return publish(renew_pair_task, pair_id, RenewalTrigger.ON_DEMAND, False, rejected_fingerprint)
 
 
-def queue_due_renewals() -> int:
-    """The sweep's fan-out: every due pair, spread over BITRIX24_RENEW_SPREAD_SECONDS."""
-    return queue_renewals(
-        selectors.due_pairs().values_list("pk", flat=True),
-        trigger=RenewalTrigger.BEAT,
-        spread=settings.BITRIX24_RENEW_SPREAD_SECONDS,
-    )
+# A batch task starts a pair only within this many seconds of its start; the pairs it did not reach
+# go back to the queue as a new task. Its time limit is that plus one whole renewal.
+BATCH_BUDGET = 120
+BATCH_TIME_LIMIT = BATCH_BUDGET + RENEW_TIME_LIMIT
+# A pair handed to a batch task is not handed out again for this long (its `next_attempt_at`): time
+# for the queue ahead of it and for its task. Only a task that was lost leaves it that long.
+RELEASE_HOLD = timedelta(hours=1)
+_UPDATE_BATCH = 900  # ids per UPDATE (SQLite's limit on parameters)
+
+
+@shared_task(acks_late=True, soft_time_limit=BATCH_TIME_LIMIT - 30, time_limit=BATCH_TIME_LIMIT)
+def renew_pairs_task(pair_ids: list[int], trigger: str = RenewalTrigger.BEAT) -> str:
+    """Renew a batch of pairs one by one (each under its own journal entry and lease). Stopped or out
+    of time, it hands the pairs it did not start back to the queue."""
+    batch = renewal.renew_batch(pair_ids, trigger=trigger, budget=BATCH_BUDGET)
+    if batch.left and not publish(renew_pairs_task, batch.left, trigger):
+        # Not queued: the next sweep hands them out again.
+        TokenPair.objects.filter(pk__in=batch.left).update(next_attempt_at=None)
+    return batch.summary()
+
+
+def queue_due_renewals(limit: int | None = None) -> int:
+    """The sweep's hand-out: the most urgent due pairs, at most BITRIX24_RENEW_PER_SWEEP a run (how
+    the load on the OAuth server is spread), in tasks of BITRIX24_RENEW_BATCH pairs, queued at once.
+    Each pair handed out is held (`next_attempt_at`) for RELEASE_HOLD, so the following sweeps leave
+    it to its task; a renewal that fails sets its own back-off, one that succeeds clears it."""
+    now = timezone.now()
+    limit = settings.BITRIX24_RENEW_PER_SWEEP if limit is None else limit
+    due = selectors.due_pairs(now).order_by("refresh_issued_at", "pk").values_list("pk", flat=True)
+    ids = list(due[:limit])
+    for start in range(0, len(ids), _UPDATE_BATCH):
+        TokenPair.objects.filter(pk__in=ids[start : start + _UPDATE_BATCH]).update(
+            next_attempt_at=now + RELEASE_HOLD
+        )
+    size = max(settings.BITRIX24_RENEW_BATCH, 1)
+    _publish_each(renew_pairs_task, [ids[i : i + size] for i in range(0, len(ids), size)])
+    return len(ids)
 
 
 @shared_task(acks_late=True, soft_time_limit=RENEW_TIME_LIMIT - 30, time_limit=RENEW_TIME_LIMIT)
@@ -139,7 +164,7 @@ def queue_resolutions() -> int:
     return len(ids)
 
 
-def _publish_each(task: Any, ids: list[int]) -> None:
+def _publish_each(task: Any, ids: list[Any]) -> None:
     def send() -> None:
         for item in ids:
             publish(task, item)
@@ -342,7 +367,7 @@ def queue_staff_renewal(*, pair: TokenPair) -> None:
 
 @shared_task(acks_late=True, soft_time_limit=240, time_limit=300)
 def sweep_due_pairs() -> int:
-    """Beat: resolve interrupted renewals, re-drive open actions, queue every due pair."""
+    """Beat: resolve interrupted renewals, re-drive open actions, hand out the due pairs in batches."""
     resolving = queue_resolutions()
     redriven = queue_open_actions()
     resyncing = queue_stale_bindings()

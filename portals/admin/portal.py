@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
@@ -127,6 +128,21 @@ class RenewalLogInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type
 # --- the portal ------------------------------------------------------------------------------------
 
 
+class PageFirstChangeList(ChangeList):
+    """A page's portals are picked first (by id, in the list's order), and only those rows get the token
+    health's subqueries: page 50 costs what page 1 does, in the same one query (a subquery picks the
+    page). Ordering by a token-health column still computes that one column for every row."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        page = self.result_list
+        if isinstance(page, QuerySet) and page.query.is_sliced:
+            rows = Portal.objects.filter(pk__in=page.values("pk"))
+            self.result_list = (
+                selectors.with_token_health(rows).defer("application_token").order_by(*page.query.order_by)
+            )
+
+
 def _all_but(fieldsets: Any, *, editable: tuple[str, ...]) -> tuple[str, ...]:
     """Every field the fieldsets show, but the editable ones: the read-only list, derived."""
     return tuple(name for _, options in fieldsets for name in options["fields"] if name not in editable)
@@ -211,6 +227,9 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     # Everything here comes from Bitrix24: staff read it, they do not edit it. The REST limits
     # are the one thing staff set.
     readonly_fields = _all_but(fieldsets, editable=("rate_limit", "rate_burst"))
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return PageFirstChangeList
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Portal]:
         # The application token is only decrypted on the one page that masks it.
