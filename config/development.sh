@@ -21,6 +21,4 @@ if [ -z "${BITRIX24_CLIENT_ID:-}" ]; then
   export BITRIX24_JS_URL=${BITRIX24_JS_URL:-http://127.0.0.1:$BITRIX24_STANDIN_PORTAL_PORT/api/v1/}
   # The example app (a deal tab, event handlers, a frontend endpoint) on the stand-in's portal only.
   export BITRIX24_EXAMPLE_APP=${BITRIX24_EXAMPLE_APP:-1}
-  # Where the stand-in portal posts events and opens placements: this backend.
-  export BITRIX24_PUBLIC_URL=${BITRIX24_PUBLIC_URL:-http://127.0.0.1:$PORT}
 fi
