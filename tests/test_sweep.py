@@ -194,7 +194,9 @@ def test_a_batch_out_of_time_queues_the_rest(standin, monkeypatch):
     assert [args[0] for args, _ in published] == [[pairs[1].pk, pairs[2].pk]]
 
 
-@pytest.mark.needs_postgres
+@pytest.mark.needs_postgres(
+    "terminates this process's PostgreSQL backend between two pairs: SQLite has no server connection to lose"
+)
 @pytest.mark.django_db(transaction=True)
 def test_a_connection_broken_between_pairs_fails_no_pair(standin, monkeypatch):
     """A PostgreSQL restart (here: the backend of this process's session terminated) between two pairs:
