@@ -19,26 +19,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import requests
-from _scratch import ROOT, scratch, store_portal
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / TICKS
+from _scratch import ROOT, group_cpu_seconds, scratch, store_portal
 
 
 def free_port() -> int:

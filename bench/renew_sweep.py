@@ -25,7 +25,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from _scratch import ROOT, OAuthProcess, scratch
+from _scratch import ROOT, OAuthProcess, group_cpu_seconds, scratch
 
 
 def group_rss_mib(pgid: int) -> float:
@@ -44,24 +44,6 @@ def group_rss_mib(pgid: int) -> float:
         except (OSError, ValueError, IndexError):
             continue
     return total / 1024
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU of every process in a process group."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / TICKS
 
 
 def main() -> int:
