@@ -8,8 +8,9 @@ postgres://postgres@127.0.0.1:5432) and REDIS_URL as the broker when set (the fi
 otherwise); starts the stand-in's OAuth server in its own process with the given latency on every
 call, stores N portals whose refresh tokens are due, starts `celery worker` and first measures the
 floor: tasks that only make the same OAuth calls, in the same batches (no database, no encryption).
-Then runs the sweep in this process (its CPU time is measured) and waits until every pair is renewed,
-sampling the worker's memory (every process of its group). Prints the wall times beside the ideal
+Then renews `--warmup` pairs, so that every pool process has renewed (its memory before that is printed
+too), stores the N due pairs, runs the sweep in this process (its CPU time is measured) and waits until
+every pair is renewed, sampling the worker's memory (every process of its group). Prints the wall times beside the ideal
 N x latency / concurrency, and ends with `ratio=<sweep wall / ideal>` (without latency: against the
 floor). Not a test: the figures depend on the machine; compare them within one run.
 """
@@ -54,13 +55,20 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every OAuth call")
     parser.add_argument("--concurrency", type=int, default=8, help="worker processes")
     parser.add_argument("--no-floor", action="store_true", help="skip the no-op floor")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=400,
+        help="pairs renewed before the measured sweep, so every pool process has renewed once",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
     n = args.portals
-    os.environ["BITRIX24_RENEW_PER_SWEEP"] = str(n)  # one sweep hands out every due pair
+    os.environ["BITRIX24_RENEW_PER_SWEEP"] = str(max(n, args.warmup))  # one sweep hands out every due pair
     floor_n = 0 if args.no_floor else n
-    print(f"issuing {n + floor_n} grants in the OAuth server's process …", flush=True)
-    oauth = OAuthProcess(args.latency, n + floor_n)
+    warm_n = args.warmup
+    print(f"issuing {warm_n + n + floor_n} grants in the OAuth server's process …", flush=True)
+    oauth = OAuthProcess(args.latency, warm_n + n + floor_n)
 
     with scratch(oauth=oauth):
         from django.conf import settings
@@ -71,43 +79,45 @@ def main() -> int:
         from portals.selectors import due_pairs
         from portals.tasks import sweep_due_pairs
 
-        print(f"storing {n} portals whose refresh tokens are due …", flush=True)
-        now = timezone.now()
-        grants, spare = oauth.grants[:n], oauth.grants[n:]
-        for start in range(0, n, 5000):
-            chunk = grants[start : start + 5000]
-            Portal.objects.bulk_create(
-                [
-                    Portal(
-                        member_id=g["member_id"],
-                        domain=g["domain"],
-                        protocol="http",
-                        oauth_server=oauth.oauth_url,
-                    )
-                    for g in chunk
-                ],
-                batch_size=1000,
-            )
-            ids = dict(
-                Portal.objects.filter(member_id__in=[g["member_id"] for g in chunk]).values_list(
-                    "member_id", "pk"
+        def store_due(grants: list[dict[str, str]]) -> None:
+            now = timezone.now()
+            for start in range(0, len(grants), 5000):
+                chunk = grants[start : start + 5000]
+                Portal.objects.bulk_create(
+                    [
+                        Portal(
+                            member_id=g["member_id"],
+                            domain=g["domain"],
+                            protocol="http",
+                            oauth_server=oauth.oauth_url,
+                        )
+                        for g in chunk
+                    ],
+                    batch_size=1000,
                 )
-            )
-            TokenPair.objects.bulk_create(
-                [
-                    TokenPair(
-                        portal_id=ids[g["member_id"]],
-                        user_id=1,
-                        is_background=True,
-                        access_token=g["access_token"],
-                        refresh_token=g["refresh_token"],
-                        access_expires_at=now + timedelta(hours=1),
-                        refresh_issued_at=now - timedelta(days=25),
+                ids = dict(
+                    Portal.objects.filter(member_id__in=[g["member_id"] for g in chunk]).values_list(
+                        "member_id", "pk"
                     )
-                    for g in chunk
-                ],
-                batch_size=1000,
-            )
+                )
+                TokenPair.objects.bulk_create(
+                    [
+                        TokenPair(
+                            portal_id=ids[g["member_id"]],
+                            user_id=1,
+                            is_background=True,
+                            access_token=g["access_token"],
+                            refresh_token=g["refresh_token"],
+                            access_expires_at=now + timedelta(hours=1),
+                            refresh_issued_at=now - timedelta(days=25),
+                        )
+                        for g in chunk
+                    ],
+                    batch_size=1000,
+                )
+
+        grants = oauth.grants[warm_n : warm_n + n]
+        spare = oauth.grants[warm_n + n :]
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"}
         worker = subprocess.Popen(
             [
@@ -136,6 +146,19 @@ def main() -> int:
                 ):
                     time.sleep(0.2)
                 floor_wall = time.monotonic() - started
+            rss_cold = group_rss_mib(worker.pid)
+            if warm_n:
+                print(f"warming up: renewing {warm_n} pairs …", flush=True)
+                store_due(oauth.grants[:warm_n])
+                warm_before = oauth.stats["refresh_ok"]
+                sweep_due_pairs()
+                while oauth.stats["refresh_ok"] - warm_before < warm_n:
+                    time.sleep(0.2)
+                while RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() < warm_n:
+                    time.sleep(0.2)
+            print(f"storing {n} portals whose refresh tokens are due …", flush=True)
+            store_due(grants)
+            warm_renewed = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count()
             worker_cpu = group_cpu_seconds(worker.pid)
             rss_before = group_rss_mib(worker.pid)
             rss_peak = rss_before
@@ -151,13 +174,13 @@ def main() -> int:
                 rss_peak = max(rss_peak, group_rss_mib(worker.pid))
                 done = oauth.stats["refresh_ok"] - ok_before
             while (
-                RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() < done
+                RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() - warm_renewed < done
                 and time.monotonic() - started < args.timeout
             ):
                 time.sleep(0.2)  # the last answers' stores
             wall = time.monotonic() - started
             worker_cpu = group_cpu_seconds(worker.pid) - worker_cpu
-            renewed = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count()
+            renewed = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() - warm_renewed
             left = due_pairs().count() + TokenPair.objects.filter(last_renewed_at__isnull=True).count()
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
@@ -173,10 +196,13 @@ def main() -> int:
         print(f"batches                 {batch} pairs a task; OAuth server in its own process")
         print(f"OAuth latency           {args.latency * 1000:.0f} ms per call")
         print(f"portals renewed         {renewed} of {n}; left unrenewed {left}")
-        print(f"refresh ok / invalid    {stats['refresh_ok'] - floor_n} / {stats['refresh_invalid_grant']}")
+        print(
+            f"refresh ok / invalid    {stats['refresh_ok'] - floor_n - warm_n} / {stats['refresh_invalid_grant']}"
+        )
         print(f"sweep run               {sweep_wall:8.2f} s wall, {sweep_cpu:.2f} s CPU (this process)")
         print(
             f"worker RSS              {rss_before:8.1f} MiB before, {rss_peak:.1f} MiB peak (+{rss_peak - rss_before:.1f})"
+            + (f"; {rss_cold:.1f} MiB before the {warm_n} warm-up renewals" if warm_n else "")
         )
         print(
             f"worker CPU              {worker_cpu:8.2f} s, {worker_cpu / max(renewed, 1) * 1000:.1f} ms per renewal"
