@@ -21,7 +21,7 @@ from django.shortcuts import render
 from django.utils import timezone, translation
 
 from events.services import TooManyEvents
-from portals import metrics
+from portals import metrics, statements
 from portals.errors import NoUsablePair, RenewalPending
 from portals.masking import fingerprint, redact
 from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
@@ -310,10 +310,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             row.save(force_insert=True)
             changed = []
         # Only what changed: rewriting an unchanged body would leave a dead copy behind on PostgreSQL.
-        try:
-            if changed:
-                row.save(update_fields=changed)
-        except DatabaseError:
+        if changed and not statements.update(row, changed):
             # The row went while the request ran (an uninstall with CLEAN deletes the portal's log, this
             # row included): write it again, so the uninstall itself stays on record.
             row.save(force_insert=True)
@@ -356,6 +353,6 @@ def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any]
         row.save()
         return
     try:
-        row.save(force_insert=True)  # the request's first write
+        statements.insert(row)  # the request's first write
     except DatabaseError as exc:
         raise LogUnavailable from exc

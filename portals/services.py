@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 import logging
@@ -16,12 +17,12 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, OuterRef, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, metrics, oauth, renewal
+from . import http, metrics, oauth, renewal, statements
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
 
@@ -168,9 +169,10 @@ def _refusal(exc: oauth.OAuthError) -> VerificationError:
 
 def install_generation(member_id: str) -> int:
     """The claimed portal's install generation (0 for a portal never seen)."""
-    return (
-        Portal.objects.filter(member_id=member_id).values_list("install_generation", flat=True).first() or 0
-    )
+    with connection.cursor() as cursor:  # every request from a portal asks: see _launch_sql
+        cursor.execute(_launch_sql().generation, [member_id])
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 def app_info_for(
@@ -283,12 +285,14 @@ def _upsert_portal(
     generation: int | None = None,
     annotations: dict[str, Any] | None = None,
     defer: tuple[str, ...] = (),
+    known: Portal | None = None,
 ) -> Portal:
     """The portal row for a verified token, locked; created on first sight (pending until `_revive`
     says otherwise), renamed if its domain moved.
 
     `generation`: the portal's install generation read before the token was verified. If an
     uninstall was confirmed meanwhile, that verification predates it and proves nothing now.
+    `known`: the row already read and locked by the caller (None: not found, or not asked).
     """
     info = verified.info
     defaults = {
@@ -298,15 +302,17 @@ def _upsert_portal(
         "app_status": info.status[:1],
         "scope": scope or info.scope,
     }
-    portals = Portal.objects.select_for_update().annotate(**(annotations or {})).defer(*defer)
-    try:
-        with transaction.atomic():
-            portal, created = portals.get_or_create(
-                member_id=info.member_id, defaults={**defaults, "state": PortalState.PENDING}
-            )
-    except IntegrityError:
-        # A concurrent request created it first: the unique member_id is the natural key.
-        portal, created = portals.get(member_id=info.member_id), False
+    portal, created = known, False
+    if portal is None:
+        portals = Portal.objects.select_for_update().annotate(**(annotations or {})).defer(*defer)
+        try:
+            with transaction.atomic():
+                portal, created = portals.get_or_create(
+                    member_id=info.member_id, defaults={**defaults, "state": PortalState.PENDING}
+                )
+        except IntegrityError:
+            # A concurrent request created it first: the unique member_id is the natural key.
+            portal, created = portals.get(member_id=info.member_id), False
     if generation is not None and portal.install_generation != generation:
         raise VerificationError(
             "the app was uninstalled from this portal while this request was being verified",
@@ -458,7 +464,7 @@ def install_portal(
 # A launch neither reads nor writes the application tokens (decrypting and encrypting them is most of
 # what a launch would spend on the portal row).
 _NOT_IN_A_LAUNCH = ("application_token", "pending_application_token")
-# What a launch may change on the portal: `_upsert_portal`'s fields, `_revive`'s, the launch time.
+# What a launch may change on the portal: `_upsert_portal`'s fields and `_revive`'s (and the launch time).
 _LAUNCH_WRITES = [
     "domain",
     "protocol",
@@ -470,13 +476,59 @@ _LAUNCH_WRITES = [
     "reinstall_cause",
     "installed_at",
     "uninstalled_at",
-    "last_launch_at",
-    "updated_at",
 ]
 
 
 class _AskProfileFirst(Exception):
     """The launch may move the background mark: `profile` must be asked, outside the transaction."""
+
+
+# A launch is the most frequent request a portal sends. Its two reads are written out once per process
+# (see portals.statements): building the locked read's SQL through the ORM on every launch cost more
+# CPU than the rest of the launch.
+@dataclass(frozen=True)
+class _LaunchSQL:
+    names: list[str]  # the portal fields the locked read loads
+    generation: str  # params: member_id
+    locked: str  # params: True, active, user_id, active, member_id
+
+
+@functools.cache
+def _launch_sql() -> _LaunchSQL:
+    names = [f.name for f in Portal._meta.concrete_fields if f.name not in _NOT_IN_A_LAUNCH]
+    pair, pk = TokenPair, statements.column(Portal, "pk", "p")
+
+    def of(alias: str, name: str) -> str:
+        return statements.column(TokenPair, name, alias)
+
+    # FOR UPDATE OF: the pairs are only looked at (a renewal holds a pair's row lock, not the portal's).
+    lock = " FOR UPDATE OF p" if connection.features.has_select_for_update_of else ""
+    # Names from the models' metadata, quoted; every value is a parameter.
+    locked = (
+        f"SELECT {', '.join(statements.column(Portal, n, 'p') for n in names)},"  # noqa: S608
+        f" {of('b', 'pk')} IS NOT NULL AS has_background,"
+        f" {of('m', 'pk')} AS my_pair_id, {of('m', 'is_background')} AS my_pair_is_background"
+        f" FROM {statements.table(Portal)} p"
+        # At most one of each: one background pair per portal, one pair per portal and user.
+        f" LEFT JOIN {statements.table(pair)} b ON {of('b', 'portal')} = {pk}"
+        f" AND {of('b', 'is_background')} = %s AND {of('b', 'state')} = %s"
+        f" LEFT JOIN {statements.table(pair)} m ON {of('m', 'portal')} = {pk}"
+        f" AND {of('m', 'user_id')} = %s AND {of('m', 'state')} = %s"
+        f" WHERE {statements.column(Portal, 'member_id', 'p')} = %s{lock}"
+    )
+    generation = (
+        f"SELECT {statements.column(Portal, 'install_generation')} FROM {statements.table(Portal)}"  # noqa: S608
+        f" WHERE {statements.column(Portal, 'member_id')} = %s"
+    )
+    return _LaunchSQL(names=names, generation=generation, locked=locked)
+
+
+def _launch_portal(member_id: str, user_id: int | None) -> Portal | None:
+    """The portal row, locked, with `has_background`, `my_pair_id` and `my_pair_is_background`."""
+    sql = _launch_sql()
+    active = PairState.ACTIVE.value
+    params = [True, active, -1 if user_id is None else user_id, active, member_id]
+    return statements.fetch_one(Portal, sql.locked, params, sql.names)
 
 
 def record_launch(
@@ -531,10 +583,14 @@ def _record_launch(
     user_id = verified.info.user_id
     active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
     mine = active.filter(user_id=user_id if user_id is not None else -1)
+    known = _launch_portal(verified.info.member_id, user_id)
+    read = {name: getattr(known, name) for name in _LAUNCH_WRITES} if known is not None else {}
     portal = _upsert_portal(
         verified=verified,
         scope=scope,
         generation=generation,
+        known=known,
+        # A portal first seen: created, or read with the same annotations if a concurrent launch created it.
         annotations={
             "has_background": Exists(active.filter(is_background=True)),
             "my_pair_id": Subquery(mine.values("pk")[:1]),
@@ -557,28 +613,33 @@ def _record_launch(
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
-    portal.save(update_fields=_LAUNCH_WRITES)
+    # Only what changed, and the launch time: most launches change nothing else.
+    statements.update(
+        portal,
+        [name for name in _LAUNCH_WRITES if name not in read or getattr(portal, name) != read[name]]
+        + ["last_launch_at", "updated_at"],
+    )
     if user_id is None:
         return portal, None
     my_pair_id = getattr(portal, "my_pair_id", None)
     if my_pair_id is not None and not background:
         expires_at = now + timedelta(seconds=expires_in)
         # A renewal holds the pair's row lock, not the portal's: the state is checked by the write itself.
-        if TokenPair.objects.filter(pk=my_pair_id, state=PairState.ACTIVE).update(
-            access_token=access_token, access_expires_at=expires_at, updated_at=now
+        working = TokenPair.from_db(
+            connection.alias,
+            ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at"],
+            [
+                my_pair_id,
+                portal.pk,
+                user_id,
+                bool(getattr(portal, "my_pair_is_background", False)),
+                access_token,
+                expires_at,
+            ],
+        )  # the rest of the row is read if asked for
+        if statements.update(
+            working, ["access_token", "access_expires_at", "updated_at"], state=PairState.ACTIVE
         ):
-            working = TokenPair.from_db(
-                None,
-                ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at"],
-                [
-                    my_pair_id,
-                    portal.pk,
-                    user_id,
-                    bool(getattr(portal, "my_pair_is_background", False)),
-                    access_token,
-                    expires_at,
-                ],
-            )  # the rest of the row is read if asked for
             return portal, working
     pair = _store_pair(
         portal=portal,

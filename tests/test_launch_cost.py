@@ -21,8 +21,8 @@ TRANSACTION_CONTROL = re.compile(r"^(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE SAV
 # seconds ago (its verdict in the shared cache).
 REPEAT_LAUNCH = [
     'INSERT INTO "install_inboundrequest"',  # the request, described, before anything is trusted
-    'SELECT "portals_portal"."install_generation"',  # read before verifying (an uninstall meanwhile)
-    'SELECT "portals_portal"."id"',  # the portal, locked, with whether it has a background pair and the user's
+    'SELECT "install_generation" FROM "portals_portal"',  # read before verifying (an uninstall meanwhile)
+    'SELECT p."id" FROM "portals_portal"',  # the portal, locked, with whether it has a background pair and the user's
     'UPDATE "portals_portal"',  # last launch
     'UPDATE "portals_tokenpair"',  # the launch's access token (the refresh token stays)
     'UPDATE "install_inboundrequest"',  # the outcome
@@ -34,9 +34,13 @@ def _statements(captured: CaptureQueriesContext) -> list[str]:
 
 
 def _shape(sql: str) -> str:
-    """The statement's verb and table (and a SELECT's first column)."""
-    found = re.match(r'(INSERT INTO|UPDATE|DELETE FROM|SELECT) ("[^"]+"(?:\."[^"]+")?)', sql)
-    return " ".join(found.groups()) if found else sql[:60]
+    """The statement's verb and table (a SELECT's first column and table)."""
+    found = re.match(r'SELECT (\S+?),? .*?FROM ("[^"]+")', sql) or re.match(
+        r'(INSERT INTO|UPDATE|DELETE FROM) ("[^"]+")', sql
+    )
+    if found is None:
+        return sql[:60]
+    return f"SELECT {found[1]} FROM {found[2]}" if sql.startswith("SELECT") else " ".join(found.groups())
 
 
 def _launch(client, b24, tokens):

@@ -1,0 +1,86 @@
+"""The launch's written-out statements (portals.statements) store and read what the ORM would."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from install.models import InboundKind, InboundRequest, InboundStatus
+from portals import statements
+from portals.models import PairState, Portal, PortalState, TokenPair
+from tests.factories import PortalFactory, TokenPairFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_update_writes_the_named_fields_through_the_fields_and_sets_auto_now():
+    pair = TokenPairFactory(portal=PortalFactory())
+    before = pair.updated_at
+    expires = timezone.now() + timedelta(minutes=42)
+    pair.access_token = "a-new-access-token"
+    pair.access_expires_at = expires
+    pair.scope = "not written"
+
+    with CaptureQueriesContext(connection) as captured:
+        written = statements.update(pair, ["access_token", "access_expires_at", "updated_at"])
+
+    assert written == 1
+    assert len(captured.captured_queries) == 1
+    assert "a-new-access-token" not in captured.captured_queries[0]["sql"]  # encrypted by its field
+    stored = TokenPair.objects.get(pk=pair.pk)
+    assert stored.access_token == "a-new-access-token"
+    assert stored.access_expires_at == expires
+    assert stored.updated_at > before
+    assert stored.scope != "not written"
+
+
+def test_update_writes_nothing_where_the_condition_does_not_hold():
+    pair = TokenPairFactory(portal=PortalFactory(), state=PairState.DEAD)
+    pair.access_token = "should-not-land"
+
+    assert statements.update(pair, ["access_token"], state=PairState.ACTIVE) == 0
+    assert TokenPair.objects.get(pk=pair.pk).access_token != "should-not-land"
+
+
+def test_insert_stores_the_row_as_save_would_and_sets_its_key():
+    row = InboundRequest(
+        kind=InboundKind.LAUNCH, headers={"user-agent": "тест"}, body={"AUTH_ID": "<redacted>"}
+    )
+
+    statements.insert(row)
+
+    assert row.pk is not None and not row._state.adding
+    stored = InboundRequest.objects.get(pk=row.pk)
+    assert (stored.kind, stored.status) == (InboundKind.LAUNCH, InboundStatus.RECEIVED)
+    assert stored.headers == {"user-agent": "тест"} and stored.body == {"AUTH_ID": "<redacted>"}
+    assert stored.created_at is not None and stored.created_at == row.created_at
+    assert statements.insert(InboundRequest(kind=InboundKind.EVENT)) is None
+    assert InboundRequest.objects.count() == 2
+
+
+def test_fetch_one_reads_the_named_fields_defers_the_rest_and_keeps_extra_columns():
+    portal = PortalFactory(state=PortalState.INSTALLED, application_token="secret-app-token")
+    names = ["id", "member_id", "state", "installed_at"]
+    sql = (
+        f"SELECT {', '.join(statements.column(Portal, n) for n in names)}, 41 + 1 AS answer"
+        f" FROM {statements.table(Portal)} WHERE {statements.column(Portal, 'member_id')} = %s"
+    )
+
+    read = statements.fetch_one(Portal, sql, [portal.member_id], names)
+
+    assert read is not None
+    assert (read.pk, read.member_id, read.state) == (portal.pk, portal.member_id, PortalState.INSTALLED)
+    assert read.installed_at == portal.installed_at  # an aware datetime on either database
+    assert read.answer == 42
+    assert "application_token" in read.get_deferred_fields()
+    assert read.application_token == "secret-app-token"  # read (and decrypted) when asked for
+    assert statements.fetch_one(Portal, sql, ["no-such-member"], names) is None
+
+
+def test_fetch_one_wants_the_fields_in_the_models_order():
+    with pytest.raises(ValueError, match="model's order"):
+        statements.fetch_one(Portal, "SELECT 1", [], ["state", "member_id"])
