@@ -501,8 +501,8 @@ def _launch_sql() -> _LaunchSQL:
     def of(alias: str, name: str) -> str:
         return statements.column(TokenPair, name, alias)
 
-    # FOR UPDATE OF: the pairs are only looked at (a renewal holds a pair's row lock, not the portal's).
-    lock = " FOR UPDATE OF p" if connection.features.has_select_for_update_of else ""
+    # Only the portal's row: the pairs are only looked at (a renewal holds a pair's row lock).
+    lock = statements.lock_clause("p")
     # Names from the models' metadata, quoted; every value is a parameter.
     locked = (
         f"SELECT {', '.join(statements.column(Portal, n, 'p') for n in names)},"  # noqa: S608

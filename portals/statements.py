@@ -111,22 +111,53 @@ def _reader(
     return attnames, columns
 
 
-def fetch_one(model: type[M], sql: str, params: Sequence[Any], names: Sequence[str]) -> M | None:
+def fetch_one(
+    model: type[M],
+    sql: str,
+    params: Sequence[Any],
+    names: Sequence[str],
+    *,
+    related: tuple[str, Sequence[str]] | None = None,
+) -> M | None:
     """The first row of `sql` as a `model` instance: its leading columns are the fields `names`, in the
-    model's order (the other fields are deferred: read if asked for); each further column becomes an
-    attribute named by the column's alias."""
+    model's order (the other fields are deferred: read if asked for). `related` (a foreign key and the
+    fields of its model, in that model's order, the primary key among them) reads the row it points to
+    from the next columns, as `select_related` would. Each further column becomes an attribute named
+    by the column's alias."""
     attnames, columns = _reader(model, tuple(names))
+    link: Any = None
+    if related is not None:
+        link = model._meta.get_field(related[0])
+        related_attnames, related_columns = _reader(link.related_model, tuple(related[1]))
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
         if row is None:
             return None
-        extras = [c[0] for c in cursor.description[len(names) :]]
-    values = list(row[: len(names)])
-    for i, (col, converters) in enumerate(columns):
-        for convert in converters:
-            values[i] = convert(values[i], col, connection)
-    instance = model.from_db(connection.alias, attnames, values)
-    for name, value in zip(extras, row[len(names) :], strict=True):
+        width = len(names) + (len(related[1]) if related is not None else 0)
+        extras = [c[0] for c in cursor.description[width:]]
+    instance = model.from_db(connection.alias, attnames, _converted(row[: len(names)], columns))
+    if related is not None:
+        other = link.related_model.from_db(
+            connection.alias, related_attnames, _converted(row[len(names) : width], related_columns)
+        )
+        link.set_cached_value(instance, other)
+    for name, value in zip(extras, row[width:], strict=True):
         setattr(instance, name, value)
     return instance
+
+
+def _converted(values: Sequence[Any], columns: list[tuple[Any, list[Converter]]]) -> list[Any]:
+    out = list(values)
+    for i, (col, converters) in enumerate(columns):
+        for convert in converters:
+            out[i] = convert(out[i], col, connection)
+    return out
+
+
+def lock_clause(alias: str) -> str:
+    """` FOR UPDATE OF <alias>` where the database locks rows (only that table's row: what
+    `select_for_update(of=("self",))` locks), nothing where it does not (SQLite)."""
+    if connection.features.has_select_for_update_of:
+        return f" FOR UPDATE OF {alias}"
+    return " FOR UPDATE" if connection.features.has_select_for_update else ""

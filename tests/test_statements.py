@@ -1,17 +1,19 @@
-"""The launch's written-out statements (portals.statements) store and read what the ORM would."""
+"""The written-out statements of launches and renewals (portals.statements) store, read and lock what the
+ORM would."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from install.models import InboundKind, InboundRequest, InboundStatus
-from portals import statements
-from portals.models import PairState, Portal, PortalState, TokenPair
+from portals import renewal, services, statements
+from portals.models import PairState, Portal, PortalState, RenewalTrigger, TokenPair
 from tests.factories import PortalFactory, TokenPairFactory
 
 pytestmark = pytest.mark.django_db
@@ -84,3 +86,66 @@ def test_fetch_one_reads_the_named_fields_defers_the_rest_and_keeps_extra_column
 def test_fetch_one_wants_the_fields_in_the_models_order():
     with pytest.raises(ValueError, match="model's order"):
         statements.fetch_one(Portal, "SELECT 1", [], ["state", "member_id"])
+
+
+def test_the_sweeps_locked_read_gives_what_the_orm_gives():
+    pair = TokenPairFactory(portal=PortalFactory(state=PortalState.NEEDS_REINSTALL), issued_days_ago=25)
+    full = TokenPair.objects.select_related("portal").get(pk=pair.pk)
+
+    with transaction.atomic():
+        narrow = renewal._locked(pair.pk, RenewalTrigger.BEAT)
+
+    for name in ("pk", "portal_id", "user_id", "is_background", "refresh_token", "access_expires_at"):
+        assert getattr(narrow, name) == getattr(full, name), name
+    for name in ("refresh_issued_at", "state", "consecutive_failures", "last_error"):
+        assert getattr(narrow, name) == getattr(full, name), name
+    for name in ("pk", "member_id", "oauth_server", "state", "reinstall_cause"):
+        assert getattr(narrow.portal, name) == getattr(full.portal, name), name
+    assert "access_token" in narrow.get_deferred_fields()
+    assert narrow.access_token == full.access_token  # read when asked for, decrypted
+    with pytest.raises(TokenPair.DoesNotExist), transaction.atomic():
+        renewal._locked(pair.pk + 1000, RenewalTrigger.BEAT)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_launch_and_sweep_reads_lock_only_their_own_row():
+    """Held by one connection, the sweep's read locks the pair (not its portal) and the launch's read
+    locks the portal (not its pairs): what the ORM's select_for_update(of=("self",)) locked."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks are PostgreSQL's; SQLite locks the whole database for a write")
+    pair = TokenPairFactory(portal=PortalFactory())
+    pair_table, portal_table = statements.table(TokenPair), statements.table(Portal)
+    locked: dict[str, bool] = {}
+
+    def try_lock(name: str, sql: str, pk: int) -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(sql, [pk])
+            locked[name] = False
+        except OperationalError:
+            locked[name] = True  # NOWAIT: the row is held
+        finally:
+            connection.close()
+
+    def other(name: str, sql: str, pk: int) -> None:
+        thread = threading.Thread(target=try_lock, args=(name, sql, pk))
+        thread.start()
+        thread.join(10)
+
+    pair_nowait = f"SELECT 1 FROM {pair_table} WHERE id = %s FOR UPDATE NOWAIT"
+    portal_nowait = f"SELECT 1 FROM {portal_table} WHERE id = %s FOR UPDATE NOWAIT"
+    with transaction.atomic():
+        renewal._locked(pair.pk, RenewalTrigger.BEAT)
+        other("pair, in a renewal", pair_nowait, pair.pk)
+        other("portal, in a renewal", portal_nowait, pair.portal_id)
+    with transaction.atomic():
+        assert services._launch_portal(pair.portal.member_id, pair.user_id) is not None
+        other("portal, in a launch", portal_nowait, pair.portal_id)
+        other("pair, in a launch", pair_nowait, pair.pk)
+
+    assert locked == {
+        "pair, in a renewal": True,
+        "portal, in a renewal": False,
+        "portal, in a launch": True,
+        "pair, in a launch": False,
+    }
