@@ -13,8 +13,10 @@ import requests
 from django.conf import settings as django_settings
 from django.db import connection
 
+from portals import registry
 from portals.standin import FakePortal, StandIn
 from portals.standin import payloads as bx
+from tests.eventapp import bitrix24 as eventapp
 from tests.faults import (
     BackendProcess,
     FaultProxy,
@@ -68,6 +70,15 @@ def staff_user(db: None) -> Any:
     from tests.factories import UserFactory
 
     return UserFactory(staff=True)
+
+
+@pytest.fixture
+def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The test app's handlers (tests/eventapp/bitrix24.py) registered; yields the folder they report to
+    (and are steered by)."""
+    monkeypatch.setenv("B24_TEST_EVENTAPP_DIR", str(tmp_path))
+    with registry.replaced(eventapp.register):
+        yield tmp_path
 
 
 class Backend:

@@ -10,7 +10,6 @@ page goes to var/screenshots/.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -32,7 +31,7 @@ from tests.factories import (
     TokenPairFactory,
     UserFactory,
 )
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, TIMEOUT_MS, _missing
+from tests.test_browser import TIMEOUT_MS, browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -74,25 +73,13 @@ MEASURE = """() => {
 
 
 @pytest.fixture
-def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests must run in CI: {reason}")
-        pytest.skip(f"no browser on this machine: {reason}")
-    from playwright.sync_api import sync_playwright
-
-    # As in tests/test_browser.py: the test's own ORM calls run beside Playwright's loop, not in it.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        context = chromium.new_context(viewport={"width": WIDTH, "height": HEIGHT})
-        context.set_default_timeout(TIMEOUT_MS)
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
-            chromium.close()
+def page(browser: Any) -> Iterator[Any]:  # noqa: F811
+    context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
 
 
 def _installations() -> Portal:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,14 +54,6 @@ def event_body(portal: FakePortal, event: str, object_id: str, ts: int, **auth: 
             },
         }
     )
-
-
-@pytest.fixture
-def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The test app's handlers registered; yields the folder they report to (and are steered by)."""
-    monkeypatch.setenv("B24_TEST_EVENTAPP_DIR", str(tmp_path))
-    with registry.replaced(eventapp.register):
-        yield tmp_path
 
 
 @pytest.fixture

@@ -66,13 +66,6 @@ def rest(portal: FakePortal, method: str, params: dict[str, Any], user_id: int =
 
 
 @pytest.fixture
-def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("B24_TEST_EVENTAPP_DIR", str(tmp_path))
-    with registry.replaced(eventapp.register):
-        yield tmp_path
-
-
-@pytest.fixture
 def start_worker(
     standin: StandIn, child_env: Callable[[StandIn], dict[str, str]], handlers: Path, settings: Any
 ) -> Iterator[Callable[..., Any]]:
