@@ -531,6 +531,18 @@ def _launch_portal(member_id: str, user_id: int | None) -> Portal | None:
     return statements.fetch_one(Portal, sql.locked, params, sql.names)
 
 
+def _launch_annotations(user_id: int | None) -> dict[str, Any]:
+    """What `_launch_portal` reads beside the portal, for a portal first seen: created, or read with these
+    if a concurrent launch created it first."""
+    active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
+    mine = active.filter(user_id=user_id if user_id is not None else -1)
+    return {
+        "has_background": Exists(active.filter(is_background=True)),
+        "my_pair_id": Subquery(mine.values("pk")[:1]),
+        "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
+    }
+
+
 def record_launch(
     *,
     verified: Verified,
@@ -581,8 +593,6 @@ def _record_launch(
     """`may_take_background` None: not asked yet; raises _AskProfileFirst if it must be."""
     now = timezone.now()
     user_id = verified.info.user_id
-    active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
-    mine = active.filter(user_id=user_id if user_id is not None else -1)
     known = _launch_portal(verified.info.member_id, user_id)
     read = {name: getattr(known, name) for name in _LAUNCH_WRITES} if known is not None else {}
     portal = _upsert_portal(
@@ -590,12 +600,7 @@ def _record_launch(
         scope=scope,
         generation=generation,
         known=known,
-        # A portal first seen: created, or read with the same annotations if a concurrent launch created it.
-        annotations={
-            "has_background": Exists(active.filter(is_background=True)),
-            "my_pair_id": Subquery(mine.values("pk")[:1]),
-            "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
-        },
+        annotations=_launch_annotations(user_id) if known is None else None,
         defer=_NOT_IN_A_LAUNCH,
     )
     background = False
