@@ -26,6 +26,9 @@ from tests.faults import (
     redis_missing_reason,
 )
 
+# The fast and the system lane, and the guard that keeps the fast lane fast (tests/lanes.py).
+pytest_plugins = ["tests.lanes"]
+
 
 @pytest.fixture(scope="session")
 def standin() -> Iterator[StandIn]:

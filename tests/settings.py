@@ -14,8 +14,15 @@ os.environ.setdefault("BITRIX24_TOKEN_KEYS", "q2hzsxbhUbMIlPOnDWHHbvR_TNAocF_4oY
 os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
 os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
 os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
+# The system lane runs in several processes (pytest-xdist), each with its own test database: each gets its
+# own Celery queue and Redis key prefix too, so one process's workers never take another's tasks. Child
+# processes inherit the environment, suffix included.
+_xdist = os.environ.get("PYTEST_XDIST_WORKER", "")
+_queue = os.environ.get("CELERY_QUEUE", "bitrix24")
+if _xdist and not _queue.endswith(f"-{_xdist}"):
+    os.environ["CELERY_QUEUE"] = f"{_queue}-{_xdist}"
 
-from config.settings import *  # noqa: F403
+from config.settings import *  # noqa: E402, F403
 
 # Tests do not wait for production backoffs.
 BITRIX24_OAUTH_BACKOFF = 0.01

@@ -198,6 +198,7 @@ def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(staff_us
 # --- one portal: masked tokens -----------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_portal_detail_masks_every_token(backend, b24, installed_portal, staff, renewal_worker):
     employee = b24.issue_tokens(7, admin=False)
     assert backend.launch(b24, employee).status_code == 200
@@ -532,7 +533,7 @@ def _fuzz(
     }
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_schema_driven_fuzz_finds_no_server_error(backend, b24, installed_portal, staff, capsys):
     b24.seed("crm.contact", 5)
     employee = b24.issue_tokens(7, admin=False)

@@ -123,6 +123,7 @@ def _run_callers(child_env, standin, member_id: str, processes: int, calls: int,
     return [p.returncode for p in procs], outputs, time.time() - start_at
 
 
+@pytest.mark.system
 def test_two_processes_meeting_expired_token_renew_once_between_them(
     installed_portal, b24, standin, child_env
 ):
@@ -135,8 +136,8 @@ def test_two_processes_meeting_expired_token_renew_once_between_them(
     assert standin.stats["refresh_invalid_grant"] == before[1]
 
 
-@pytest.mark.slow
-@pytest.mark.needs_redis("without Redis the governor is per process by design (see README)")
+@pytest.mark.system
+@pytest.mark.needs_redis("without Redis the governor is per process by design (see docs/calling-bitrix24.md)")
 def test_500_calls_from_4_processes_stay_within_the_portals_limit(standin, backend, child_env):
     fake = standin.add_portal(rate=25.0, burst=50)
     assert backend.install_event(fake, fake.issue_tokens(1, admin=True)).status_code == 200
@@ -153,6 +154,7 @@ def test_500_calls_from_4_processes_stay_within_the_portals_limit(standin, backe
     assert wall >= 17
 
 
+@pytest.mark.system
 def test_query_limit_exceeded_is_absorbed_when_the_portal_is_stricter_than_configured(installed_portal, b24):
     Portal.objects.filter(pk=installed_portal.pk).update(
         rate_limit=100.0, rate_burst=100
@@ -166,6 +168,7 @@ def test_query_limit_exceeded_is_absorbed_when_the_portal_is_stricter_than_confi
     # … and the client backed off and re-sent each refused call: every caller got its answer.
 
 
+@pytest.mark.system
 def test_a_write_that_timed_out_is_not_sent_again(installed_portal, b24, settings):
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)
     b24.write_delay = 1.5
@@ -178,6 +181,7 @@ def test_a_write_that_timed_out_is_not_sent_again(installed_portal, b24, setting
     assert [c["NAME"] for c in b24.items["crm.contact"]] == ["Once"]  # it did land, once
 
 
+@pytest.mark.system
 def test_a_read_that_timed_out_is_retried(installed_portal, b24, settings):
     b24.seed("crm.contact", 3)
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)
@@ -187,6 +191,7 @@ def test_a_read_that_timed_out_is_retried(installed_portal, b24, settings):
     assert len(_calls(b24, "crm.contact.get")) == 3  # first try and two retries
 
 
+@pytest.mark.system
 def test_an_idempotent_write_may_be_retried(installed_portal, b24, settings):
     b24.seed("crm.contact", 1)
     settings.BITRIX24_HTTP_TIMEOUT = (2.0, 0.5)

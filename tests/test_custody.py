@@ -46,7 +46,7 @@ from portals.tasks import carry_out_task, renew_pair_task
 from tests.factories import PortalFactory, UserFactory
 from tests.processes import celery_worker
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.system]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -88,6 +88,7 @@ def test_registry_refuses_what_would_break_custody_or_run_twice() -> None:
     assert registry.handlers_for("ONCRMDEALADD") == []  # the app's registry is back as it was
 
 
+@pytest.mark.system
 def test_handlers_register_from_the_apps_bitrix24_module(tmp_path: Path) -> None:
     """The test app is an installed app; its bitrix24.py is imported at start-up like admin.py. It
     registers only when its folder is set: in a fresh process with the variable, the handlers are there."""

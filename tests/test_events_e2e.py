@@ -30,7 +30,7 @@ from tests.eventapp import bitrix24 as eventapp
 from tests.factories import PortalFactory
 from tests.processes import celery_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:

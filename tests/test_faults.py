@@ -20,9 +20,9 @@ import requests
 
 from tests.faults import BackendProcess, FaultProxy, PrivatePostgres, PrivateRedis
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
-# README: /healthz answers 503 when the database or the broker does not answer. A load balancer
+# docs/urls.md: /healthz answers 503 when the database or the broker does not answer. A load balancer
 # gives up on a probe after a few seconds; an answer later than this counts as a hang.
 HEALTH_DEADLINE = 5.0
 

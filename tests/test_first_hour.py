@@ -32,6 +32,9 @@ from django.conf import settings
 
 from tests.test_process_manager import _alive, _descendants
 
+# Real processes, private servers or browsers: the system lane (tests/lanes.py).
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 STARTUP_SECONDS = 240  # bin/setup may have to install requirements.txt into .venv first
@@ -170,7 +173,6 @@ def _log_in(base: str, username: str, password: str) -> requests.Session:
     return browser
 
 
-@pytest.mark.slow
 def test_the_readme_from_bin_run_through_the_standin_to_the_admin(tmp_path):
     clone = _fresh_clone(tmp_path / "checkout")
     port, oauth_port, portal_port = _free_port(), _free_port(), _free_port()

@@ -105,6 +105,7 @@ def test_without_a_live_pair_only_staff_confirm_an_uninstall(backend, b24, wante
     assert not WantedAction.objects.filter(done_at=None).exists()
 
 
+@pytest.mark.system
 def test_a_launch_racing_an_uninstall_leaves_no_token(backend, b24, installed_portal, standin, wanted_worker):
     """The launch's app.info answer ("installed") is on its way when the uninstall lands and is
     confirmed: the launch must not store tokens or bring the portal back."""

@@ -85,7 +85,7 @@ def test_a_repeat_launch_costs_six_statements_and_no_outbound_call(client, stand
 
 
 def test_what_other_launches_cost(client, standin, installed_portal, b24, capsys):
-    """Not a bound: the figures, printed (README, Benchmarks). A new AUTH_ID asks app.info once; a user
+    """Not a bound: the figures, printed (docs/benchmarks.md). A new AUTH_ID asks app.info once; a user
     without a pair gets one; a portal without a background pair asks `profile` once, outside the lock."""
     _launch(client, b24, b24.issue_tokens(1, admin=True))
     new_token, new_token_calls = _cost(client, standin, b24, b24.issue_tokens(1, admin=True))

@@ -74,7 +74,7 @@ def _own(name: str, **labels: str) -> float:
 # --- the web and the worker, counted together ------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.django_db(transaction=True)
 def test_worker_renewal_refused_launch_and_event_are_counted_in_the_webs_scrape(
     standin, b24, installed_portal, child_env, backend_process, tmp_path
@@ -304,6 +304,7 @@ def _python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.system
 def test_json_log_format_writes_json_lines_without_tokens():
     result = _python(
         f"""
@@ -335,12 +336,14 @@ def test_json_log_format_writes_json_lines_without_tokens():
     assert TOKEN not in result.stderr
 
 
+@pytest.mark.system
 def test_an_unknown_log_format_is_refused():
     result = _python("import django; django.setup()", DJANGO_LOG_FORMAT="xml")
     assert result.returncode != 0
     assert "DJANGO_LOG_FORMAT='xml' is not plain or json" in result.stderr
 
 
+@pytest.mark.system
 def test_sentry_dsn_starts_the_error_tracker_and_what_it_sends_is_redacted():
     # The settings start the tracker; its transport is replaced before, so nothing leaves the process.
     result = _python(
@@ -412,6 +415,7 @@ def test_sentry_dsn_starts_the_error_tracker_and_what_it_sends_is_redacted():
     assert events[2]["extra"]["headers"]["Accept"] == "text/html"
 
 
+@pytest.mark.system
 def test_without_sentry_dsn_no_tracker_runs():
     result = _python(
         """

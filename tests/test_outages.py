@@ -22,7 +22,7 @@ from portals.standin import payloads as bx
 from tests.factories import PortalFactory, UserFactory
 from tests.processes import celery_worker
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.system]
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_URL = "https://app.example.com"

@@ -162,7 +162,7 @@ def test_the_example_frontend_endpoint_answers_the_page_with_its_auth_id(
 @pytest.mark.parametrize("app", sorted(SOURCES))
 @pytest.mark.parametrize("lang", ["ru", "de"])
 def test_every_string_of_the_app_pages_and_the_example_is_translated(app: str, lang: str) -> None:
-    """A string added to a template or a handler without its translations fails here (see the README,
+    """A string added to a template or a handler without its translations fails here (see docs/build-your-app.md,
     "Languages", for how to add them)."""
     wanted = messages(SOURCES[app])
     assert len(wanted) > 5

@@ -28,10 +28,10 @@ from portals import journal
 from portals.models import AttemptState, RenewalAttempt, TokenPair
 from portals.tasks import renew_pair_task
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
-GRACE_SECONDS = 90  # README: 5 s connect + 60 s OAuth read timeout + 25 s to store and exit
+GRACE_SECONDS = 90  # docs/tokens.md: 5 s connect + 60 s OAuth read timeout + 25 s to store and exit
 STARTUP_SECONDS = 240  # bin/setup may have to install requirements.txt into .venv first
 
 

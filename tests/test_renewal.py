@@ -93,6 +93,7 @@ def test_renew_tokens_unknown_portal_is_a_clear_error(db):
         call_command("renew_tokens", "--portal", "nope")
 
 
+@pytest.mark.system
 def test_renew_tokens_exits_non_zero_when_a_renewal_fails(b24, standin, child_env):
     TokenPairFactory.for_standin(b24)
     standin.oauth_mode = "500"
@@ -135,6 +136,7 @@ def _race(pair_id: int, workers: int) -> list[BaseException | None]:
     return outcomes
 
 
+@pytest.mark.system
 def test_many_threads_renewing_the_same_pair_renew_it_once(b24, standin):
     pair = TokenPairFactory.for_standin(b24, expired_access=True)
     standin.oauth_latency = 0.2  # widen the window in which a race would happen
@@ -150,6 +152,7 @@ def test_many_threads_renewing_the_same_pair_renew_it_once(b24, standin):
     assert _is_live(standin, pair)
 
 
+@pytest.mark.system
 def test_the_same_race_without_the_lock_burns_refresh_tokens(b24, standin, monkeypatch):
     """Proof that the race test above can fail: with the lock and the lease taken away, the workers send the same
     single-use refresh token several times and the stand-in answers invalid_grant. Whether the pair
@@ -187,6 +190,7 @@ print("ok")
 """
 
 
+@pytest.mark.system
 def test_many_processes_renewing_the_same_pair_renew_it_once(b24, standin, child_env):
     pair = TokenPairFactory.for_standin(b24, expired_access=True)
     standin.oauth_latency = 0.2
@@ -242,6 +246,7 @@ def test_oauth_server_trouble_leaves_the_pair_intact_and_heals(b24, standin, set
     assert _is_live(standin, pair)
 
 
+@pytest.mark.system
 def test_a_slow_oauth_server_is_waited_for(b24, standin, settings):
     pair = TokenPairFactory.for_standin(b24)
     standin.oauth_mode = "slow"
@@ -252,6 +257,7 @@ def test_a_slow_oauth_server_is_waited_for(b24, standin, settings):
     assert _is_live(standin, result.pair)
 
 
+@pytest.mark.system
 def test_an_answer_lost_to_a_timeout_is_named_as_such(b24, standin, settings):
     """Past the read timeout the server still rotates the pair: the refresh token is gone with its
     answer. The next attempt is refused; the pair is marked dead with a reason staff can act on."""
@@ -275,6 +281,7 @@ def test_an_answer_lost_to_a_timeout_is_named_as_such(b24, standin, settings):
     assert "previous attempt timed out" in pair.last_error
 
 
+@pytest.mark.system
 def test_oauth_client_retries_until_the_server_is_back(b24, standin, settings):
     pair = TokenPairFactory.for_standin(b24)
     settings.BITRIX24_OAUTH_ATTEMPTS = 6

@@ -91,6 +91,7 @@ def test_verification_is_asked_once_whatever_the_trouble(standin, b24, settings,
     assert _sent(standin, before) == 1
 
 
+@pytest.mark.system
 def test_verification_that_times_out_gives_up_after_its_read_timeout(standin, b24, settings):
     settings.BITRIX24_OAUTH_ATTEMPTS = 2
     settings.BITRIX24_VERIFY_READ_TIMEOUT = 0.2
@@ -118,6 +119,7 @@ def test_a_refused_token_is_asked_about_once(standin, settings):
 # page, "down" drops the connection once the request is in.
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(("mode", "error"), [("html", client.NotJSON), ("down", client.TransportError)])
 def test_a_read_is_resent_after_an_error_page_or_a_dropped_connection(installed, standin, mode, error):
     _point_at(installed, standin.oauth_domain)
@@ -141,6 +143,7 @@ def test_a_write_is_not_resent_after_an_error_page_or_a_dropped_connection(insta
         assert "not re-sent" in str(failure.value)
 
 
+@pytest.mark.system
 def test_a_batch_is_resent_only_when_every_command_reads(installed, standin):
     _point_at(installed, standin.oauth_domain)
     standin.oauth_mode = "html"
@@ -155,6 +158,7 @@ def test_a_batch_is_resent_only_when_every_command_reads(installed, standin):
     assert _sent(standin, before) == 1
 
 
+@pytest.mark.system
 def test_a_write_whose_connection_was_refused_is_sent_again(installed, monkeypatch):
     with socket.socket() as probe:  # a port nobody listens on once the probe is closed
         probe.bind(("127.0.0.1", 0))
@@ -175,6 +179,7 @@ def test_a_write_whose_connection_was_refused_is_sent_again(installed, monkeypat
     assert "not re-sent" not in str(failure.value)
 
 
+@pytest.mark.system
 def test_a_write_refused_for_the_rate_limit_is_resent_until_the_policy_gives_up(installed, b24, settings):
     settings.BITRIX24_QUERY_LIMIT_RETRIES = 2
     # We believe in a roomy bucket; the portal's holds one request and barely drains.

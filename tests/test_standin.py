@@ -239,6 +239,7 @@ def test_expired_token_after_an_hour(http: requests.Session, standin: StandIn, p
 # ---- OAuth server: fault modes
 
 
+@pytest.mark.system
 def test_oauth_mode_html_500_down_and_slow(
     http: requests.Session, standin: StandIn, portal: FakePortal
 ) -> None:
@@ -354,6 +355,7 @@ def test_list_pages_of_fifty_with_next_and_total(http: requests.Session, portal:
     assert "next" not in fast and "total" not in fast
 
 
+@pytest.mark.system
 def test_add_get_and_a_write_that_lands_after_the_client_gave_up(
     http: requests.Session, portal: FakePortal
 ) -> None:

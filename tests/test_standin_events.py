@@ -185,6 +185,7 @@ def test_crm_deal_add_posts_the_documented_event_to_the_handler(
     assert delivery["queued"] <= delivery["started"] <= delivery["finished"]
 
 
+@pytest.mark.system
 def test_the_rest_answer_does_not_wait_for_a_slow_handler(
     http: requests.Session, standin: StandIn, portal: FakePortal, token: str, receiver: Receiver
 ) -> None:
@@ -204,6 +205,7 @@ def test_the_rest_answer_does_not_wait_for_a_slow_handler(
     assert delivery["finished"] - delivery["started"] >= 2.0
 
 
+@pytest.mark.system
 def test_a_failed_delivery_is_not_retried_and_other_hosts_are_refused(
     http: requests.Session, standin: StandIn, portal: FakePortal, token: str, receiver: Receiver
 ) -> None:

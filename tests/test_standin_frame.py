@@ -145,6 +145,7 @@ def test_bitrix24_standin_command_installs_a_portal_and_prints_how_to_open_it(li
         assert f"{live_server.url}/admin/portals/portal/" in text
 
 
+@pytest.mark.system
 @pytest.mark.django_db(transaction=True)
 def test_bitrix24_standin_command_gives_up_with_the_reason(live_server, settings):
     from django.core.management import CommandError

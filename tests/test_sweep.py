@@ -232,7 +232,7 @@ def test_a_connection_broken_between_pairs_fails_no_pair(standin, monkeypatch):
     assert cut
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.django_db(transaction=True)
 def test_a_sweep_over_many_portals_runs_through_a_real_worker(standin, settings, child_env):
     n = 30
