@@ -1,5 +1,5 @@
-"""gunicorn's settings in production: `gunicorn -c config/gunicorn.py config.wsgi` (README "Running in
-production"). Every figure can still be overridden on the command line or in GUNICORN_CMD_ARGS."""
+"""gunicorn's settings in production: `gunicorn -c config/gunicorn.py config.wsgi` (docs/production.md,
+"Running in production"). Every figure can still be overridden on the command line or in GUNICORN_CMD_ARGS."""
 
 import multiprocessing
 import os

@@ -1,4 +1,4 @@
-"""Settings, read from the environment only (see README "Settings").
+"""Settings, read from the environment only (see docs/settings.md).
 
 Defaults run on one machine with no servers: SQLite under var/, kombu's filesystem broker
 under var/, and development secrets generated once into var/. With DJANGO_DEBUG off the

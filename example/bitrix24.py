@@ -1,4 +1,4 @@
-"""The example app's registrations: what a Bitrix24 app built on this backend writes (README, "Build your
+"""The example app's registrations: what a Bitrix24 app built on this backend writes (docs/build-your-app.md, "Build your
 app"). Every piece reads Bitrix24 through `PortalClient`; nothing trusts an event's or a launch's data
 beyond identifiers.
 """

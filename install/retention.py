@@ -25,7 +25,7 @@ def purge_expired(*, days: int | None = None, batch_size: int = BATCH_SIZE, max_
     rather than by one task that outlives its time limit."""
     days = settings.INBOUND_LOG_RETENTION_DAYS if days is None else days
     if days <= 0:
-        return 0  # 0 keeps every row (for who must keep them; the README says so)
+        return 0  # 0 keeps every row (for who must keep them; docs/settings.md says so)
     cutoff = timezone.now() - timedelta(days=days)
     deleted = 0
     for _ in range(max_batches):

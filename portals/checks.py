@@ -27,7 +27,7 @@ def token_keys(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessa
         checks.Error(
             problem,
             hint="Set BITRIX24_TOKEN_KEYS to comma-separated Fernet keys, the key that encrypted the stored "
-            "tokens among them (see README, Tokens).",
+            "tokens among them (see docs/tokens.md).",
             id="portals.E001",
         )
     ]

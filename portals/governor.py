@@ -7,7 +7,7 @@ arrival time") in one Lua script, timed by Redis's own clock so that machines wi
 agree. Each caller reserves its slot and is told how long to wait; nobody polls.
 
 Without Redis the same algorithm runs in-process: right for one process, which is what the embedded
-setup runs; the README says so.
+setup runs; docs/calling-bitrix24.md says so.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The README's "Build your app" walkthrough, run as written.
+"""The "Build your app" walkthrough (docs/build-your-app.md), run as written.
 
 The code blocks of that section are written to the files their first line names (`# myapp/…`), in a
 folder of their own; the backend runs as separate processes with `BITRIX24_APPS=myapp` (a web process, a
 Celery worker, `manage.py bitrix24_sync`), as a reader would run them; the stand-in plays Bitrix24. A
-change to the README that breaks the walkthrough, or a change to the project that breaks the README's
-code, fails here.
+change to the page that breaks the walkthrough, or a change to the project that breaks the page's code,
+fails here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
 from tests.processes import ROOT, celery_worker
 from tests.test_browser import _shot, browser, page  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.system, pytest.mark.django_db(transaction=True)]
 
 TRUST = (
     "BITRIX24_OAUTH_SERVERS",
@@ -40,9 +40,7 @@ FIRST_LINE = re.compile(r"^(?:# |<!-- )(myapp/[\w/.]+)(?: -->)?$")
 
 
 def walkthrough() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index("## Build your app\n")
-    return text[start : text.index("\n## ", start + 1)]
+    return (ROOT / "docs" / "build-your-app.md").read_text(encoding="utf-8")
 
 
 def write_the_app(folder: Path) -> list[str]:

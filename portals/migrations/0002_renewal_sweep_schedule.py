@@ -11,7 +11,7 @@ def create(apps, schema_editor):
     IntervalSchedule = apps.get_model("django_celery_beat", "IntervalSchedule")
     PeriodicTask = apps.get_model("django_celery_beat", "PeriodicTask")
     # Every 15 minutes: the sweep only selects pairs that are due, so a short interval costs one
-    # query and spreads the work, while renewals themselves stay rare (see the README).
+    # query and spreads the work, while renewals themselves stay rare (see docs/tokens.md).
     every, _ = IntervalSchedule.objects.get_or_create(every=15, period="minutes")
     PeriodicTask.objects.get_or_create(name=NAME, defaults={"task": TASK, "interval": every, "enabled": True})
 

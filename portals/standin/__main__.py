@@ -1,4 +1,4 @@
-"""`python -m portals.standin`: run the Bitrix24 stand-in on loopback (see README)."""
+"""`python -m portals.standin`: run the Bitrix24 stand-in on loopback (see docs/standin.md)."""
 
 from .server import main
 
