@@ -38,6 +38,23 @@ SYSTEM_FIXTURES = frozenset(
 )
 
 
+# What the guard replaces, as they were when this plugin was loaded (before any test patched them).
+_REAL = {
+    (time, "sleep"): time.sleep,
+    (subprocess.Popen, "_execute_child"): subprocess.Popen._execute_child,  # type: ignore[attr-defined]
+    (os, "fork"): os.fork,
+    (os, "posix_spawn"): os.posix_spawn,
+    (os, "posix_spawnp"): os.posix_spawnp,
+    (os, "system"): os.system,
+}
+
+
+def step_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give this test the real functions back (for a test of the guard itself, which runs a guard of its own)."""
+    for (owner, name), real in _REAL.items():
+        monkeypatch.setattr(owner, name, real)
+
+
 class LaneViolation(AssertionError):
     """A fast-lane test started a process or slept on real time."""
 
@@ -73,6 +90,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
 
 
 class _Guard:
@@ -123,6 +151,8 @@ def _fast_lane_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
             with open(report, "a", encoding="utf-8") as out:
                 out.write(f"{request.node.nodeid}\t{guard.violations[0].splitlines()[0]}\n")
             return
+        if request.node.stash.get(_CALL_FAILED, False):
+            return  # the test failed already, with the violation or for its own reason: one report is enough
         pytest.fail(
             "fast lane: this test started a process or waited on real time; mark it `system` or inject "
             "a clock.\n" + "\n".join(guard.violations[:3]),
