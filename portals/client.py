@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import governor, http, oauth, phpform, renewal
+from . import clock, governor, http, oauth, phpform, renewal
 from .models import Portal, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -578,5 +578,5 @@ class PortalClient:
         wait = float(reset_at) - time.time() if reset_at else None
         if wait is None or not 0 <= wait <= settings.BITRIX24_OPERATING_WAIT_MAX:
             return False
-        time.sleep(wait + 0.5)
+        clock.sleep(wait + 0.5)
         return True

@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from . import metrics
+from . import clock, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class Governor:
         wait = self.reserve(key, limit)
         if wait > 0:
             metrics.governor_waited(wait)
-            time.sleep(wait)
+            clock.sleep(wait)
         return wait
 
 
@@ -112,16 +111,16 @@ class RedisGovernor(Governor):
         )
 
     def _away(self, exc: redis.RedisError) -> None:
-        if time.monotonic() >= self._down_until:
+        if clock.monotonic() >= self._down_until:
             logger.warning(
                 "Rate governor: Redis unavailable (%s); each process keeps %d%% of the portal limits",
                 type(exc).__name__,
                 int(self.FALLBACK_SHARE * 100),
             )
-        self._down_until = time.monotonic() + self.RETRY_AFTER
+        self._down_until = clock.monotonic() + self.RETRY_AFTER
 
     def reserve(self, key: str, limit: Limit) -> float:
-        if time.monotonic() >= self._down_until:
+        if clock.monotonic() >= self._down_until:
             interval, tolerance = limit.governed()
             try:
                 return float(self._gcra(keys=[key], args=[interval, tolerance, 60]))
@@ -131,7 +130,7 @@ class RedisGovernor(Governor):
 
     def fill(self, key: str, limit: Limit) -> None:
         self._local.fill(key, self._fallback(limit))
-        if time.monotonic() < self._down_until:
+        if clock.monotonic() < self._down_until:
             return
         interval, tolerance = limit.governed()
         try:
@@ -150,7 +149,7 @@ class LocalGovernor(Governor):
     def reserve(self, key: str, limit: Limit) -> float:
         interval, tolerance = limit.governed()
         with self._lock:
-            now = time.monotonic()
+            now = clock.monotonic()
             tat = max(self._tat.get(key, 0.0), now)
             self._tat[key] = tat + interval
             return max(0.0, tat - tolerance - now)
@@ -158,7 +157,7 @@ class LocalGovernor(Governor):
     def fill(self, key: str, limit: Limit) -> None:
         interval, tolerance = limit.governed()
         with self._lock:
-            full = time.monotonic() + tolerance + interval
+            full = clock.monotonic() + tolerance + interval
             self._tat[key] = max(self._tat.get(key, 0.0), full)
 
 

@@ -22,7 +22,6 @@ import math
 import random
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, cast
@@ -34,7 +33,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
-from . import stopping
+from . import clock, stopping
 
 if TYPE_CHECKING:
     from requests.adapters import _HostParams, _PoolKwargs  # the stubs' names for what requests builds
@@ -398,7 +397,7 @@ class Attempts:
         if stopping.stop_requested():
             # The process is stopping: finish what is in hand, start nothing new.
             raise error
-        time.sleep(self.policy.backoff.delay(self.made))
+        clock.sleep(self.policy.backoff.delay(self.made))
         self.made += 1
 
 

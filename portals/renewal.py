@@ -39,7 +39,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from . import journal, metrics, oauth, statements, stopping
+from . import clock, journal, metrics, oauth, statements, stopping
 from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
@@ -574,9 +574,9 @@ def renew_batch(pair_ids: Sequence[int], *, trigger: str, budget: float) -> Batc
     see `portals.stopping`), and so does `budget` seconds spent, so that a pair is started only while
     its whole renewal still fits in the caller's time limit. The pairs not started are in `left`."""
     batch = Batch()
-    ends = time.monotonic() + budget
+    ends = clock.monotonic() + budget
     for index, pair_id in enumerate(pair_ids):
-        if stopping.stop_requested() or (index and time.monotonic() >= ends):
+        if stopping.stop_requested() or (index and clock.monotonic() >= ends):
             batch.left = list(pair_ids[index:])
             batch.stopped = stopping.stop_requested()
             break

@@ -13,7 +13,7 @@ import requests
 from django.conf import settings as django_settings
 from django.db import connection
 
-from portals import registry
+from portals import clock, registry
 from portals.standin import FakePortal, StandIn
 from portals.standin import payloads as bx
 from tests.eventapp import bitrix24 as eventapp
@@ -65,6 +65,15 @@ def installed_portal(db: None, b24: FakePortal) -> Any:
     from tests.factories import PortalFactory
 
     return PortalFactory.for_standin(b24)
+
+
+@pytest.fixture
+def fake_clock() -> Iterator[clock.FakeClock]:
+    """The product's waits (backoffs, the rate governor, the sweep's budget) on a clock that moves only when
+    slept on: retries happen at once, and the test reads what was slept in `fake_clock.slept`."""
+    with clock.using(clock.FakeClock()) as fake:
+        assert isinstance(fake, clock.FakeClock)
+        yield fake
 
 
 @pytest.fixture

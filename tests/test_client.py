@@ -363,3 +363,17 @@ def test_a_rename_met_with_an_expired_token_renews_it_and_is_confirmed_with_the_
     assert standin.stats["refresh_ok"] == refreshes + 1
     installed_portal.refresh_from_db()
     assert installed_portal.domain == b24.domain
+
+
+def test_the_governor_spaces_calls_at_the_portals_rate_on_an_injected_clock(fake_clock):
+    """The governor's arithmetic without waiting: after the burst, one call per interval, just under the rate."""
+    from portals.governor import Limit, LocalGovernor
+
+    limit = Limit(rate=2.0, burst=10)
+    governor = LocalGovernor()
+    waits = [governor.acquire("b24:bucket:clock", limit) for _ in range(40)]
+    assert waits[:7] == [0.0] * 7  # the burst, less the governor's margin of 3
+    assert all(wait > 0 for wait in waits[7:])
+    elapsed = fake_clock.monotonic() - 1_000.0
+    assert sum(fake_clock.slept) == pytest.approx(sum(waits))
+    assert 1.95 <= (40 - 7) / elapsed <= 2.0  # 99 % of the portal's rate once the burst is spent

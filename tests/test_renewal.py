@@ -281,17 +281,18 @@ def test_an_answer_lost_to_a_timeout_is_named_as_such(b24, standin, settings):
     assert "previous attempt timed out" in pair.last_error
 
 
-@pytest.mark.system
-def test_oauth_client_retries_until_the_server_is_back(b24, standin, settings):
+def test_oauth_client_retries_until_the_server_is_back(b24, standin, settings, fake_clock):
     pair = TokenPairFactory.for_standin(b24)
     settings.BITRIX24_OAUTH_ATTEMPTS = 6
     settings.BITRIX24_OAUTH_BACKOFF = 0.2
     standin.oauth_mode = "html"
-    threading.Timer(0.3, lambda: setattr(standin, "oauth_mode", "ok")).start()
+    # The server comes back while the client waits its second backoff.
+    fake_clock.on_sleep = lambda _: len(fake_clock.slept) >= 2 and setattr(standin, "oauth_mode", "ok")
 
     result = renewal.renew_pair(pair.pk, trigger=RenewalTrigger.STAFF, force=True)
 
     assert result.renewed
+    assert len(fake_clock.slept) == 2
     assert _is_live(standin, result.pair)
 
 

@@ -119,15 +119,17 @@ def test_a_refused_token_is_asked_about_once(standin, settings):
 # page, "down" drops the connection once the request is in.
 
 
-@pytest.mark.system
 @pytest.mark.parametrize(("mode", "error"), [("html", client.NotJSON), ("down", client.TransportError)])
-def test_a_read_is_resent_after_an_error_page_or_a_dropped_connection(installed, standin, mode, error):
+def test_a_read_is_resent_after_an_error_page_or_a_dropped_connection(
+    installed, standin, mode, error, fake_clock
+):
     _point_at(installed, standin.oauth_domain)
     standin.oauth_mode = mode
     before = standin.stats["oauth_requests"]
     with pytest.raises(error):
         PortalClient(installed).call("crm.contact.get", {"id": 1})
     assert _sent(standin, before) == 3
+    assert len(fake_clock.slept) == 2  # a backoff before each re-send, on the injected clock
 
 
 @pytest.mark.parametrize(("mode", "error"), [("html", client.NotJSON), ("down", client.TransportError)])
@@ -143,8 +145,7 @@ def test_a_write_is_not_resent_after_an_error_page_or_a_dropped_connection(insta
         assert "not re-sent" in str(failure.value)
 
 
-@pytest.mark.system
-def test_a_batch_is_resent_only_when_every_command_reads(installed, standin):
+def test_a_batch_is_resent_only_when_every_command_reads(installed, standin, fake_clock):
     _point_at(installed, standin.oauth_domain)
     standin.oauth_mode = "html"
     reads = {"a": ("crm.contact.get", {"id": 1}), "b": ("profile", {})}
@@ -158,8 +159,7 @@ def test_a_batch_is_resent_only_when_every_command_reads(installed, standin):
     assert _sent(standin, before) == 1
 
 
-@pytest.mark.system
-def test_a_write_whose_connection_was_refused_is_sent_again(installed, monkeypatch):
+def test_a_write_whose_connection_was_refused_is_sent_again(installed, monkeypatch, fake_clock):
     with socket.socket() as probe:  # a port nobody listens on once the probe is closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -179,8 +179,9 @@ def test_a_write_whose_connection_was_refused_is_sent_again(installed, monkeypat
     assert "not re-sent" not in str(failure.value)
 
 
-@pytest.mark.system
-def test_a_write_refused_for_the_rate_limit_is_resent_until_the_policy_gives_up(installed, b24, settings):
+def test_a_write_refused_for_the_rate_limit_is_resent_until_the_policy_gives_up(
+    installed, b24, settings, fake_clock
+):
     settings.BITRIX24_QUERY_LIMIT_RETRIES = 2
     # We believe in a roomy bucket; the portal's holds one request and barely drains.
     Portal.objects.filter(pk=installed.pk).update(rate_limit=50.0, rate_burst=4)
