@@ -194,6 +194,25 @@ def test_a_batch_out_of_time_queues_the_rest(standin, monkeypatch):
     assert [args[0] for args, _ in published] == [[pairs[1].pk, pairs[2].pk]]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_starts_no_pair_once_its_time_budget_is_spent(standin, monkeypatch, fake_clock):
+    """The sweep's budget on the injected clock: each renewal here "takes" 25 s, so a 60 s budget starts
+    three pairs (0, 25, 50 s) and hands the other two back untouched, without waiting a second."""
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(5)]
+    renew_one = renewal._renew_one
+
+    def slow_renewal(pair_id: int, trigger: str) -> str:
+        outcome = renew_one(pair_id, trigger)
+        fake_clock.advance(25)
+        return outcome
+
+    monkeypatch.setattr(renewal, "_renew_one", slow_renewal)
+    batch = renewal.renew_batch([p.pk for p in pairs], trigger=RenewalTrigger.BEAT, budget=60)
+    assert batch.outcomes == {"renewed": 3}, batch.summary()
+    assert batch.left == [p.pk for p in pairs[3:]]
+    assert not batch.stopped
+
+
 @pytest.mark.needs_postgres(
     "terminates this process's PostgreSQL backend between two pairs: SQLite has no server connection to lose"
 )
