@@ -15,12 +15,12 @@ os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
 os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
 os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
 # The system lane runs in several processes (pytest-xdist), each with its own test database: each gets its
-# own Celery queue and Redis key prefix too, so one process's workers never take another's tasks. Child
-# processes inherit the environment, suffix included.
+# own Celery queue and Redis key prefix too, so one process's workers never take another's tasks. Done once,
+# in the pytest process: its children inherit the queue, and one given another queue keeps it.
 _xdist = os.environ.get("PYTEST_XDIST_WORKER", "")
-_queue = os.environ.get("CELERY_QUEUE", "bitrix24")
-if _xdist and not _queue.endswith(f"-{_xdist}"):
-    os.environ["CELERY_QUEUE"] = f"{_queue}-{_xdist}"
+if _xdist and not os.environ.get("BITRIX24_TEST_QUEUE_SUFFIXED"):
+    os.environ["CELERY_QUEUE"] = f"{os.environ.get('CELERY_QUEUE', 'bitrix24')}-{_xdist}"
+    os.environ["BITRIX24_TEST_QUEUE_SUFFIXED"] = "1"
 
 from config.settings import *  # noqa: E402, F403
 
