@@ -16,17 +16,16 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django.core.exceptions import ImproperlyConfigured
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import exceptions
+from rest_framework import exceptions, status
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from portals import services
+from portals import answers, services
 from portals.models import Portal, PortalState
 
-from .exceptions import NotConfigured, UpstreamUnavailable
+from .exceptions import Answered
 
 if TYPE_CHECKING:  # a type only: the API uses portals' services, never the OAuth client itself
     from portals.oauth import AppInfo
@@ -68,13 +67,6 @@ class IsPortalUser(BasePermission):
         return isinstance(request.auth, PortalUser)
 
 
-def _refuse(refusal: services.Refusal, code: str, message: str) -> exceptions.APIException:
-    # Genuine credentials for another portal are forbidden here; unproven ones are not authenticated.
-    if refusal == services.Refusal.NOT_ACCEPTED:
-        return exceptions.AuthenticationFailed(message, code=code)
-    return exceptions.PermissionDenied(message, code=code)
-
-
 # One answer for a forged token and for a portal we do not serve: an anonymous caller must not learn
 # which member_ids are installed here.
 NOT_ACCEPTED = "Bitrix24 did not accept the token."
@@ -84,16 +76,17 @@ def _verify(portal: Portal, token: str) -> AppInfo:
     """The token's portal and user, per the one verification path (cached there)."""
     try:
         return services.identify_token(portal=portal, access_token=token)
-    except ImproperlyConfigured as exc:
-        raise NotConfigured() from exc
-    except services.UpstreamUnavailable as exc:
-        raise UpstreamUnavailable(str(exc)) from exc
-    except services.TooManyUnverified as exc:
-        raise exceptions.Throttled(wait=exc.retry_after, detail=str(exc)) from exc
     except services.VerificationError as exc:
+        # Status and code from the one table (portals.answers); raised as DRF's authentication errors so that
+        # a 401 carries WWW-Authenticate. Every other domain error reaches the API's exception handler,
+        # which answers it from the same table.
+        answer = answers.answer_for(exc)
+        assert answer is not None
         if exc.code == "invalid_token":
             raise exceptions.AuthenticationFailed(NOT_ACCEPTED, code="invalid_token") from exc
-        raise _refuse(exc.refusal, exc.code, str(exc)) from exc
+        if answer.status == status.HTTP_401_UNAUTHORIZED:
+            raise exceptions.AuthenticationFailed(answer.message, code=answer.code) from exc
+        raise Answered(answer) from exc
 
 
 class Bitrix24FrameAuthentication(BaseAuthentication):

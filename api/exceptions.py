@@ -1,34 +1,22 @@
 """Every API error as `{"error": code, "error_description": message}`, the shape the install endpoints
-answer with; invalid input also carries `"fields"` (field name → messages)."""
+answer with; invalid input also carries `"fields"` (field name → messages). A domain error (no usable
+tokens, Bitrix24 refusing a call, a configuration error …) is answered from portals.answers, the table the
+launch and the middleware read too."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from portals import answers
+
 logger = logging.getLogger(__name__)
-
-
-class UpstreamUnavailable(exceptions.APIException):
-    """Bitrix24 could not be asked (to verify a token, or to run a call): try again shortly."""
-
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "Bitrix24 cannot be reached right now; try again shortly."
-    default_code = "bitrix24_unavailable"
-    wait = 15  # Retry-After, seconds
-
-
-class NotConfigured(exceptions.APIException):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "The app's Bitrix24 credentials are not configured on this backend."
-    default_code = "not_configured"
 
 
 class Conflict(exceptions.APIException):
@@ -39,12 +27,13 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
-class BadGateway(exceptions.APIException):
-    """Bitrix24 refused or failed a call made on the caller's behalf: not this backend's error."""
+class Answered(exceptions.APIException):
+    """A domain error as DRF's APIException, with the answer portals.answers gives it."""
 
-    status_code = status.HTTP_502_BAD_GATEWAY
-    default_detail = "Bitrix24 refused the call."
-    default_code = "bitrix24_error"
+    def __init__(self, answer: answers.Answer) -> None:
+        super().__init__(answer.message, code=answer.code)
+        self.status_code = answer.status
+        self.wait = answer.retry_after
 
 
 def _first_message(detail: Any) -> str:
@@ -69,22 +58,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied(*exc.args) if exc.args else exceptions.PermissionDenied()
 
-    if isinstance(exc, ImproperlyConfigured):
-        # Not a bug but a setting (token keys that cannot decrypt, say): 503, and which setting only to
-        # staff. The Django request's user is the one DRF authenticated; asking DRF again could re-raise.
+    if not isinstance(exc, exceptions.APIException):
+        # A domain error: its answer from the one table. Which setting is wrong (a configuration error) only
+        # to staff; the Django request's user is the one DRF authenticated, asking DRF again could re-raise.
         request = context.get("request")
         user = getattr(getattr(request, "_request", request), "user", None)
-        staff = user is not None and user.is_active and user.is_staff
-        logger.error("Configuration error in the API: %s", exc)
-        set_rollback()
-        return Response(
-            {
-                "error": "not_configured",
-                "error_description": str(exc) if staff else "the backend is not configured",
-            },
-            status=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "60"},
-        )
+        staff = bool(user is not None and user.is_active and user.is_staff)
+        answer = answers.answer_for(exc, staff=staff)
+        if answer is not None:
+            if answer.ours:
+                logger.error("%s in the API: %s", type(exc).__name__, exc)
+            set_rollback()
+            retry = {"Retry-After": str(answer.retry_after)} if answer.retry_after else {}
+            return Response(answer.body(), status=answer.status, headers=retry)
 
     if not isinstance(exc, exceptions.APIException):
         # A bug: logged with its traceback, answered as JSON like every other error.

@@ -30,14 +30,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portals import errors, health, operations
+from portals import answers, health, operations
 from portals import selectors as portal_selectors
-from portals.client import PortalClient, RestError
+from portals.client import PortalClient
 from portals.models import Portal
 
 from . import selectors
 from .authentication import Bitrix24FrameAuthentication, IsPortalUser, PortalUser
-from .exceptions import BadGateway, Conflict, UpstreamUnavailable
+from .exceptions import Answered, Conflict
 from .serializers import (
     CallResultSerializer,
     CallSerializer,
@@ -67,17 +67,16 @@ _FRAME_ERRORS = {
 
 @contextmanager
 def bitrix24_errors() -> Iterator[None]:
-    """A call to a portal that fails is Bitrix24's refusal or our missing tokens, not a bug (5xx of ours)."""
+    """Domain errors raised inside (Bitrix24 refusing a call, no usable tokens …) become DRF's APIException
+    with the answer portals.answers gives them, for code that handles APIException itself. Without it the
+    API's exception handler gives the same answer from the same table."""
     try:
         yield
-    except errors.NoUsablePair as exc:
-        raise Conflict(str(exc), code="no_usable_pair") from exc
-    except errors.RenewalFailed as exc:
-        if exc.transient:
-            raise UpstreamUnavailable(f"Renewing the token failed for now: {exc}") from exc
-        raise Conflict(f"The portal's token was refused: {exc}", code="renewal_refused") from exc
-    except RestError as exc:
-        raise BadGateway(str(exc) or "Bitrix24 refused the call.", code=exc.code or "bitrix24_error") from exc
+    except Exception as exc:
+        answer = answers.answer_for(exc)
+        if answer is None:
+            raise
+        raise Answered(answer) from exc
 
 
 # --- staff ----------------------------------------------------------------------------------------

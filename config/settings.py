@@ -129,8 +129,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Token renewals needed by a request are carried out by a Celery worker (portals/middleware.py).
     "portals.middleware.RenewalsInWorkers",
-    # A configuration error (token keys that cannot decrypt, missing credentials) answers 503, not 500.
-    "portals.middleware.NotConfiguredAnswers",
+    # A domain error (a configuration error, Bitrix24 refusing a call, no usable tokens …) gets its answer from
+    # the one table, portals.answers, instead of a 500.
+    "portals.middleware.DomainErrorAnswers",
     # django-axes: refuses logins while a username + address is locked out (last, as its docs ask).
     "axes.middleware.AxesMiddleware",
 ]

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from portals import metrics, registry
 from portals.client import PortalClient
+from portals.errors import TooManyEvents
 from portals.models import Portal, PortalState
 
 from .models import AppEvent, EventSource, EventState
@@ -43,14 +44,6 @@ IDS_MAX = 20
 IDS_DEPTH = 3
 ID_KEY_MAX = 40
 ID_VALUE_MAX = 64
-
-
-class TooManyEvents(Exception):
-    """The portal delivered more events than it may (per minute, or waiting at once): not stored."""
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

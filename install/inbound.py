@@ -14,27 +14,19 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone, translation
 
-from events.services import TooManyEvents
-from portals import metrics, statements
-from portals.errors import NoUsablePair, RenewalPending
+from portals import answers, metrics, statements
 from portals.masking import fingerprint, redact
-from portals.services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest
 from .placements import language
 
 logger = logging.getLogger(__name__)
-
-# How each kind of refusal reads in HTTP: unproven credentials are 401, genuine ones for another portal
-# (or an app no longer there) 403, and a verification overtaken by an uninstall 409.
-REFUSAL_STATUS = {Refusal.NOT_ACCEPTED: 401, Refusal.NOT_HERE: 403, Refusal.STALE: 409}
 
 SECRET_KEYS = {
     "access_token",
@@ -236,7 +228,6 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
         remote_addr=request.META.get("REMOTE_ADDR") or None,
         headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
     )
-    frame_origin = ""
     row._sizes = _sizes(request)  # type: ignore[attr-defined]
     try:
         response = handler(request, row)
@@ -249,49 +240,36 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             row._body_replaced = True  # type: ignore[attr-defined]
         status, error = InboundStatus.REJECTED, str(exc)
         response = error_response(request, status=exc.status, code=exc.code, message=str(exc), html=html)
-    except VerificationError as exc:
-        status, error = InboundStatus.REJECTED, str(exc)
-        frame_origin = getattr(row, "_frame_origin", "")
-        response = error_response(
-            request,
-            status=REFUSAL_STATUS[exc.refusal],
-            code=exc.code,
-            message=str(exc),
-            html=html,
-            frame_origin=frame_origin,
-        )
-    except NoUsablePair as exc:
-        status, error = InboundStatus.REJECTED, str(exc)
-        response = error_response(request, status=409, code="no_usable_tokens", message=str(exc), html=html)
-    except ImproperlyConfigured as exc:
-        # The backend itself is not set up (no BITRIX24_CLIENT_ID/SECRET, token keys that do not work):
-        # say so, do not pretend a 500. Which setting is wrong is for staff (the log row, the server log),
-        # not for whoever posted.
-        logger.error("Inbound %s #%s cannot be verified: %s", kind, row.pk, exc)
-        status, error = InboundStatus.FAILED, str(exc)
-        response = error_response(
-            request, status=503, code="not_configured", message="the backend is not configured", html=html
-        )
-    except (TooManyUnverified, TooManyEvents) as exc:
-        status, error = InboundStatus.REJECTED, str(exc)
-        response = error_response(request, status=429, code="too_many_requests", message=str(exc), html=html)
-        response["Retry-After"] = str(exc.retry_after)
-    except (UpstreamUnavailable, RenewalPending) as exc:
-        status, error = InboundStatus.FAILED, str(exc)
-        response = error_response(
-            request, status=503, code="bitrix24_unavailable", message=str(exc), html=html
-        )
-        response["Retry-After"] = "30"
     except Exception as exc:
-        logger.exception("Unexpected failure handling inbound %s #%s", kind, row.pk)
-        status, error = InboundStatus.FAILED, f"{type(exc).__name__}: {redact(str(exc))}"
-        response = error_response(
-            request,
-            status=500,
-            code="internal_error",
-            message="internal error; it has been logged",
-            html=html,
-        )
+        # A domain error gets its answer from the one table (portals.answers), as in the API. Which setting
+        # is wrong (ImproperlyConfigured) is for staff, in the log row and the server log, not for the caller.
+        answer = answers.answer_for(exc)
+        if answer is not None:
+            if answer.ours:
+                logger.error("Inbound %s #%s not handled: %s", kind, row.pk, redact(str(exc)))
+            status = InboundStatus.FAILED if answer.ours else InboundStatus.REJECTED
+            error = str(exc)
+            response = error_response(
+                request,
+                status=answer.status,
+                code=answer.code,
+                message=answer.message,
+                html=html,
+                # A refused frame may still be shown by the portal that framed it.
+                frame_origin=getattr(row, "_frame_origin", ""),
+            )
+            if answer.retry_after:
+                response["Retry-After"] = str(answer.retry_after)
+        else:
+            logger.exception("Unexpected failure handling inbound %s #%s", kind, row.pk)
+            status, error = InboundStatus.FAILED, f"{type(exc).__name__}: {redact(str(exc))}"
+            response = error_response(
+                request,
+                status=500,
+                code="internal_error",
+                message="internal error; it has been logged",
+                html=html,
+            )
     row.status = status
     row.error = printable(error)[:500]
     row.http_status = response.status_code

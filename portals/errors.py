@@ -1,7 +1,7 @@
 """Domain errors that callers above the renewal service catch (views, the API, tasks, commands).
 
 They live apart from the modules that raise them so that callers need not import those modules'
-internals, and they carry no HTTP: the views and the API's exception handler map them.
+internals, and they carry no HTTP: portals.answers maps each to its answer, for every surface.
 """
 
 from __future__ import annotations
@@ -9,6 +9,14 @@ from __future__ import annotations
 
 class NoUsablePair(Exception):
     """The portal has no active token pair to act with (not installed, or it needs a reinstall)."""
+
+
+class TooManyEvents(Exception):
+    """The portal delivered more events than it may (per minute, or waiting at once): not stored."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RenewalFailed(Exception):

@@ -5,7 +5,7 @@ a refresh cut there would lose the portal. So inside a request the renewal is qu
 waited for at most BITRIX24_WEB_TOKEN_WAIT_SECONDS; past that the request answers 503 with
 Retry-After and the worker finishes the renewal.
 
-Configuration errors met by a request (NotConfiguredAnswers) answer 503, naming the setting to staff only.
+Domain errors met by a request (DomainErrorAnswers) get their answer from portals.answers, not a 500.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from . import renewal
+from . import answers, renewal
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +30,10 @@ class RenewalsInWorkers:
             return self.get_response(request)
 
 
-class NotConfiguredAnswers:
-    """A request that meets a configuration error (token keys that do not work, missing credentials)
-    answers 503, not 500. Staff are told which setting is wrong; anyone else only that the backend is
-    not configured (a configuration is nobody else's business)."""
+class DomainErrorAnswers:
+    """A domain error that reaches Django (from any view outside the install endpoints and the API, which
+    answer from the same table themselves) gets its answer from portals.answers instead of a 500: a
+    configuration error is 503 naming the setting to staff only, Bitrix24's refusal of a call 502, and so on."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -43,21 +42,14 @@ class NotConfiguredAnswers:
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        if not isinstance(exception, ImproperlyConfigured):
-            return None
-        logger.error("Configuration error on %s: %s", request.path, exception)
-        return not_configured_response(request, exception)
-
-
-def not_configured_response(request: HttpRequest, exception: Exception) -> JsonResponse:
-    user = getattr(request, "user", None)
-    staff = user is not None and user.is_active and user.is_staff
-    response = JsonResponse(
-        {
-            "error": "not_configured",
-            "error_description": str(exception) if staff else "the backend is not configured",
-        },
-        status=503,
-    )
-    response["Retry-After"] = "60"
-    return response
+        user = getattr(request, "user", None)
+        staff = bool(user is not None and user.is_active and user.is_staff)
+        answer = answers.answer_for(exception, staff=staff)
+        if answer is None:
+            return None  # a bug: Django's own 500
+        if answer.ours:
+            logger.error("%s on %s: %s", type(exception).__name__, request.path, exception)
+        response = JsonResponse(answer.body(), status=answer.status)
+        if answer.retry_after:
+            response["Retry-After"] = str(answer.retry_after)
+        return response
