@@ -23,7 +23,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from portals import metrics, registry
+from portals import clock, metrics, registry
 from portals.client import PortalClient
 from portals.errors import TooManyEvents
 from portals.models import Portal, PortalState
@@ -202,8 +202,9 @@ def lease() -> timedelta:
 
 
 def retry_delay(attempts: int) -> timedelta:
-    base = settings.BITRIX24_EVENT_RETRY_SECONDS
-    return timedelta(seconds=min(base * 2 ** max(attempts - 1, 0), 6 * 3600))
+    return timedelta(
+        seconds=clock.backoff(attempts, base=settings.BITRIX24_EVENT_RETRY_SECONDS, cap=6 * 3600)
+    )
 
 
 def claim(event_id: int, *, now: datetime | None = None) -> AppEvent | None:

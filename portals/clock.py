@@ -50,6 +50,13 @@ class FakeClock(Clock):
             self._now += max(0.0, seconds)
 
 
+def backoff(attempt: int, *, base: float, cap: float) -> float:
+    """Seconds to wait before try `attempt` + 1 after `attempt` failures: base, 2·base, 4·base … at most cap.
+    The one doubling rule of the product: between attempts of a call (portals.http.Backoff adds jitter),
+    and for work deferred to a later time (a failing renewal, a wanted action, an app event's handler)."""
+    return min(cap, base * 2 ** max(attempt - 1, 0))
+
+
 _current: Clock = Clock()
 
 

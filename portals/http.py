@@ -357,7 +357,7 @@ class Backoff:
     cap: float = math.inf
 
     def ceiling(self, retry: int) -> float:
-        return min(self.cap, self.base * 2 ** (retry - 1))
+        return clock.backoff(retry, base=self.base, cap=self.cap)
 
     def delay(self, retry: int) -> float:
         return random.uniform(0, self.ceiling(retry))

@@ -282,7 +282,9 @@ def _mark_transient(pair: TokenPair, exc: oauth.OAuthError, now: datetime) -> No
     pair.consecutive_failures += 1
     pair.last_error = str(exc)[:500]
     # 1, 2, 4 … minutes, at most six hours: the beat sweep will not pick it up before then.
-    pair.next_attempt_at = now + timedelta(minutes=min(2 ** (pair.consecutive_failures - 1), 360))
+    pair.next_attempt_at = now + timedelta(
+        seconds=clock.backoff(pair.consecutive_failures, base=60, cap=6 * 3600)
+    )
     pair.save(update_fields=["consecutive_failures", "last_error", "next_attempt_at", "updated_at"])
 
 

@@ -21,7 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bindings, renewal, selectors, services
+from . import bindings, clock, renewal, selectors, services
 from .models import (
     Portal,
     PortalState,
@@ -196,7 +196,7 @@ def want(kind: str, *, portal: Portal, pair: TokenPair | None = None, **fields: 
 
 
 def _next_try(action: WantedAction) -> timedelta:
-    return timedelta(minutes=min(2 ** max(action.attempts - 1, 0), 360))
+    return timedelta(seconds=clock.backoff(action.attempts, base=60, cap=6 * 3600))
 
 
 @shared_task(acks_late=True, soft_time_limit=ACTION_TIME_LIMIT - 30, time_limit=ACTION_TIME_LIMIT)

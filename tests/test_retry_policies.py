@@ -193,3 +193,23 @@ def test_a_write_refused_for_the_rate_limit_is_resent_until_the_policy_gives_up(
         api.call("crm.contact.add", {"fields": {"NAME": "Never"}})
     assert len([c for c in b24.calls if c[1] == "crm.contact.add"]) == 3  # first send and two re-sends
     assert b24.items["crm.contact"] == []  # refused before it ran, every time
+
+
+def test_deferred_work_backs_off_by_the_one_rule(settings):
+    """One doubling rule (portals.clock.backoff) for a failing renewal, a wanted action and an app event."""
+    from datetime import timedelta
+
+    from events.services import retry_delay
+    from portals import clock
+
+    assert [clock.backoff(n, base=60, cap=6 * 3600) for n in (0, 1, 2, 3, 9, 10)] == [
+        60,
+        60,
+        120,
+        240,
+        15360,
+        21600,
+    ]
+    settings.BITRIX24_EVENT_RETRY_SECONDS = 30
+    assert [retry_delay(n) for n in (1, 2, 3)] == [timedelta(seconds=s) for s in (30, 60, 120)]
+    assert http.Backoff(base=0.5, cap=4.0).ceiling(4) == 4.0
