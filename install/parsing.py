@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from portals import services
+from portals import phpform, services
 
 MAX_DEPTH = 8
 # JSON bodies nest no deeper than this. Python's parser recurses once per level: a body of 100,000 `[`
@@ -26,8 +26,6 @@ _JSON_SIGN = re.compile(r'[\[\]{}"\\]')
 # Text the database cannot store (PostgreSQL refuses NUL in text and JSON; neither database can encode a
 # lone surrogate) and that no Bitrix24 request carries: refused at the door, never half-stored.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-_KEY = re.compile(r"^(?P<name>[^\[\]]+)(?P<rest>(?:\[[^\[\]]*\])*)$")
-_SEGMENT = re.compile(r"\[([^\[\]]*)\]")
 
 MEMBER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{1,512}$")
@@ -49,48 +47,13 @@ Nested = dict[str, Any]
 
 
 def decode_php_form(pairs: list[tuple[str, str]]) -> Nested:
-    """Turn `auth[access_token]=…&data[FIELDS][ID]=…&a[]=1` into nested dicts and lists, as PHP does.
-
-    Unlike PHP this refuses what it cannot read unambiguously (an unbalanced bracket, a key used
-    both as a value and as a container, nesting deeper than MAX_DEPTH) instead of guessing.
-    """
-    root: Nested = {}
-    for key, value in pairs:
-        match = _KEY.match(key)
-        if match is None:
-            raise BadRequest(f"malformed form key {key[:80]!r}: unbalanced or misplaced brackets")
-        path = [match["name"], *_SEGMENT.findall(match["rest"])]
-        if len(path) > MAX_DEPTH:
-            raise BadRequest(f"form key {key[:80]!r} is nested deeper than {MAX_DEPTH} levels")
-        node: Any = root
-        for depth, segment in enumerate(path):
-            last = depth == len(path) - 1
-            if isinstance(node, list):
-                if segment != "":
-                    raise BadRequest(f"form key {key[:80]!r} mixes list and named entries")
-                if last:
-                    node.append(value)
-                    break
-                child: Any = [] if path[depth + 1] == "" else {}
-                node.append(child)
-                node = child
-                continue
-            if segment == "":
-                raise BadRequest(f"form key {key[:80]!r} has an empty segment where a name is needed")
-            if last:
-                if isinstance(node.get(segment), (dict, list)):
-                    raise BadRequest(f"form key {key[:80]!r} is used both as a value and as a container")
-                node[segment] = value
-                break
-            want_list = path[depth + 1] == ""
-            existing = node.get(segment)
-            if existing is None:
-                existing = [] if want_list else {}
-                node[segment] = existing
-            elif isinstance(existing, str) or isinstance(existing, list) != want_list:
-                raise BadRequest(f"form key {key[:80]!r} conflicts with another key of the same name")
-            node = existing
-    return root
+    """`auth[access_token]=…&data[FIELDS][ID]=…&a[]=1` as nested dicts and lists, by the product's one PHP-form
+    decoder (portals.phpform); what it cannot read unambiguously (an unbalanced bracket, a key used both as
+    a value and as a container, nesting deeper than MAX_DEPTH) is a 400 that says which key."""
+    try:
+        return phpform.decode(pairs, max_depth=MAX_DEPTH)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def _decode(raw: bytes, what: str) -> str:

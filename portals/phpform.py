@@ -112,18 +112,22 @@ def _listify(value: Any) -> Any:
     return converted
 
 
-def decode(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    """Rebuild the nested structure from PHP-style form pairs.
+def decode(pairs: Iterable[tuple[str, str]], *, max_depth: int | None = None) -> dict[str, Any]:
+    """Rebuild the nested structure from PHP-style form pairs: the one decoder of the product (what Bitrix24
+    posts to the backend, and what the stand-in is sent).
 
-    ``a[]=1&a[]=2`` → ``{"a": ["1", "2"]}``; ``a[b][c]=1`` → ``{"a": {"b": {"c": "1"}}}``.
+    ``a[]=1&a[]=2`` → ``{"a": ["1", "2"]}``; ``a[b][c]=1`` → ``{"a": {"b": {"c": "1"}}}``; an array whose
+    keys are exactly 0 … n-1 is a list, as PHP's lists are (``a[0]=x&a[1]=y`` → ``["x", "y"]``).
     A repeated plain key keeps the last value (PHP does the same). Raises ``ValueError`` on broken
-    nesting (``a[b`` or ``a]``) and on a name used both as a value and as an array (``a=1&a[b]=2``),
-    where PHP would silently drop data.
+    nesting (``a[b`` or ``a]``), on a name used both as a value and as an array (``a=1&a[b]=2``),
+    where PHP would silently drop data, and on nesting deeper than `max_depth` names.
     """
     root: dict[str, Any] = {}
     for raw_key, value in pairs:
         base, segments = _split_key(raw_key)
         path = [base, *segments]
+        if max_depth is not None and len(path) > max_depth:
+            raise ValueError(f"form key {raw_key[:80]!r} is nested deeper than {max_depth} levels")
         node = root
         for depth, segment in enumerate(path):
             if segment == "":
@@ -147,6 +151,6 @@ def decode(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return {key: _listify(item) for key, item in root.items()}
 
 
-def decode_query(query: str) -> dict[str, Any]:
+def decode_query(query: str, *, max_depth: int | None = None) -> dict[str, Any]:
     """Decode a URL-encoded query string or form body (``a[b]=1&c=2``) with :func:`decode`."""
-    return decode(parse_qsl(query, keep_blank_values=True))
+    return decode(parse_qsl(query, keep_blank_values=True), max_depth=max_depth)

@@ -206,11 +206,15 @@ def test_php_form_round_trip(data):
 
     def without_empty_groups(value):
         if isinstance(value, dict):
-            return {
+            kept = {
                 k: without_empty_groups(v)
                 for k, v in value.items()
                 if v != {} and without_empty_groups(v) != {}
             }
+            # An array keyed exactly 0 … n-1 is a PHP list, and comes back as one.
+            if kept and list(kept) == [str(i) for i in range(len(kept))]:
+                return list(kept.values())
+            return kept
         return value
 
     assert decode_php_form(phpform.encode(data)) == without_empty_groups(data)
