@@ -23,13 +23,11 @@ verdict cached (see api.authentication). Errors are JSON like the rest of the AP
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from types import ModuleType
 
-from django.conf import settings
 from rest_framework.permissions import BasePermission
 
+from portals import registry
 from portals.client import PortalClient
 
 from .authentication import Bitrix24FrameAuthentication, IsPortalUser, PortalUser
@@ -55,16 +53,6 @@ class FrontendAPIView(FrameAPIView):
 
 
 def frontend_modules() -> list[ModuleType]:
-    """The `frontend` modules of the app's Django apps that define `urlpatterns`."""
-    names = [*settings.BITRIX24_APPS]
-    if "example" in settings.INSTALLED_APPS:  # BITRIX24_EXAMPLE_APP
-        names.append("example")
-    modules = []
-    for name in dict.fromkeys(names):
-        spec_name = f"{name}.frontend"
-        if importlib.util.find_spec(name) is None or importlib.util.find_spec(spec_name) is None:
-            continue
-        module = importlib.import_module(spec_name)
-        if hasattr(module, "urlpatterns"):
-            modules.append(module)
-    return modules
+    """The `frontend` modules of the installed apps (BITRIX24_APPS, the example when on) that define
+    `urlpatterns`, found as their `bitrix24` modules are (portals.registry.app_modules)."""
+    return [module for module in registry.app_modules("frontend") if hasattr(module, "urlpatterns")]

@@ -41,10 +41,13 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import import_module
+from types import ModuleType
 from typing import Any, TypeVar
 
+from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
-from django.utils.module_loading import autodiscover_modules
+from django.utils.module_loading import module_has_submodule
 
 EVENT_NAME = re.compile(r"^ON[A-Z0-9_]{2,60}$")
 # Events the project handles itself: an app's handler for them would run beside (or instead of) the
@@ -158,9 +161,19 @@ def events(*, offline: bool) -> list[str]:
     return sorted(name for name, handlers in _handlers.items() if handlers and handlers[0].offline == offline)
 
 
+def app_modules(submodule: str) -> list[ModuleType]:
+    """`<app>.<submodule>` of every installed Django app that has one, imported, in INSTALLED_APPS order: how
+    the app's code is found, for its registrations (`bitrix24`) and its frontend endpoints (`frontend`)."""
+    found = []
+    for config in apps.get_app_configs():
+        if module_has_submodule(config.module, submodule):
+            found.append(import_module(f"{config.name}.{submodule}"))
+    return found
+
+
 def autodiscover() -> None:
-    """Import every installed app's `bitrix24` module (called once at start-up)."""
-    autodiscover_modules("bitrix24")
+    """Import every installed app's `bitrix24` module (called once at start-up): its decorators register."""
+    app_modules("bitrix24")
 
 
 @contextmanager
