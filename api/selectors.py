@@ -18,7 +18,7 @@ def portal_list(*, state: str = "", due: bool = False, failing: bool = False) ->
     `portals.selectors.due_pairs`). `failing`: the background pair's last renewal failed or the OAuth
     server refused it for good (`portals.selectors.failing`).
     """
-    queryset = Portal.objects.all()
+    queryset: QuerySet[Portal] = Portal.objects.all()
     if state:
         queryset = queryset.filter(state=state)
     if due:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
@@ -32,6 +36,43 @@ class ReinstallCause(models.TextChoices):
     TOKENS = "tokens", "Its tokens were refused or lost"
     CONFIRMING = "confirming", "A new background pair is being confirmed"
     STAFF = "staff", "Staff marked it"
+
+
+class StateOutsideLifecycle(RuntimeError):
+    """A portal's state was changed outside portals.lifecycle, the one module that moves portals."""
+
+
+# Open only inside a transition of portals.lifecycle (per thread and task: a context variable).
+_state_door: ContextVar[bool] = ContextVar("portal_state_door", default=False)
+
+
+@contextmanager
+def state_door() -> Iterator[None]:
+    """For portals.lifecycle alone: lets its transition write Portal.state."""
+    token = _state_door.set(True)
+    try:
+        yield
+    finally:
+        _state_door.reset(token)
+
+
+def _refuse_state_change() -> None:
+    if not _state_door.get():
+        raise StateOutsideLifecycle(
+            "Portal.state changes only through portals.lifecycle (one named transition per change)"
+        )
+
+
+class PortalQuerySet(models.QuerySet["Portal"]):
+    def update(self, **kwargs: Any) -> int:
+        if "state" in kwargs:
+            _refuse_state_change()
+        return super().update(**kwargs)
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: int | None = None) -> int:
+        if "state" in fields:
+            _refuse_state_change()
+        return super().bulk_update(objs, fields, batch_size=batch_size)
 
 
 class Portal(models.Model):
@@ -145,11 +186,28 @@ class Portal(models.Model):
     )
     updated_at = models.DateTimeField(auto_now=True, help_text="When this row last changed.")
 
+    objects = PortalQuerySet.as_manager()
+
     class Meta:
         ordering = ["domain"]
 
     def __str__(self) -> str:
         return f"{self.domain} ({self.member_id})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The first value (a new row, a row read from the database) and a reload are not changes; any
+        # other change of state must come through portals.lifecycle.
+        changing = name == "state" and "state" in self.__dict__ and self.__dict__["state"] != value
+        if changing and not self.__dict__.get("_reloading"):
+            _refuse_state_change()
+        super().__setattr__(name, value)
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_reloading"] = True
+        try:
+            super().refresh_from_db(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_reloading", None)
 
     @property
     def base_url(self) -> str:

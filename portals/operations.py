@@ -12,12 +12,11 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from . import errors, oauth, renewal, services, tasks
+from . import errors, lifecycle, oauth, renewal, services, tasks
 from .models import (
     PairState,
     Portal,
     PortalState,
-    ReinstallCause,
     TokenPair,
     WantedAction,
     WantedKind,
@@ -115,9 +114,7 @@ def approve_pending(*, portal: Portal) -> Portal:
         if locked.pending_application_token:
             locked.application_token = locked.pending_application_token
             locked.pending_application_token = ""
-        locked.state = PortalState.INSTALLED
-        locked.state_reason = ""
-        locked.installed_at = locked.installed_at or timezone.now()
+        lifecycle.approved_by_staff(locked)
         locked.save()
     logger.info("Staff approved pending portal %s", locked.member_id)
     return locked
@@ -134,12 +131,11 @@ def mark_needs_reinstall(*, portal: Portal, reason: str) -> Portal:
         raise OperationRefused("a reason is required")
     with transaction.atomic():
         locked = Portal.objects.select_for_update().get(pk=portal.pk)
-        if locked.state == PortalState.UNINSTALLED:
-            raise OperationRefused(f"{locked.domain} is uninstalled: a reinstall is the customer's choice")
-        locked.state = PortalState.NEEDS_REINSTALL
-        locked.state_reason = reason[:255]
-        # Staff's mark: a working token pair does not clear it; a reinstall or staff do.
-        locked.reinstall_cause = ReinstallCause.STAFF
+        try:
+            # Staff's mark: a working token pair does not clear it; a reinstall or staff do.
+            lifecycle.marked_by_staff(locked, reason)
+        except lifecycle.WrongState as exc:
+            raise OperationRefused(str(exc)) from exc
         locked.save(update_fields=["state", "state_reason", "reinstall_cause", "updated_at"])
     logger.info("Portal %s marked as needing a reinstall: %s", locked.member_id, reason)
     return locked

@@ -36,10 +36,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from . import clock, journal, metrics, oauth, statements, stopping
+from . import clock, journal, lifecycle, metrics, oauth, statements, stopping
 from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
@@ -135,7 +135,6 @@ def _log(
 
 
 # The state_reason of a portal whose new background pair is being confirmed by a renewal.
-CONFIRMING = "new background pair: confirming it with a renewal"
 
 
 _GRANT_FIELDS = [
@@ -222,11 +221,7 @@ def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> Non
     ):
         # The background pair has now renewed: it proves the portal's tokens work again. A mark staff
         # set is theirs to take back.
-        Portal.objects.filter(
-            pk=pair.portal_id,
-            state=PortalState.NEEDS_REINSTALL,
-            reinstall_cause__in=(ReinstallCause.TOKENS, ReinstallCause.CONFIRMING),
-        ).update(state=PortalState.INSTALLED, state_reason="", reinstall_cause="")
+        lifecycle.background_proven(pair.portal_id)
 
 
 def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
@@ -241,13 +236,7 @@ def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background and pair.state == PairState.DEAD:
         # Also a portal whose new pair was being confirmed: that pair has just failed its proof.
-        Portal.objects.filter(pk=pair.portal_id).filter(
-            Q(state=PortalState.INSTALLED) | Q(reinstall_cause=ReinstallCause.CONFIRMING)
-        ).update(
-            state=PortalState.NEEDS_REINSTALL,
-            state_reason=f"renewal refused: {exc.code}"[:255],
-            reinstall_cause=ReinstallCause.TOKENS,
-        )
+        lifecycle.background_refused(pair.portal_id, exc.code)
     if was_active:  # once per transition, not on every retry
         logger.warning(
             "Token pair %s (portal %s, user %s) refused for good: %s",
@@ -266,13 +255,7 @@ def _mark_lost(pair: TokenPair, reason: str) -> None:
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background:
         # A mark staff set stays theirs (its reason too); the pair's own state says it was lost.
-        Portal.objects.filter(pk=pair.portal_id).exclude(state=PortalState.UNINSTALLED).exclude(
-            reinstall_cause=ReinstallCause.STAFF
-        ).update(
-            state=PortalState.NEEDS_REINSTALL,
-            state_reason=reason[:255],
-            reinstall_cause=ReinstallCause.TOKENS,
-        )
+        lifecycle.background_lost(pair.portal_id, reason)
     logger.error(
         "Token pair %s (portal %s, user %s) %s", pair.pk, pair.portal.member_id, pair.user_id, reason
     )

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -22,7 +22,7 @@ from django.db.models import Exists, OuterRef, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, metrics, oauth, renewal, statements
+from . import http, lifecycle, metrics, oauth, renewal, statements
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
 
@@ -360,41 +360,6 @@ def _store_pair(
     return pair
 
 
-def _revive(portal: Portal, now: datetime, *, new_background: bool) -> None:
-    """The portal's state after a verified install or launch.
-
-    A portal first seen (or seen again after an uninstall) only through a user who is not a portal
-    admin is *pending*: an employee can post their own token as an install. An admin's install,
-    update or launch, or staff approval, makes it installed.
-
-    A portal that needs a reinstall because its background tokens were refused or lost stays so
-    until a new background pair has renewed once (`renewal` then marks it installed): an ordinary
-    user's launch proves nothing about the background pair, and a new pair is only trusted once
-    the OAuth server has taken its refresh token. An admin's reinstall or launch with a new
-    background pair does clear a mark staff set by hand (the customer did what staff asked).
-    """
-    if portal.state == PortalState.INSTALLED:
-        return
-    if portal.state in (PortalState.PENDING, PortalState.UNINSTALLED) and not new_background:
-        # Seen (again) only through a user who is not a portal admin: anyone could have sent that.
-        portal.state = PortalState.PENDING
-        portal.state_reason = "first seen through a user who is not a portal admin"
-        return
-    if portal.state == PortalState.NEEDS_REINSTALL:
-        if not new_background:
-            return
-        if portal.reinstall_cause in (ReinstallCause.TOKENS, ReinstallCause.CONFIRMING):
-            portal.state_reason = renewal.CONFIRMING
-            portal.reinstall_cause = ReinstallCause.CONFIRMING
-            return
-    if portal.state == PortalState.UNINSTALLED or portal.installed_at is None:
-        portal.installed_at = now
-    portal.state = PortalState.INSTALLED
-    portal.state_reason = ""
-    portal.reinstall_cause = ""
-    portal.uninstalled_at = None
-
-
 def needs_confirmation(portal: Portal) -> TokenPair | None:
     """The new background pair to renew once, when the portal waits for that to count as installed."""
     if portal.state != PortalState.NEEDS_REINSTALL or portal.reinstall_cause != ReinstallCause.CONFIRMING:
@@ -435,7 +400,7 @@ def install_portal(
     """
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
-    _revive(portal, now, new_background=trusted and verified.info.user_id is not None)
+    lifecycle.after_verified_visit(portal, now, new_background=trusted and verified.info.user_id is not None)
     if portal.installed_at is None:
         portal.installed_at = now
     if application_token and trusted:
@@ -614,7 +579,7 @@ def _record_launch(
                 portal=portal, is_background=True, state=PairState.ACTIVE
             ).exists()
         )
-    _revive(portal, now, new_background=background)
+    lifecycle.after_verified_visit(portal, now, new_background=background)
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.
@@ -679,10 +644,7 @@ def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
     portal.pending_application_token = ""
     # Launches and installs whose verification began before this cannot store anything now.
     portal.install_generation += 1
-    portal.state = PortalState.UNINSTALLED
-    portal.state_reason = "uninstalled with CLEAN=1" if clean else "uninstalled"
-    portal.reinstall_cause = ""
-    portal.uninstalled_at = timezone.now()
+    lifecycle.uninstalled(portal, clean=clean)
     portal.save()
     if clean:
         purge_portal_data(portal=portal)

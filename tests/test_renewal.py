@@ -16,7 +16,7 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.utils import timezone
 
-from portals import oauth, renewal, selectors
+from portals import oauth, operations, renewal, selectors
 from portals.models import (
     PairState,
     Portal,
@@ -342,7 +342,7 @@ def test_invalid_client_keeps_the_pair_for_when_the_secret_is_fixed(b24, standin
 def test_a_fresh_launch_brings_a_dead_pair_back(backend, b24):
     pair = TokenPairFactory.for_standin(b24)
     TokenPair.objects.filter(pk=pair.pk).update(state=PairState.DEAD)
-    Portal.objects.filter(pk=pair.portal_id).update(state=PortalState.NEEDS_REINSTALL)
+    operations.mark_needs_reinstall(portal=pair.portal, reason="the customer's admin left")
     assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 200
     pair.refresh_from_db()
     assert pair.state == PairState.ACTIVE and pair.is_background
