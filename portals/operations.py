@@ -12,7 +12,7 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from . import errors, lifecycle, oauth, renewal, services, tasks
+from . import errors, lifecycle, oauth, pairs, renewal, services, tasks
 from .models import (
     PairState,
     Portal,
@@ -109,8 +109,7 @@ def approve_pending(*, portal: Portal) -> Portal:
         pair = TokenPair.objects.filter(portal=locked, state=PairState.ACTIVE).order_by("pk").first()
         if pair is None:
             raise OperationRefused(f"{locked.domain} has no working token pair to run with")
-        TokenPair.objects.filter(portal=locked, is_background=True).update(is_background=False)
-        TokenPair.objects.filter(pk=pair.pk).update(is_background=True)
+        pairs.make_background(locked, pair)
         if locked.pending_application_token:
             locked.application_token = locked.pending_application_token
             locked.pending_application_token = ""

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from . import clock, journal, lifecycle, metrics, oauth, statements, stopping
+from . import clock, journal, lifecycle, metrics, oauth, pairs, statements, stopping
 from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
@@ -137,20 +137,6 @@ def _log(
 # The state_reason of a portal whose new background pair is being confirmed by a renewal.
 
 
-_GRANT_FIELDS = [
-    "access_token",
-    "refresh_token",
-    "access_expires_at",
-    "refresh_issued_at",
-    "scope",
-    "state",
-    "last_renewed_at",
-    "last_error",
-    "consecutive_failures",
-    "next_attempt_at",
-    "updated_at",
-]
-
 # What the sweep's renewals read of a pair under its lock: enough to decide, to journal, to store and
 # to log (its access token, scope and the portal's other columns are never needed there).
 _NARROW_PAIR = (
@@ -199,19 +185,14 @@ def _locked(pair_id: int, trigger: str) -> TokenPair:
 
 
 def _apply_grant(pair: TokenPair, grant: oauth.TokenGrant, now: datetime) -> None:
-    pair.access_token = grant.access_token
-    pair.refresh_token = grant.refresh_token
-    pair.access_expires_at = grant.expires_at
-    pair.refresh_issued_at = now
-    if grant.scope:
-        pair.scope = grant.scope
-    pair.state = PairState.ACTIVE
-    pair.last_renewed_at = now
-    pair.last_error = ""
-    pair.consecutive_failures = 0
-    pair.next_attempt_at = None
-    if not statements.update(pair, _GRANT_FIELDS):  # as save(update_fields=...) would, for a row gone
-        raise DatabaseError(f"token pair {pair.pk} was not stored: its row is gone")
+    pairs.store_grant(
+        pair,
+        access_token=grant.access_token,
+        refresh_token=grant.refresh_token,
+        expires_at=grant.expires_at,
+        scope=grant.scope,
+        now=now,
+    )
     # Read under the pair's lock; whoever marks a portal for its tokens holds that same lock.
     portal = pair.portal
     if (

@@ -22,7 +22,7 @@ from django.db.models import Exists, OuterRef, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, lifecycle, metrics, oauth, renewal, statements
+from . import http, lifecycle, metrics, oauth, pairs, renewal, statements
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
 
@@ -328,38 +328,6 @@ def _upsert_portal(
     return portal
 
 
-def _store_pair(
-    *,
-    portal: Portal,
-    user_id: int,
-    access_token: str,
-    refresh_token: str,
-    expires_in: int,
-    scope: str,
-    background: bool,
-) -> TokenPair:
-    now = timezone.now()
-    if background:
-        TokenPair.objects.filter(portal=portal, is_background=True).exclude(user_id=user_id).update(
-            is_background=False
-        )
-    pair = TokenPair.objects.select_for_update().filter(portal=portal, user_id=user_id).first()
-    if pair is None:
-        pair = TokenPair(portal=portal, user_id=user_id)
-    pair.access_token = access_token
-    pair.refresh_token = refresh_token
-    pair.access_expires_at = now + timedelta(seconds=expires_in)
-    pair.refresh_issued_at = now
-    pair.scope = scope
-    pair.is_background = pair.is_background or background
-    pair.state = PairState.ACTIVE
-    pair.last_error = ""
-    pair.consecutive_failures = 0
-    pair.next_attempt_at = None
-    pair.save()
-    return pair
-
-
 def needs_confirmation(portal: Portal) -> TokenPair | None:
     """The new background pair to renew once, when the portal waits for that to count as installed."""
     if portal.state != PortalState.NEEDS_REINSTALL or portal.reinstall_cause != ReinstallCause.CONFIRMING:
@@ -414,7 +382,7 @@ def install_portal(
     portal.save()
     user_id = verified.info.user_id
     if user_id is not None:
-        _store_pair(
+        pairs.store_issued(
             portal=portal,
             user_id=user_id,
             access_token=access_token,
@@ -593,25 +561,17 @@ def _record_launch(
         return portal, None
     my_pair_id = getattr(portal, "my_pair_id", None)
     if my_pair_id is not None and not background:
-        expires_at = now + timedelta(seconds=expires_in)
-        # A renewal holds the pair's row lock, not the portal's: the state is checked by the write itself.
-        working = TokenPair.from_db(
-            connection.alias,
-            ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at"],
-            [
-                my_pair_id,
-                portal.pk,
-                user_id,
-                bool(getattr(portal, "my_pair_is_background", False)),
-                access_token,
-                expires_at,
-            ],
-        )  # the rest of the row is read if asked for
-        if statements.update(
-            working, ["access_token", "access_expires_at", "updated_at"], state=PairState.ACTIVE
-        ):
+        working = pairs.take_access_token(
+            pair_id=my_pair_id,
+            portal=portal,
+            user_id=user_id,
+            is_background=bool(getattr(portal, "my_pair_is_background", False)),
+            access_token=access_token,
+            expires_at=now + timedelta(seconds=expires_in),
+        )
+        if working is not None:
             return portal, working
-    pair = _store_pair(
+    pair = pairs.store_issued(
         portal=portal,
         user_id=user_id,
         access_token=access_token,
