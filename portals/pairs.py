@@ -8,13 +8,138 @@ Refusals and losses of a pair (its state after a failed renewal) stay with renew
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import DatabaseError, connection
+from django.db.models import Exists, OuterRef, Subquery
 from django.utils import timezone
 
 from . import statements
 from .models import PairState, Portal, TokenPair
+
+# --- the hot paths' reads, written out once per process --------------------------------------------------
+
+# A launch neither reads nor writes the application tokens (decrypting and encrypting them is most of
+# what a launch would spend on the portal row).
+NOT_IN_A_LAUNCH = ("application_token", "pending_application_token")
+
+
+# A launch is the most frequent request a portal sends. Its two reads are written out once per process
+# (see portals.statements): building the locked read's SQL through the ORM on every launch cost more
+# CPU than the rest of the launch.
+@dataclass(frozen=True)
+class _LaunchSQL:
+    names: list[str]  # the portal fields the locked read loads
+    generation: str  # params: member_id
+    locked: str  # params: True, active, user_id, active, member_id
+
+
+@functools.cache
+def _launch_sql() -> _LaunchSQL:
+    names = [f.name for f in Portal._meta.concrete_fields if f.name not in NOT_IN_A_LAUNCH]
+    pair, pk = TokenPair, statements.column(Portal, "pk", "p")
+
+    def of(alias: str, name: str) -> str:
+        return statements.column(TokenPair, name, alias)
+
+    # Only the portal's row: the pairs are only looked at (a renewal holds a pair's row lock).
+    lock = statements.lock_clause("p")
+    # Names from the models' metadata, quoted; every value is a parameter.
+    locked = (
+        f"SELECT {', '.join(statements.column(Portal, n, 'p') for n in names)},"  # noqa: S608
+        f" {of('b', 'pk')} IS NOT NULL AS has_background,"
+        f" {of('m', 'pk')} AS my_pair_id, {of('m', 'is_background')} AS my_pair_is_background"
+        f" FROM {statements.table(Portal)} p"
+        # At most one of each: one background pair per portal, one pair per portal and user.
+        f" LEFT JOIN {statements.table(pair)} b ON {of('b', 'portal')} = {pk}"
+        f" AND {of('b', 'is_background')} = %s AND {of('b', 'state')} = %s"
+        f" LEFT JOIN {statements.table(pair)} m ON {of('m', 'portal')} = {pk}"
+        f" AND {of('m', 'user_id')} = %s AND {of('m', 'state')} = %s"
+        f" WHERE {statements.column(Portal, 'member_id', 'p')} = %s{lock}"
+    )
+    generation = (
+        f"SELECT {statements.column(Portal, 'install_generation')} FROM {statements.table(Portal)}"  # noqa: S608
+        f" WHERE {statements.column(Portal, 'member_id')} = %s"
+    )
+    return _LaunchSQL(names=names, generation=generation, locked=locked)
+
+
+def launch_portal(member_id: str, user_id: int | None) -> Portal | None:
+    """The portal row, locked, with `has_background`, `my_pair_id` and `my_pair_is_background`."""
+    sql = _launch_sql()
+    active = PairState.ACTIVE.value
+    params = [True, active, -1 if user_id is None else user_id, active, member_id]
+    return statements.fetch_one(Portal, sql.locked, params, sql.names)
+
+
+def launch_annotations(user_id: int | None) -> dict[str, Any]:
+    """What `launch_portal` reads beside the portal, for a portal first seen: created, or read with these
+    if a concurrent launch created it first."""
+    active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
+    mine = active.filter(user_id=user_id if user_id is not None else -1)
+    return {
+        "has_background": Exists(active.filter(is_background=True)),
+        "my_pair_id": Subquery(mine.values("pk")[:1]),
+        "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
+    }
+
+
+def install_generation(member_id: str) -> int:
+    """The claimed portal's install generation (0 for a portal never seen): every request from a portal asks."""
+    with connection.cursor() as cursor:
+        cursor.execute(_launch_sql().generation, [member_id])
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+# What the sweep's renewals read of a pair under its lock: enough to decide, to journal, to store and
+# to log (its access token, scope and the portal's other columns are never needed there).
+_NARROW_PAIR = (
+    "id",
+    "portal",
+    "user_id",
+    "is_background",
+    "refresh_token",
+    "access_expires_at",
+    "refresh_issued_at",
+    "state",
+    "consecutive_failures",
+    "last_error",
+)
+_NARROW_PORTAL = ("id", "member_id", "oauth_server", "state", "reinstall_cause")
+
+
+@functools.cache
+def _narrow_sql() -> tuple[list[str], list[str], str]:
+    """The sweep's locked read, written out once per process (portals.statements): a renewal makes it
+    twice, and building it through the ORM each time was the largest part of a renewal's CPU."""
+    pair_names = [f.name for f in TokenPair._meta.concrete_fields if f.name in _NARROW_PAIR]
+    portal_names = [f.name for f in Portal._meta.concrete_fields if f.name in _NARROW_PORTAL]
+    columns = [statements.column(TokenPair, n, "t") for n in pair_names]
+    columns += [statements.column(Portal, n, "p") for n in portal_names]
+    # Names from the models' metadata, quoted; the one value is a parameter.
+    sql = (
+        f"SELECT {', '.join(columns)} FROM {statements.table(TokenPair)} t"  # noqa: S608
+        f" INNER JOIN {statements.table(Portal)} p"
+        f" ON {statements.column(TokenPair, 'portal', 't')} = {statements.column(Portal, 'pk', 'p')}"
+        f" WHERE {statements.column(TokenPair, 'pk', 't')} = %s{statements.lock_clause('t')}"
+    )
+    return pair_names, portal_names, sql
+
+
+def locked_for_sweep(pair_id: int) -> TokenPair:
+    """The pair under its row lock with the few portal columns a sweep renewal needs (`_narrow_sql`)."""
+    pair_names, portal_names, sql = _narrow_sql()
+    pair = statements.fetch_one(TokenPair, sql, [pair_id], pair_names, related=("portal", portal_names))
+    if pair is None:
+        raise TokenPair.DoesNotExist("TokenPair matching query does not exist.")
+    return pair
+
+
+# --- writes ---------------------------------------------------------------------------------------------
 
 # What a renewal's grant writes (a renewal reads and writes only what it needs).
 GRANT_FIELDS = [

@@ -23,7 +23,6 @@ nothing), or it is refused, and the pair is marked lost with the time of the int
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -39,7 +38,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from . import clock, journal, lifecycle, metrics, oauth, pairs, statements, stopping
+from . import clock, journal, lifecycle, metrics, oauth, pairs, stopping
 from .errors import NoUsablePair, RenewalFailed, RenewalPending
 from .masking import fingerprint
 from .models import (
@@ -137,50 +136,11 @@ def _log(
 # The state_reason of a portal whose new background pair is being confirmed by a renewal.
 
 
-# What the sweep's renewals read of a pair under its lock: enough to decide, to journal, to store and
-# to log (its access token, scope and the portal's other columns are never needed there).
-_NARROW_PAIR = (
-    "id",
-    "portal",
-    "user_id",
-    "is_background",
-    "refresh_token",
-    "access_expires_at",
-    "refresh_issued_at",
-    "state",
-    "consecutive_failures",
-    "last_error",
-)
-_NARROW_PORTAL = ("id", "member_id", "oauth_server", "state", "reinstall_cause")
-
-
-@functools.cache
-def _narrow_sql() -> tuple[list[str], list[str], str]:
-    """The sweep's locked read, written out once per process (portals.statements): a renewal makes it
-    twice, and building it through the ORM each time was the largest part of a renewal's CPU."""
-    pair_names = [f.name for f in TokenPair._meta.concrete_fields if f.name in _NARROW_PAIR]
-    portal_names = [f.name for f in Portal._meta.concrete_fields if f.name in _NARROW_PORTAL]
-    columns = [statements.column(TokenPair, n, "t") for n in pair_names]
-    columns += [statements.column(Portal, n, "p") for n in portal_names]
-    # Names from the models' metadata, quoted; the one value is a parameter.
-    sql = (
-        f"SELECT {', '.join(columns)} FROM {statements.table(TokenPair)} t"  # noqa: S608
-        f" INNER JOIN {statements.table(Portal)} p"
-        f" ON {statements.column(TokenPair, 'portal', 't')} = {statements.column(Portal, 'pk', 'p')}"
-        f" WHERE {statements.column(TokenPair, 'pk', 't')} = %s{statements.lock_clause('t')}"
-    )
-    return pair_names, portal_names, sql
-
-
 def _locked(pair_id: int, trigger: str) -> TokenPair:
     """The pair under its row lock, with its portal. The sweep reads only the columns it needs; the
     other triggers hand the pair back to a caller, which gets it whole."""
     if trigger == RenewalTrigger.BEAT:
-        pair_names, portal_names, sql = _narrow_sql()
-        pair = statements.fetch_one(TokenPair, sql, [pair_id], pair_names, related=("portal", portal_names))
-        if pair is None:
-            raise TokenPair.DoesNotExist("TokenPair matching query does not exist.")
-        return pair
+        return pairs.locked_for_sweep(pair_id)
     return TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)
 
 

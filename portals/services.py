@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import hashlib
 import hmac
 import logging
@@ -17,8 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Subquery
+from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -169,10 +167,7 @@ def _refusal(exc: oauth.OAuthError) -> VerificationError:
 
 def install_generation(member_id: str) -> int:
     """The claimed portal's install generation (0 for a portal never seen)."""
-    with connection.cursor() as cursor:  # every request from a portal asks: see _launch_sql
-        cursor.execute(_launch_sql().generation, [member_id])
-        row = cursor.fetchone()
-    return int(row[0]) if row else 0
+    return pairs.install_generation(member_id)
 
 
 def app_info_for(
@@ -394,9 +389,6 @@ def install_portal(
     return portal
 
 
-# A launch neither reads nor writes the application tokens (decrypting and encrypting them is most of
-# what a launch would spend on the portal row).
-_NOT_IN_A_LAUNCH = ("application_token", "pending_application_token")
 # What a launch may change on the portal: `_upsert_portal`'s fields and `_revive`'s (and the launch time).
 _LAUNCH_WRITES = [
     "domain",
@@ -414,66 +406,6 @@ _LAUNCH_WRITES = [
 
 class _AskProfileFirst(Exception):
     """The launch may move the background mark: `profile` must be asked, outside the transaction."""
-
-
-# A launch is the most frequent request a portal sends. Its two reads are written out once per process
-# (see portals.statements): building the locked read's SQL through the ORM on every launch cost more
-# CPU than the rest of the launch.
-@dataclass(frozen=True)
-class _LaunchSQL:
-    names: list[str]  # the portal fields the locked read loads
-    generation: str  # params: member_id
-    locked: str  # params: True, active, user_id, active, member_id
-
-
-@functools.cache
-def _launch_sql() -> _LaunchSQL:
-    names = [f.name for f in Portal._meta.concrete_fields if f.name not in _NOT_IN_A_LAUNCH]
-    pair, pk = TokenPair, statements.column(Portal, "pk", "p")
-
-    def of(alias: str, name: str) -> str:
-        return statements.column(TokenPair, name, alias)
-
-    # Only the portal's row: the pairs are only looked at (a renewal holds a pair's row lock).
-    lock = statements.lock_clause("p")
-    # Names from the models' metadata, quoted; every value is a parameter.
-    locked = (
-        f"SELECT {', '.join(statements.column(Portal, n, 'p') for n in names)},"  # noqa: S608
-        f" {of('b', 'pk')} IS NOT NULL AS has_background,"
-        f" {of('m', 'pk')} AS my_pair_id, {of('m', 'is_background')} AS my_pair_is_background"
-        f" FROM {statements.table(Portal)} p"
-        # At most one of each: one background pair per portal, one pair per portal and user.
-        f" LEFT JOIN {statements.table(pair)} b ON {of('b', 'portal')} = {pk}"
-        f" AND {of('b', 'is_background')} = %s AND {of('b', 'state')} = %s"
-        f" LEFT JOIN {statements.table(pair)} m ON {of('m', 'portal')} = {pk}"
-        f" AND {of('m', 'user_id')} = %s AND {of('m', 'state')} = %s"
-        f" WHERE {statements.column(Portal, 'member_id', 'p')} = %s{lock}"
-    )
-    generation = (
-        f"SELECT {statements.column(Portal, 'install_generation')} FROM {statements.table(Portal)}"  # noqa: S608
-        f" WHERE {statements.column(Portal, 'member_id')} = %s"
-    )
-    return _LaunchSQL(names=names, generation=generation, locked=locked)
-
-
-def _launch_portal(member_id: str, user_id: int | None) -> Portal | None:
-    """The portal row, locked, with `has_background`, `my_pair_id` and `my_pair_is_background`."""
-    sql = _launch_sql()
-    active = PairState.ACTIVE.value
-    params = [True, active, -1 if user_id is None else user_id, active, member_id]
-    return statements.fetch_one(Portal, sql.locked, params, sql.names)
-
-
-def _launch_annotations(user_id: int | None) -> dict[str, Any]:
-    """What `_launch_portal` reads beside the portal, for a portal first seen: created, or read with these
-    if a concurrent launch created it first."""
-    active = TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.ACTIVE)
-    mine = active.filter(user_id=user_id if user_id is not None else -1)
-    return {
-        "has_background": Exists(active.filter(is_background=True)),
-        "my_pair_id": Subquery(mine.values("pk")[:1]),
-        "my_pair_is_background": Subquery(mine.values("is_background")[:1]),
-    }
 
 
 def record_launch(
@@ -526,15 +458,15 @@ def _record_launch(
     """`may_take_background` None: not asked yet; raises _AskProfileFirst if it must be."""
     now = timezone.now()
     user_id = verified.info.user_id
-    known = _launch_portal(verified.info.member_id, user_id)
+    known = pairs.launch_portal(verified.info.member_id, user_id)
     read = {name: getattr(known, name) for name in _LAUNCH_WRITES} if known is not None else {}
     portal = _upsert_portal(
         verified=verified,
         scope=scope,
         generation=generation,
         known=known,
-        annotations=_launch_annotations(user_id) if known is None else None,
-        defer=_NOT_IN_A_LAUNCH,
+        annotations=pairs.launch_annotations(user_id) if known is None else None,
+        defer=pairs.NOT_IN_A_LAUNCH,
     )
     background = False
     if user_id is not None and not getattr(portal, "has_background", False):

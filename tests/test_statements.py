@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from install.models import InboundKind, InboundRequest, InboundStatus
-from portals import renewal, services, statements
+from portals import pairs, renewal, statements
 from portals.models import PairState, Portal, PortalState, RenewalTrigger, TokenPair
 from tests.factories import PortalFactory, TokenPairFactory
 
@@ -139,7 +139,7 @@ def test_the_launch_and_sweep_reads_lock_only_their_own_row():
         other("pair, in a renewal", pair_nowait, pair.pk)
         other("portal, in a renewal", portal_nowait, pair.portal_id)
     with transaction.atomic():
-        assert services._launch_portal(pair.portal.member_id, pair.user_id) is not None
+        assert pairs.launch_portal(pair.portal.member_id, pair.user_id) is not None
         other("portal, in a launch", portal_nowait, pair.portal_id)
         other("pair, in a launch", pair_nowait, pair.pk)
 
