@@ -66,7 +66,7 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "http_status",
         "error",
     )
-    list_filter = ("kind", "status", EventFilter, "created_at")
+    list_filter = ("kind", "status", "valid", "processed", EventFilter, "created_at")
     search_fields = ("=member_id", "domain", "event")
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in InboundRequest._meta.fields]

@@ -14,8 +14,7 @@ from portals.client import PortalClient
 from portals.models import Portal, PortalState
 
 from . import parsing, placements
-from .inbound import describe, set_frame_policy
-from .models import InboundRequest
+from .inbound import Inbound, record_request, set_frame_policy
 
 
 def _claimed(data: dict[str, Any], *keys: str) -> str:
@@ -26,11 +25,11 @@ def _claimed(data: dict[str, Any], *keys: str) -> str:
     return ""
 
 
-def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth, services.Verified, int]:
+def _frame(request: HttpRequest, inbound: Inbound) -> tuple[parsing.FrameAuth, services.Verified, int]:
     query, body = parsing.read_params(request)
     merged = {**query, **body}
-    describe(
-        row,
+    record_request(
+        inbound,
         query=query,
         body=body,
         member_id=_claimed(merged, "member_id"),
@@ -38,7 +37,7 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
     )
     auth = parsing.frame_auth(query, body)
     if services.is_portal_domain(auth.domain):
-        row._frame_origin = f"{auth.protocol}://{auth.domain}"  # type: ignore[attr-defined]
+        inbound.frame_origin = f"{auth.protocol}://{auth.domain}"
     # Read before verifying: an uninstall confirmed while app.info is asked makes the answer stale.
     generation = services.install_generation(auth.member_id)
     verified = services.verify_access_token(
@@ -48,6 +47,7 @@ def _frame(request: HttpRequest, row: InboundRequest) -> tuple[parsing.FrameAuth
         server_endpoint=auth.server_endpoint,
         generation=generation,
     )
+    inbound.verified()
     return auth, verified, generation
 
 
@@ -68,8 +68,8 @@ def _confirm(portal: Portal) -> None:
         tasks.queue_confirmation(pair=pair)
 
 
-def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
-    auth, verified, generation = _frame(request, row)
+def install_frame(request: HttpRequest, inbound: Inbound) -> HttpResponse:
+    auth, verified, generation = _frame(request, inbound)
     portal = _install(
         verified=verified,
         generation=generation,
@@ -86,8 +86,8 @@ def install_frame(request: HttpRequest, row: InboundRequest) -> HttpResponse:
     return response
 
 
-def launch(request: HttpRequest, row: InboundRequest) -> HttpResponse:
-    auth, verified, generation = _frame(request, row)
+def launch(request: HttpRequest, inbound: Inbound) -> HttpResponse:
+    auth, verified, generation = _frame(request, inbound)
     portal, pair = services.record_launch(
         verified=verified,
         generation=generation,
@@ -220,13 +220,13 @@ def _on_app_event(
     return portal.member_id, outcome
 
 
-def event(request: HttpRequest, row: InboundRequest) -> HttpResponse:
+def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
     query, body = parsing.read_params(request)
     params = {**query, **body}
     maybe_auth = params.get("auth")
     raw_auth: dict[str, Any] = maybe_auth if isinstance(maybe_auth, dict) else {}
-    describe(
-        row,
+    record_request(
+        inbound,
         query=query,
         body=body,
         event=_claimed(params, "event").upper(),

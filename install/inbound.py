@@ -1,7 +1,7 @@
 """Keep every inbound request before trusting it, and answer it the same way every time.
 
 The row is written first, outside any transaction, as soon as the request is parsed and before
-anything in it is verified or acted upon (`describe`); the handler runs its own transactions; the
+anything in it is verified or acted upon (`record_request`); the handler runs its own transactions; the
 outcome (or the failure) is written on the row afterwards, so a rollback never hides a request. Two
 writes a request: the description, then the outcome (a request that cannot even be parsed: one).
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import DatabaseError
@@ -21,12 +23,16 @@ from django.utils import timezone, translation
 
 from portals import answers, metrics, statements
 from portals.masking import fingerprint, redact
+from portals.services import TooManyUnverified, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest
 from .placements import language
 
 logger = logging.getLogger(__name__)
+
+# Errors that say the request did not prove it came from Bitrix24.
+VERIFICATION_REFUSALS = (VerificationError, TooManyUnverified)
 
 SECRET_KEYS = {
     "access_token",
@@ -187,7 +193,41 @@ def set_frame_policy(response: HttpResponse, origin: str) -> None:
     response["Content-Security-Policy"] = f"frame-ancestors {origin or chr(39) + 'none' + chr(39)}"
 
 
-Handler = Callable[[HttpRequest, InboundRequest], HttpResponse]
+@dataclass
+class Inbound:
+    """One request on its way through `receive`: its log row and what the handler learns about it, passed
+    along instead of kept on the model."""
+
+    row: InboundRequest
+    sizes: tuple[int | None, int | None] = (None, None)  # of the query string and the body, as received
+    # The whole redacted request, kept on the row only once it is processed (`record_request` sets it).
+    full: tuple[dict[str, Any], dict[str, Any]] | None = None
+    # The portal's origin, once the frame claims a portal this backend serves: who may frame an error page.
+    frame_origin: str = ""
+    body_replaced: bool = False
+    # True once the request proved to come from Bitrix24 (`verified()`), False when it was refused as not.
+    valid: bool | None = None
+
+    def verified(self) -> None:
+        self.valid = True
+
+
+Handler = Callable[[HttpRequest, Inbound], HttpResponse]
+
+# At most this much of a failure's traceback is kept on the row.
+TRACEBACK_BYTES = 8000
+
+
+def _outcome(*, processed: bool, ours: bool) -> str:
+    """The row's one-word status, from its facts: processed is accepted, a failure of ours (or Bitrix24's)
+    is failed, the caller's is rejected."""
+    if processed:
+        return InboundStatus.ACCEPTED
+    return InboundStatus.FAILED if ours else InboundStatus.REJECTED
+
+
+def _traceback() -> str:
+    return redact(traceback.format_exc())[-TRACEBACK_BYTES:]
 
 
 class LogUnavailable(Exception):
@@ -222,33 +262,38 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
             )
         response["Allow"] = "POST"
         return response
-    # Written by describe() once the request is parsed, before the handler trusts anything in it.
+    # Written by record_request() once the request is parsed, before the handler trusts anything in it.
     row = InboundRequest(
         kind=kind,
         remote_addr=request.META.get("REMOTE_ADDR") or None,
         headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
     )
-    row._sizes = _sizes(request)  # type: ignore[attr-defined]
+    inbound = Inbound(row=row, sizes=_sizes(request))
+    ours, error, trace = False, "", ""
     try:
-        response = handler(request, row)
-        status, error = InboundStatus.ACCEPTED, ""
+        response = handler(request, inbound)
+        # Only a request that proved itself gets this far (every handler verifies before it acts).
+        inbound.valid, row.processed = True, True
     except LogUnavailable:
         return _busy(request, kind, html)
     except BadRequest as exc:
         if not row.body and not row.query:
             row.body = _raw_preview(request)
-            row._body_replaced = True  # type: ignore[attr-defined]
-        status, error = InboundStatus.REJECTED, str(exc)
+            inbound.body_replaced = True
+        error = str(exc)
         response = error_response(request, status=exc.status, code=exc.code, message=str(exc), html=html)
     except Exception as exc:
         # A domain error gets its answer from the one table (portals.answers), as in the API. Which setting
         # is wrong (ImproperlyConfigured) is for staff, in the log row and the server log, not for the caller.
         answer = answers.answer_for(exc)
+        error = str(exc)
+        if isinstance(exc, VERIFICATION_REFUSALS):
+            inbound.valid = False
         if answer is not None:
-            if answer.ours:
+            ours = answer.ours
+            if ours:
                 logger.error("Inbound %s #%s not handled: %s", kind, row.pk, redact(str(exc)))
-            status = InboundStatus.FAILED if answer.ours else InboundStatus.REJECTED
-            error = str(exc)
+                trace = _traceback()
             response = error_response(
                 request,
                 status=answer.status,
@@ -256,13 +301,13 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
                 message=answer.message,
                 html=html,
                 # A refused frame may still be shown by the portal that framed it.
-                frame_origin=getattr(row, "_frame_origin", ""),
+                frame_origin=inbound.frame_origin,
             )
             if answer.retry_after:
                 response["Retry-After"] = str(answer.retry_after)
         else:
             logger.exception("Unexpected failure handling inbound %s #%s", kind, row.pk)
-            status, error = InboundStatus.FAILED, f"{type(exc).__name__}: {redact(str(exc))}"
+            ours, error, trace = True, f"{type(exc).__name__}: {redact(str(exc))}", _traceback()
             response = error_response(
                 request,
                 status=500,
@@ -270,21 +315,23 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
                 message="internal error; it has been logged",
                 html=html,
             )
+    status = _outcome(processed=row.processed, ours=ours)
     row.status = status
+    row.valid = inbound.valid
+    row.traceback = trace
     row.error = printable(error)[:500]
     row.http_status = response.status_code
     row.finished_at = timezone.now()
-    changed = ["status", "error", "http_status", "finished_at"]
-    full = getattr(row, "_full", None)
-    if status == InboundStatus.ACCEPTED and full is not None:
-        # Verified and accepted: the whole redacted request is worth keeping (bounded by describe()).
-        row.query, row.body = full
+    changed = ["status", "valid", "processed", "traceback", "error", "http_status", "finished_at"]
+    if row.processed and inbound.full is not None:
+        # Verified and carried out: the whole redacted request is worth keeping (bounded by record_request()).
+        row.query, row.body = inbound.full
         changed += ["query", "body"]
-    elif getattr(row, "_body_replaced", False):
+    elif inbound.body_replaced:
         changed.append("body")
     try:
         if row.pk is None:
-            # Refused before it could be described (unparseable): the row is written once, now.
+            # Refused before it could be recorded (unparseable): the row is written once, now.
             row.save(force_insert=True)
             changed = []
         # Only what changed: rewriting an unchanged body would leave a dead copy behind on PostgreSQL.
@@ -307,16 +354,17 @@ def _kept(redacted: dict[str, Any]) -> dict[str, Any]:
     return redacted
 
 
-def describe(row: InboundRequest, *, query: dict[str, Any], body: dict[str, Any], **fields: str) -> None:
-    """Store the parsed request (redacted) on its row before it is acted upon.
+def record_request(inbound: Inbound, *, query: dict[str, Any], body: dict[str, Any], **fields: str) -> None:
+    """Write the parsed request (redacted) to its log row before it is acted upon: the row's first write.
 
     Until the request is accepted the row holds only a bounded summary; the whole redacted request
-    (at most about 50 KB) is written when it is accepted (receive()). Writing the summary first means a
+    (at most about 50 KB) is written when it is processed (receive()). Writing the summary first means a
     refused request never leaves a large row, nor a large dead row version on PostgreSQL.
     """
-    query_size, body_size = getattr(row, "_sizes", (None, None))
+    row = inbound.row
+    query_size, body_size = inbound.sizes
     redacted_query, redacted_body = redact_params(query), redact_params(body)
-    row._full = (_kept(redacted_query), _kept(redacted_body))  # type: ignore[attr-defined]
+    inbound.full = (_kept(redacted_query), _kept(redacted_body))
     # redact_params keeps 200 keys a level: the count is the request's own.
     row.query = summarize(redacted_query, size=query_size, count=len(query))
     row.body = summarize(redacted_body, size=body_size, count=len(body))

@@ -50,7 +50,24 @@ class InboundRequest(models.Model):
         choices=InboundStatus.choices,
         default=InboundStatus.RECEIVED,
         db_index=True,
-        help_text="Outcome of processing.",
+        help_text="Outcome of processing, in one word (from valid, processed and whose failure it was).",
+    )
+    valid = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text=(
+            "Whether the request proved to come from Bitrix24 (its token confirmed by app.info, or its "
+            "application token matched); empty while unknown, or when it failed before that was decided."
+        ),
+    )
+    processed = models.BooleanField(
+        default=False,
+        help_text="Whether the backend carried out what the request asked (its handler finished).",
+    )
+    traceback = models.TextField(
+        blank=True,
+        default="",
+        help_text="For a failure of the backend's own (not the caller's): where it failed, redacted, at most 8 KB.",
     )
     http_status = models.PositiveSmallIntegerField(null=True, blank=True, help_text="HTTP status answered.")
     error = models.CharField(max_length=500, blank=True, help_text="Why it was rejected or failed.")

@@ -11,7 +11,9 @@ import re
 
 _PATTERN = re.compile(
     r"(?P<key>(?:access_token|refresh_token|application_token|client_secret|auth|AUTH_ID|REFRESH_ID|"
-    r"APPLICATION_TOKEN|code)(?:\]|%5D)?[\"']?\s*[=:]\s*[\"']?)(?P<value>[A-Za-z0-9._\-]{8,})"
+    r"APPLICATION_TOKEN|code)(?:\]|%5D)?[\"']?\s*[=:]\s*[\"']?)(?P<value>[A-Za-z0-9._\-]{8,})",
+    # Keys in any case: `auth_id=` in a message is as secret as `AUTH_ID=` in a form.
+    re.IGNORECASE,
 )
 
 

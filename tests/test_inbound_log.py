@@ -199,3 +199,40 @@ def test_retention_zero_keeps_everything(settings):
     settings.INBOUND_LOG_RETENTION_DAYS = 0
     assert retention.purge_expired() == 0
     assert InboundRequest.objects.exists()
+
+
+# --- two facts: valid (it came from Bitrix24) and processed (it was carried out), and a failure's traceback
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_log_keeps_whether_a_request_proved_itself_and_whether_it_was_carried_out(backend, b24):
+    from portals import registry
+    from portals.errors import NoUsablePair
+
+    tokens = b24.issue_tokens(1, admin=True)
+    assert backend.launch(b24, tokens).status_code == 200
+    forged = {**b24.issue_tokens(1, admin=True), "access_token": "forged-token-0123456789"}
+    assert backend.launch(b24, forged).status_code == 401
+
+    def broken(request, context):
+        raise NoUsablePair("no active token pair")  # met after the token was verified
+
+    def bug(request, context):
+        raise ZeroDivisionError("auth_id=secret-auth-0123456789 in a message")
+
+    with registry.replaced():
+        registry.placement("DEFAULT", title="Home")(broken)
+        assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 409
+    with registry.replaced():
+        registry.placement("DEFAULT", title="Home")(bug)
+        assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 500
+    rows = list(InboundRequest.objects.order_by("pk").values_list("status", "valid", "processed", "traceback"))
+    assert [row[:3] for row in rows] == [
+        (InboundStatus.ACCEPTED, True, True),
+        (InboundStatus.REJECTED, False, False),
+        (InboundStatus.REJECTED, True, False),
+        (InboundStatus.FAILED, True, False),
+    ]
+    assert [bool(row[3]) for row in rows] == [False, False, False, True]  # the traceback of our own failure
+    trace = rows[3][3]
+    assert "ZeroDivisionError" in trace and "secret-auth-0123456789" not in trace
