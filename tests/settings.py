@@ -13,14 +13,17 @@ os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-0
 os.environ.setdefault("BITRIX24_TOKEN_KEYS", "q2hzsxbhUbMIlPOnDWHHbvR_TNAocF_4oY3VqE8FZv0=")
 os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
 os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
-os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
-# The system lane runs in several processes (pytest-xdist), each with its own test database: each gets its
-# own Celery queue and Redis key prefix too, so one process's workers never take another's tasks. Done once,
-# in the pytest process: its children inherit the queue, and one given another queue keeps it.
+# The system lane runs in several processes (pytest-xdist), each with its own test database. Each also gets
+# its own var/ folder (renewal copies, the filesystem broker, caches, bin/run's supervisord socket) and its
+# own Celery queue and Redis key prefix, so one process's workers never take another's tasks. Done once, in
+# the test process (the xdist controller exports its var/ to the processes it starts): children inherit
+# what it chose, and a child given another queue keeps it.
 _xdist = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _xdist and not os.environ.get("BITRIX24_TEST_QUEUE_SUFFIXED"):
+if _xdist and not os.environ.get("BITRIX24_TEST_WORKER_SETUP"):
+    os.environ["DJANGO_VAR_DIR"] = tempfile.mkdtemp(prefix=f"b24-test-var-{_xdist}-")
     os.environ["CELERY_QUEUE"] = f"{os.environ.get('CELERY_QUEUE', 'bitrix24')}-{_xdist}"
-    os.environ["BITRIX24_TEST_QUEUE_SUFFIXED"] = "1"
+    os.environ["BITRIX24_TEST_WORKER_SETUP"] = "1"
+os.environ.setdefault("DJANGO_VAR_DIR", tempfile.mkdtemp(prefix="b24-test-var-"))
 
 from config.settings import *  # noqa: E402, F403
 
