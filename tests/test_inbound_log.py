@@ -226,7 +226,9 @@ def test_the_log_keeps_whether_a_request_proved_itself_and_whether_it_was_carrie
     with registry.replaced():
         registry.placement("DEFAULT", title="Home")(bug)
         assert backend.launch(b24, b24.issue_tokens(1, admin=True)).status_code == 500
-    rows = list(InboundRequest.objects.order_by("pk").values_list("status", "valid", "processed", "traceback"))
+    rows = list(
+        InboundRequest.objects.order_by("pk").values_list("status", "valid", "processed", "traceback")
+    )
     assert [row[:3] for row in rows] == [
         (InboundStatus.ACCEPTED, True, True),
         (InboundStatus.REJECTED, False, False),
