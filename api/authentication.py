@@ -3,7 +3,7 @@
 The page's JavaScript sends the AUTH_ID Bitrix24 gave it (`X-Bitrix24-Auth`) and the portal's
 member_id (`X-Bitrix24-Member-Id`). They are trusted only once the OAuth server's `app.info`
 confirms that the token is this app's, for that portal, through the one verification path
-(`portals.services.app_info_for`): the verdict is kept in the shared cache for the token's remaining
+(`portals.verification.oauth_app_info`): the verdict is kept in the shared cache for the token's remaining
 life (at most ten minutes), so a page that makes many calls costs one `app.info`; definitive refusals
 are kept too, and too many refusals for one portal answer 429 without asking.
 """
@@ -22,7 +22,7 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from portals import answers, services
+from portals import answers, verification
 from portals.models import Portal, PortalState
 
 from .exceptions import Answered
@@ -75,8 +75,8 @@ NOT_ACCEPTED = "Bitrix24 did not accept the token."
 def _verify(portal: Portal, token: str) -> AppInfo:
     """The token's portal and user, per the one verification path (cached there)."""
     try:
-        return services.identify_token(portal=portal, access_token=token)
-    except services.VerificationError as exc:
+        return verification.identify_token(portal=portal, access_token=token)
+    except verification.VerificationError as exc:
         # Status and code from the one table (portals.answers); raised as DRF's authentication errors so that
         # a 401 carries WWW-Authenticate. Every other domain error reaches the API's exception handler,
         # which answers it from the same table.

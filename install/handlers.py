@@ -9,7 +9,7 @@ from django.shortcuts import render
 from django.utils import translation
 
 from events import tasks as event_tasks
-from portals import registry, services, tasks
+from portals import licence, registry, services, tasks, verification
 from portals.client import PortalClient
 from portals.models import Portal, PortalState
 
@@ -25,7 +25,7 @@ def _claimed(data: dict[str, Any], *keys: str) -> str:
     return ""
 
 
-def _frame(request: HttpRequest, inbound: Inbound) -> tuple[parsing.FrameAuth, services.Verified, int]:
+def _frame(request: HttpRequest, inbound: Inbound) -> tuple[parsing.FrameAuth, verification.Verified, int]:
     query, body = parsing.read_params(request)
     merged = {**query, **body}
     record_request(
@@ -36,11 +36,11 @@ def _frame(request: HttpRequest, inbound: Inbound) -> tuple[parsing.FrameAuth, s
         domain=_claimed(merged, "DOMAIN"),
     )
     auth = parsing.frame_auth(query, body)
-    if services.is_portal_domain(auth.domain):
+    if verification.is_portal_domain(auth.domain):
         inbound.frame_origin = f"{auth.protocol}://{auth.domain}"
     # Read before verifying: an uninstall confirmed while app.info is asked makes the answer stale.
-    generation = services.install_generation(auth.member_id)
-    verified = services.verify_access_token(
+    generation = verification.install_generation(auth.member_id)
+    verified = verification.verify_access_token(
         access_token=auth.access_token,
         member_id=auth.member_id,
         domain=auth.domain,
@@ -51,13 +51,15 @@ def _frame(request: HttpRequest, inbound: Inbound) -> tuple[parsing.FrameAuth, s
     return auth, verified, generation
 
 
-def _install(*, verified: services.Verified, access_token: str, **fields: Any) -> Portal:
+def _install(*, verified: verification.Verified, access_token: str, **fields: Any) -> Portal:
     """Store a verified install or update; a trusted one also gets its event bindings redone."""
     trusted = services.install_is_trusted(verified=verified, access_token=access_token)
     portal = services.install_portal(verified=verified, access_token=access_token, trusted=trusted, **fields)
     if trusted:
         tasks.queue_bindings(portal=portal)
     _confirm(portal)
+    # A valid token at hand: the licence as the portal's own app.info says it.
+    licence.read(portal, access_token=access_token)
     return portal
 
 
@@ -97,6 +99,7 @@ def launch(request: HttpRequest, inbound: Inbound) -> HttpResponse:
         scope=auth.scope,
     )
     _confirm(portal)
+    licence.read_if_stale(portal, access_token=auth.access_token)
     lang = placements.language(auth.lang)
     user_id = int(verified.info.user_id or 0)
     if (auth.placement or "DEFAULT").upper() != "DEFAULT" or registry.placement_for("DEFAULT"):
@@ -132,12 +135,12 @@ def launch(request: HttpRequest, inbound: Inbound) -> HttpResponse:
 # --- events -------------------------------------------------------------------------------------
 
 
-def _verified_event(auth: dict[str, Any]) -> tuple[services.Verified, str, str, int, int]:
+def _verified_event(auth: dict[str, Any]) -> tuple[verification.Verified, str, str, int, int]:
     access = parsing.text(auth, "access_token", pattern=parsing.TOKEN, max_length=512, where="auth")
     refresh = parsing.text(auth, "refresh_token", pattern=parsing.TOKEN, max_length=512, where="auth")
     member_id = parsing.text(auth, "member_id", pattern=parsing.MEMBER_ID, where="auth")
-    generation = services.install_generation(member_id)
-    verified = services.verify_access_token(
+    generation = verification.install_generation(member_id)
+    verified = verification.verify_access_token(
         access_token=access,
         member_id=member_id,
         domain=parsing.domain(auth, "domain", where="auth"),
@@ -166,7 +169,7 @@ def _on_install(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
 
 
 def _application_token_portal(auth: dict[str, Any]) -> Portal:
-    return services.check_application_token(
+    return verification.check_application_token(
         member_id=parsing.text(auth, "member_id", pattern=parsing.MEMBER_ID, where="auth"),
         application_token=parsing.text(
             auth, "application_token", pattern=parsing.TOKEN, max_length=512, where="auth"

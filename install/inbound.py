@@ -23,7 +23,7 @@ from django.utils import timezone, translation
 
 from portals import answers, metrics, statements
 from portals.masking import fingerprint, redact
-from portals.services import TooManyUnverified, VerificationError
+from portals.verification import TooManyUnverified, VerificationError
 
 from .models import InboundKind, InboundRequest, InboundStatus
 from .parsing import BadRequest

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from portals import phpform, services
+from portals import phpform, verification
 
 MAX_DEPTH = 8
 # JSON bodies nest no deeper than this. Python's parser recurses once per level: a body of 100,000 `[`
@@ -234,7 +234,7 @@ def section(data: Nested, key: str, *, required: bool = True) -> Nested:
 def domain(data: Nested, key: str, *, where: str = "") -> str:
     value = text(data, key, max_length=255, where=where)
     try:
-        return services.normalize_domain(value)
+        return verification.normalize_domain(value)
     except ValueError as exc:
         raise BadRequest(f"{where + '[' + key + ']' if where else key}: {exc}") from exc
 

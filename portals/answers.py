@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from . import errors
 from .client import RestError
-from .services import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
+from .verification import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ renamed portals, batches and paged lists.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +21,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import clock, governor, http, oauth, phpform, renewal
+from . import clock, governor, http, oauth, phpform, renewal, verification
 from .models import Portal, TokenPair
 
 logger = logging.getLogger(__name__)
@@ -410,25 +409,26 @@ class PortalClient:
         if info is None:
             server = oauth.server_for(self.portal.oauth_server)
             try:
-                info = oauth.app_info(server, token)
-            except oauth.ExpiredToken as exc:
-                return _Answer(401, {"error": "expired_token", "error_description": f"app.info: {exc}"})
-            except oauth.OAuthUnavailable as exc:
+                info = verification.oauth_app_info(
+                    server=server, access_token=token, member_id=self.portal.member_id, handed=False
+                )
+            except verification.UpstreamUnavailable as exc:
                 raise TransportError(
                     f"portal redirected to {moved[1]!r}; app.info could not confirm it: {exc}",
                     maybe_sent=False,
                 ) from exc
-            except oauth.OAuthError as exc:
+            except verification.VerificationError as exc:
+                if exc.cause == "expired_token":
+                    return _Answer(401, {"error": "expired_token", "error_description": f"app.info: {exc}"})
+                if exc.code == "wrong_portal":
+                    raise RestError(
+                        f"portal redirected to {moved[1]!r}, but the token belongs to another portal",
+                        code="bad_redirect",
+                    ) from exc
                 raise RestError(
-                    f"portal redirected to {moved[1]!r}; app.info refused the token ({exc.code})",
+                    f"portal redirected to {moved[1]!r}; app.info refused the token ({exc.cause or exc.code})",
                     code="rename_unconfirmed",
                 ) from exc
-        if not info.member_id or not hmac.compare_digest(info.member_id, self.portal.member_id):
-            raise RestError(
-                f"portal redirected to {moved[1]!r}, but the token belongs to another portal "
-                f"(member_id {info.member_id!r})",
-                code="bad_redirect",
-            )
         if _host_key(moved[0], moved[1]) != _host_key(moved[0], info.domain):
             raise RestError(
                 f"portal redirected to {moved[1]!r}, but app.info says the portal is {info.domain!r}",

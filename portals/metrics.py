@@ -102,7 +102,7 @@ def renewal(trigger: str, outcome: str) -> None:
 
 @_never_fails
 def refusal(kind: str, code: str) -> None:
-    """Verification refused something: `kind` is a services.Refusal, `code` the exact reason."""
+    """Verification refused something: `kind` is a verification.Refusal, `code` the exact reason."""
     VERIFICATION_REFUSALS.labels(refusal=str(kind), code=str(code)).inc()
 
 

@@ -97,7 +97,7 @@ class Portal(models.Model):
         max_length=1,
         choices=AppStatus.choices,
         blank=True,
-        help_text="The app's licence status on this portal (L/F/D/T/P/S), as last reported by app.info.",
+        help_text="The app's licence status on this portal (L/F/D/T/P/S), as the portal's own app.info last said.",
     )
     state = models.CharField(
         max_length=20,
@@ -151,7 +151,23 @@ class Portal(models.Model):
     payment_expired = models.BooleanField(
         null=True,
         blank=True,
-        help_text="Whether the app's paid period has run out, per the last payment check.",
+        help_text="Whether the app's paid period has run out (PAYMENT_EXPIRED), per the portal's app.info.",
+    )
+    license = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The portal's Bitrix24 plan as its app.info names it (LICENSE, e.g. de_ent10000).",
+    )
+    licence_days = models.IntegerField(
+        null=True,
+        blank=True,
+        help_text="Days left of the app's trial or paid period (DAYS), when the portal's app.info says.",
+    )
+    licence_checked_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the portal's app.info was last read (status, licence, payment); a launch reads it "
+        "again after an hour.",
     )
     rate_limit = models.FloatField(
         null=True,

@@ -6,13 +6,12 @@ from the admin, a shell or a future API, and is tested on its own.
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from django.db import transaction
 from django.utils import timezone
 
-from . import errors, lifecycle, oauth, pairs, renewal, services, tasks
+from . import errors, licence, lifecycle, oauth, pairs, renewal, services, tasks, verification
 from .models import (
     PairState,
     Portal,
@@ -57,7 +56,7 @@ def verify_portal(*, portal: Portal) -> oauth.AppInfo:
 
     Stores the app status it reports. The token is renewed first if it is about to expire (that
     is what `renewal.access_token_for` does). Raises OperationRefused when the portal has no
-    usable pair or the OAuth server refuses the token, services.UpstreamUnavailable when the
+    usable pair or the OAuth server refuses the token, verification.UpstreamUnavailable when the
     server cannot be reached.
     """
     if portal.state == PortalState.UNINSTALLED:
@@ -69,21 +68,19 @@ def verify_portal(*, portal: Portal) -> oauth.AppInfo:
             f"{portal.domain} has no usable background token pair: it needs a reinstall"
         ) from exc
     except errors.RenewalPending as exc:
-        raise services.UpstreamUnavailable(f"{portal.domain}: {exc}") from exc
+        raise verification.UpstreamUnavailable(f"{portal.domain}: {exc}") from exc
     except errors.RenewalFailed as exc:
         raise OperationRefused(
             f"{portal.domain}: its access token had expired and renewing it failed ({exc.code})"
         ) from exc
     try:
-        info = oauth.app_info(portal.oauth_server, token)
-    except oauth.OAuthUnavailable as exc:
-        raise services.UpstreamUnavailable(f"cannot reach the OAuth server: {exc}") from exc
-    except oauth.OAuthError as exc:
+        info = verification.oauth_app_info(
+            server=portal.oauth_server, access_token=token, member_id=portal.member_id, handed=False
+        )
+    except verification.VerificationError as exc:
         raise OperationRefused(f"{portal.domain}: app.info refused the portal's token ({exc.code})") from exc
-    if not info.member_id or not hmac.compare_digest(info.member_id, portal.member_id):
-        raise OperationRefused(f"{portal.domain}: app.info answered for another portal ({info.member_id!r})")
-    Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
-    portal.app_status = info.status[:1]
+    # The token at hand reads the licence too (the portal's own app.info).
+    licence.read(portal, access_token=token)
     return info
 
 

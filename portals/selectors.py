@@ -210,6 +210,15 @@ def state_counts() -> dict[str, int]:
     return counts
 
 
+def licence_counts() -> dict[str, int]:
+    """Installed portals per licence status (the portal's app.info: app_status), "" for not read yet, and
+    "payment_expired" for those whose paid period has run out."""
+    installed = Portal.objects.filter(state=PortalState.INSTALLED).order_by()
+    counts = {row["app_status"]: row["n"] for row in installed.values("app_status").annotate(n=Count("pk"))}
+    counts["payment_expired"] = installed.filter(payment_expired=True).count()
+    return counts
+
+
 def health_counts(now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     base = Portal.objects.all()

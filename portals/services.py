@@ -1,276 +1,28 @@
-"""What happens to a portal: verification of what Bitrix24 claims, install, launch, update,
-payment and uninstall. Plain functions with keyword-only arguments; views call one of them."""
+"""What happens to a portal once what Bitrix24 sent is verified (portals.verification): install, launch,
+update, payment and uninstall. Plain functions with keyword-only arguments; views call one of them."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import hashlib
-import hmac
 import logging
-import sys
-import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import http, lifecycle, metrics, oauth, pairs, renewal, statements
+from . import licence, lifecycle, pairs, renewal, statements, verification
 from .client import PortalClient
 from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
+from .verification import Refusal, UpstreamUnavailable, VerificationError, Verified
 
 logger = logging.getLogger(__name__)
 
 # Sent after an uninstall with CLEAN=1, inside its transaction: receivers delete the app's own
 # data for that portal (kwargs: portal).
 portal_purged = Signal()
-
-
-class Refusal(enum.StrEnum):
-    """Why a request was refused, in the domain's words; the views and the API choose the HTTP status."""
-
-    NOT_ACCEPTED = "not_accepted"  # the credentials prove nothing (forged, expired, another app's)
-    NOT_HERE = "not_here"  # genuine credentials, but for another portal or domain, or the app is gone
-    STALE = "stale"  # true when it was verified, overtaken since (an uninstall confirmed meanwhile)
-
-
-class VerificationError(Exception):
-    """What Bitrix24 supposedly sent could not be confirmed; `refusal` says how, `code` exactly."""
-
-    def __init__(
-        self, message: str, *, refusal: Refusal = Refusal.NOT_ACCEPTED, code: str = "verification_failed"
-    ) -> None:
-        super().__init__(message)
-        self.refusal = refusal
-        self.code = code
-        if not isinstance(sys.exc_info()[1], VerificationError):  # a refusal restated is counted once
-            metrics.refusal(refusal, code)
-
-
-class UpstreamUnavailable(Exception):
-    """The OAuth server could not be asked, so the request could be neither trusted nor refused."""
-
-
-@dataclass(frozen=True)
-class Verified:
-    """An access token confirmed by the OAuth server, with where it came from."""
-
-    info: oauth.AppInfo
-    server: str
-    protocol: str
-
-
-def is_portal_domain(domain: str) -> bool:
-    """Whether `domain` (host[:port]) is a portal this backend serves (BITRIX24_PORTAL_DOMAINS)."""
-    return http.portal_domain_allowed(domain)
-
-
-def normalize_domain(domain: str) -> str:
-    """Lowercased host[:port] without a trailing dot; ValueError for anything that is not one."""
-    return http.normalize_domain(domain)
-
-
-def check_portal_domain(domain: str) -> str:
-    try:
-        normalized = http.normalize_domain(domain)
-    except ValueError as exc:
-        raise VerificationError(
-            f"DOMAIN is not a host name: {exc}", refusal=Refusal.NOT_HERE, code="domain_not_allowed"
-        ) from exc
-    if not http.portal_domain_allowed(normalized):
-        raise VerificationError(
-            f"{normalized!r} is not a Bitrix24 portal this backend serves (BITRIX24_PORTAL_DOMAINS)",
-            refusal=Refusal.NOT_HERE,
-            code="domain_not_allowed",
-        )
-    return normalized
-
-
-class TooManyUnverified(Exception):
-    """Requests claiming this portal failed verification too often lately: answer 429, ask nobody."""
-
-    retry_after = 60
-
-
-# --- one verification path ---------------------------------------------------------------------------
-# Every token we are handed (install frame, launch, install/update events, the app page's API calls) is
-# checked by `app_info_for`: one app.info call with a short timeout, its verdict kept in the shared cache
-# under a hash of the token, the claimed portal and that portal's install generation (so an uninstall or
-# a reinstall invalidates it), for the token's remaining life and at most ten minutes. Only definitive
-# refusals are kept; "try again" never is. Refusals also count against a per-portal budget.
-
-VERDICT_TTL = 600
-BUDGET_WINDOW = 60
-_local_budget: dict[str, tuple[float, int]] = {}  # per process, only while the shared cache is away
-
-
-def _verdict_key(server: str, access_token: str, member_id: str, generation: int) -> str:
-    digest = hashlib.sha256(f"{server}\n{access_token}".encode()).hexdigest()
-    return f"b24:verdict:{digest}:{member_id}:{generation}"
-
-
-def _cache_get(key: str) -> Any:
-    try:
-        return cache.get(key)
-    except Exception as exc:  # the shared cache is away: verify again rather than refuse
-        logger.warning("Shared cache unavailable (%s): verifying without it", type(exc).__name__)
-        return None
-
-
-def _cache_set(key: str, value: Any, ttl: int) -> None:
-    if ttl <= 0:
-        return
-    try:
-        cache.set(key, value, timeout=ttl)
-    except Exception as exc:
-        logger.warning("Shared cache unavailable (%s): verdict not kept", type(exc).__name__)
-
-
-def _budget_key(member_id: str) -> str:
-    return f"b24:unverified:{member_id}:{int(time.time() // BUDGET_WINDOW)}"
-
-
-def _over_budget(member_id: str) -> bool:
-    key = _budget_key(member_id)
-    try:
-        return int(cache.get(key) or 0) >= settings.BITRIX24_UNVERIFIED_BUDGET
-    except Exception:
-        # Without the shared cache each process keeps its own count: the bound holds per process.
-        _window, count = _local_budget.get(key, (0.0, 0))
-        return count >= settings.BITRIX24_UNVERIFIED_BUDGET
-
-
-def _spend_budget(member_id: str) -> None:
-    key = _budget_key(member_id)
-    try:
-        if not cache.add(key, 1, timeout=BUDGET_WINDOW * 2):
-            cache.incr(key)
-    except Exception:
-        window, count = _local_budget.get(key, (time.time(), 0))
-        _local_budget[key] = (window, count + 1)
-        for stale in [k for k in _local_budget if k != key]:
-            del _local_budget[stale]
-
-
-def _refusal(exc: oauth.OAuthError) -> VerificationError:
-    if isinstance(exc, oauth.NotInstalled):
-        return VerificationError(
-            "the app is not installed on this portal", refusal=Refusal.NOT_HERE, code="not_installed"
-        )
-    return VerificationError(f"Bitrix24 did not accept the access token ({exc.code})", code="invalid_token")
-
-
-def install_generation(member_id: str) -> int:
-    """The claimed portal's install generation (0 for a portal never seen)."""
-    return pairs.install_generation(member_id)
-
-
-def app_info_for(
-    *, server: str, access_token: str, member_id: str, generation: int | None = None
-) -> oauth.AppInfo:
-    """What app.info says about a token presented for `member_id` (see above). Raises
-    VerificationError (a refusal), TooManyUnverified, UpstreamUnavailable, ImproperlyConfigured."""
-    oauth.credentials()
-    if generation is None:
-        generation = install_generation(member_id)
-    key = _verdict_key(server, access_token, member_id, generation)
-    cached = _cache_get(key)
-    if isinstance(cached, dict):
-        if "refused" in cached:
-            raise VerificationError(
-                cached["refused"], refusal=Refusal(cached["refusal"]), code=cached["code"]
-            )
-        return oauth.AppInfo(**cached)
-    if _over_budget(member_id):
-        raise TooManyUnverified(f"too many requests for portal {member_id} failed verification; try later")
-    try:
-        info = oauth.app_info(server, access_token)
-    except oauth.InvalidToken as exc:
-        refusal = _refusal(exc)
-        _spend_budget(member_id)
-        _cache_set(
-            key, {"refused": str(refusal), "refusal": str(refusal.refusal), "code": refusal.code}, VERDICT_TTL
-        )
-        raise refusal from exc
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(f"cannot verify the request now: {exc}") from exc
-    except oauth.OAuthError as exc:
-        _spend_budget(member_id)
-        raise VerificationError(
-            f"Bitrix24 refused to confirm the access token ({exc.code})", code="verification_failed"
-        ) from exc
-    ttl = VERDICT_TTL
-    if info.expires_at is not None:
-        ttl = min(ttl, int((info.expires_at - timezone.now()).total_seconds()))
-    _cache_set(key, dataclasses.asdict(info), ttl)
-    return info
-
-
-def verify_access_token(
-    *,
-    access_token: str,
-    member_id: str,
-    domain: str,
-    server_endpoint: str = "",
-    generation: int | None = None,
-) -> Verified:
-    """Confirm with app.info on a trusted OAuth server that the token is ours, for that portal.
-
-    The claimed domain must be a portal domain before anything is sent anywhere, and app.info
-    is asked on a configured OAuth server only: nothing goes to a host taken from the request.
-    """
-    domain = check_portal_domain(domain)
-    client_id, _ = oauth.credentials()
-    server = oauth.server_for(server_endpoint)
-    info = app_info_for(server=server, access_token=access_token, member_id=member_id, generation=generation)
-    if not hmac.compare_digest(info.client_id, client_id):
-        raise VerificationError("the access token belongs to another application", code="wrong_client")
-    if not info.member_id or not hmac.compare_digest(info.member_id, member_id):
-        raise VerificationError(
-            "the access token belongs to another portal", refusal=Refusal.NOT_HERE, code="wrong_portal"
-        )
-    if info.domain != domain:
-        raise VerificationError(
-            f"the portal of this token is {info.domain!r}, not {domain!r}",
-            refusal=Refusal.NOT_HERE,
-            code="wrong_domain",
-        )
-    if not info.installed:
-        raise VerificationError(
-            "the app is not installed on this portal", refusal=Refusal.NOT_HERE, code="not_installed"
-        )
-    protocol = "https"
-    if info.client_endpoint.startswith("http://"):
-        protocol = "http"
-    return Verified(info=info, server=server, protocol=protocol)
-
-
-def identify_token(*, portal: Portal, access_token: str) -> oauth.AppInfo:
-    """What app.info says about an access token presented for an installed portal by the app's own
-    page: an installed app's user token of our application (which portal and user it is, the caller
-    checks). The same path and cache as `verify_access_token`.
-
-    Raises VerificationError with code `invalid_token` or `wrong_client` (definitive) or
-    `verification_failed` (a refusal that may not hold next time), TooManyUnverified,
-    UpstreamUnavailable when the server cannot be asked, ImproperlyConfigured without credentials.
-    """
-    client_id, _ = oauth.credentials()
-    try:
-        info = app_info_for(server=portal.oauth_server, access_token=access_token, member_id=portal.member_id)
-    except VerificationError as exc:
-        if exc.code == "verification_failed":
-            raise
-        raise VerificationError("Bitrix24 did not accept the token.", code="invalid_token") from exc
-    if not hmac.compare_digest(info.client_id.encode(), client_id.encode()):
-        raise VerificationError("The token belongs to another application.", code="wrong_client")
-    if not info.member_id or info.user_id is None or not info.installed:
-        raise VerificationError("The token is not an installed app's user token.", code="invalid_token")
-    return info
 
 
 def _upsert_portal(
@@ -294,7 +46,6 @@ def _upsert_portal(
         "domain": info.domain,
         "protocol": verified.protocol,
         "oauth_server": verified.server,
-        "app_status": info.status[:1],
         "scope": scope or info.scope,
     }
     portal, created = known, False
@@ -394,7 +145,6 @@ _LAUNCH_WRITES = [
     "domain",
     "protocol",
     "oauth_server",
-    "app_status",
     "scope",
     "state",
     "state_reason",
@@ -515,17 +265,6 @@ def _record_launch(
     return portal, pair
 
 
-def check_application_token(*, member_id: str, application_token: str) -> Portal:
-    """The portal whose stored application token equals the one given (compared in constant time)."""
-    portal = Portal.objects.filter(member_id=member_id).first()
-    stored = portal.application_token if portal is not None else ""
-    # Compare even when the portal is unknown, so timing does not tell which member_ids exist.
-    matches = hmac.compare_digest((stored or "\0").encode(), (application_token or "").encode())
-    if portal is None or not stored or not matches:
-        raise VerificationError("application token does not match this portal", code="bad_application_token")
-    return portal
-
-
 @transaction.atomic
 def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
     """Forget every token of the portal (they are dead anyway); with `clean`, purge its data too.
@@ -595,32 +334,25 @@ def check_uninstalled(*, portal: Portal) -> UninstallCheck:
                 return UninstallCheck.CONFIRMED
             return UninstallCheck.RETRY
     try:
-        info = oauth.app_info(portal.oauth_server, token)
-    except oauth.ExpiredToken:
+        info = verification.oauth_app_info(
+            server=portal.oauth_server, access_token=token, member_id=portal.member_id, handed=False
+        )
+    except UpstreamUnavailable:
         return UninstallCheck.RETRY
-    except (oauth.InvalidToken, oauth.PortalDeleted):
-        return UninstallCheck.CONFIRMED
-    except oauth.OAuthError:
-        return UninstallCheck.RETRY
-    if info.member_id and not hmac.compare_digest(info.member_id, portal.member_id):
+    except VerificationError as exc:
+        if exc.cause == "expired_token":
+            return UninstallCheck.RETRY
+        if exc.code in ("invalid_token", "not_installed") or exc.cause.upper() == "PORTAL_DELETED":
+            return UninstallCheck.CONFIRMED
         return UninstallCheck.RETRY
     return UninstallCheck.INSTALLED if info.installed else UninstallCheck.CONFIRMED
 
 
 def check_app_status(*, portal: Portal) -> bool | None:
-    """ONAPPPAYMENT's check, made by a worker: ask app.info with the portal's stored background access
-    token and store the status it reports. Never refreshes (an anonymous event asked for it): with an
-    expired token it returns None and the status waits for the next renewal. True when checked."""
+    """ONAPPPAYMENT's check, made by a worker: read the licence (portals.licence) with the portal's stored
+    background access token. Never refreshes (an anonymous event asked for it): with an expired token it
+    returns None and the licence waits for the next token at hand. True when read."""
     pair = TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
     if pair is None or pair.access_expires_at <= timezone.now() + timedelta(seconds=30):
         return None
-    try:
-        info = oauth.app_info(portal.oauth_server, pair.access_token)
-    except oauth.OAuthUnavailable as exc:
-        raise UpstreamUnavailable(f"cannot reach the OAuth server: {exc}") from exc
-    except oauth.OAuthError:
-        return None
-    if not info.member_id or not hmac.compare_digest(info.member_id, portal.member_id):
-        return None
-    Portal.objects.filter(pk=portal.pk).update(app_status=info.status[:1], updated_at=timezone.now())
-    return True
+    return licence.read(portal, access_token=pair.access_token) is not None

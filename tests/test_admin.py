@@ -21,7 +21,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from config.celery import app as celery_app
 from install.models import InboundKind, InboundRequest
-from portals import masking, operations, selectors, services
+from portals import masking, operations, selectors, verification
 from portals.models import (
     PairState,
     Portal,
@@ -401,7 +401,7 @@ def test_verify_explains_why_it_cannot(admin_client, standin):
 
     standin.oauth_mode = "down"
     healthy = PortalFactory.for_standin(standin.add_portal())
-    with pytest.raises(services.UpstreamUnavailable):
+    with pytest.raises(verification.UpstreamUnavailable):
         operations.verify_portal(portal=healthy)
     response = _action(admin_client, "verify_with_app_info", dead, healthy)
     text = " ".join(_messages(response))

@@ -18,7 +18,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from portals import operations, services
+from portals import operations, verification
 from portals.models import Portal, PortalState, WantedAction, WantedKind
 
 # The portal page's buttons: the operation's name in the URL (…/operate/<name>/) → its label.
@@ -61,7 +61,7 @@ def verify_with_app_info(
     for portal in queryset:
         try:
             info = operations.verify_portal(portal=portal)
-        except (operations.OperationRefused, services.UpstreamUnavailable, ImproperlyConfigured) as exc:
+        except (operations.OperationRefused, verification.UpstreamUnavailable, ImproperlyConfigured) as exc:
             modeladmin.message_user(request, f"{portal.domain}: not verified: {exc}", messages.ERROR)
             continue
         status = Portal(app_status=info.status[:1]).get_app_status_display() or info.status or "unknown"

@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.formats import date_format
 
 from portals import selectors
-from portals.models import PortalState, RenewalOutcome
+from portals.models import AppStatus, PortalState, RenewalOutcome
 
 from .filters import HEALTH
 from .palette import PALETTE, days_left_colour, outcome_colour
@@ -194,6 +194,25 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         }
         for state, count in counts.items()
     ]
+    by_licence = selectors.licence_counts()
+    expired = by_licence.pop("payment_expired")
+    licences = [
+        {
+            "label": AppStatus(status).label if status else "Not read yet",
+            "count": count,
+            "url": f"{portals_url}?{urlencode({'state__exact': PortalState.INSTALLED, 'app_status__exact': status})}",
+            "status": status,
+        }
+        for status, count in sorted(by_licence.items(), key=lambda item: (-item[1], item[0]))
+    ]
+    licences.append(
+        {
+            "label": "Payment expired",
+            "count": expired,
+            "url": f"{portals_url}?{urlencode({'state__exact': PortalState.INSTALLED, 'payment_expired__exact': 1})}",
+            "status": "payment_expired",
+        }
+    )
     health_counts = selectors.health_counts(now)
     health_cards = [
         {
@@ -212,6 +231,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "now": now,
         "total_portals": sum(counts.values()),
         "states": states,
+        "licences": licences,
         "health": health_cards,
         "chart": days_left_chart(selectors.days_left_histogram(now)),
         "lifetime_days": settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS,

@@ -162,7 +162,7 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "last_renewal",
         "failures",
     )
-    list_filter = ("state", "app_status", TokenHealthFilter)
+    list_filter = ("state", "app_status", "payment_expired", TokenHealthFilter)
     search_fields = ("domain", "=member_id")
     list_per_page = 100
     inlines = [TokenPairInline, RenewalLogInline]
@@ -197,6 +197,9 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "state",
                     "state_reason",
                     "payment_expired",
+                    "license",
+                    "licence_days",
+                    "licence_checked_at",
                     "installed_at",
                     "last_launch_at",
                     "uninstalled_at",

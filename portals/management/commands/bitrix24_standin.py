@@ -23,7 +23,7 @@ import requests
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from portals import services
+from portals import verification
 from portals.standin import FakePortal, StandIn
 from portals.standin import payloads as bx
 from portals.standin.server import APP_FRAME_PATH
@@ -162,7 +162,7 @@ class Command(BaseCommand):
         missing = []
         if standin.oauth_url not in settings.BITRIX24_OAUTH_SERVERS:
             missing.append(f"BITRIX24_OAUTH_SERVERS does not name {standin.oauth_url}")
-        if not services.is_portal_domain(portal.domain):
+        if not verification.is_portal_domain(portal.domain):
             missing.append(f"BITRIX24_PORTAL_DOMAINS does not admit {portal.domain}")
         if not settings.BITRIX24_ALLOW_HTTP:
             missing.append("BITRIX24_ALLOW_HTTP is off")
