@@ -199,7 +199,7 @@ def pull(*, portal: Portal, on_stored: OnStored = lambda ids: None, max_pages: i
             _recover(client, portal, queue, result, on_stored)
         for _page in range(max_pages):
             try:
-                services.check_budget(portal)
+                services.check_budget(portal=portal)
             except services.TooManyEvents:
                 result.more = True  # the records wait on the portal, where they cost us nothing
                 break

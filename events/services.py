@@ -122,7 +122,7 @@ def _timestamp(value: Any) -> datetime | None:
 # --- storing -----------------------------------------------------------------------------------------
 
 
-def check_budget(portal: Portal, *, now: datetime | None = None) -> None:
+def check_budget(*, portal: Portal, now: datetime | None = None) -> None:
     """Raise TooManyEvents when the portal is over its per-minute rate or its backlog. Both are counted
     in the database, so they hold across any number of web and worker processes."""
     now = now or timezone.now()
@@ -178,7 +178,7 @@ def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappi
     # Bitrix24 stamps every delivery with `ts`: the same event about the same object at the same second is
     # one delivery. Without a ts nothing tells two deliveries apart: each is kept.
     stamp = str(int(occurred_at.timestamp())) if occurred_at else f"no-ts:{uuid.uuid4().hex}"
-    check_budget(portal)
+    check_budget(portal=portal)
     accepted = store(
         portal=portal,
         event=event,
@@ -207,7 +207,7 @@ def retry_delay(attempts: int) -> timedelta:
     )
 
 
-def claim(event_id: int, *, now: datetime | None = None) -> AppEvent | None:
+def claim(*, event_id: int, now: datetime | None = None) -> AppEvent | None:
     """Take the event for running: a queued one, or a running one whose worker's lease ran out.
     Atomic, so a task queued twice (or by the sweep as well) runs the handlers once at a time."""
     now = now or timezone.now()
@@ -241,9 +241,9 @@ _COUNTED = {
 }
 
 
-def handle(event_id: int) -> Outcome | None:
+def handle(*, event_id: int) -> Outcome | None:
     """Run the handlers of one event not run yet; None when there was nothing to take."""
-    record = claim(event_id)
+    record = claim(event_id=event_id)
     if record is None:
         return None
     outcome = _run(record)
@@ -304,7 +304,7 @@ def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> 
     return Outcome(EventState.QUEUED, retry_in=delay, error=error)
 
 
-def run_again(event_ids: list[int]) -> list[int]:
+def run_again(*, event_ids: list[int]) -> list[int]:
     """Staff: failed or dropped events start again with a fresh count of retries (handlers that already
     succeeded on them are not run again). Returns the ids that will run."""
     now = timezone.now()
@@ -319,7 +319,7 @@ def run_again(event_ids: list[int]) -> list[int]:
     return ids
 
 
-def due(now: datetime | None = None, limit: int = 1000) -> list[int]:
+def due(*, now: datetime | None = None, limit: int = 1000) -> list[int]:
     """Events the sweep should queue: queued and due (a retry, or a task that never came), or running
     past their lease (a worker that died). Marked so the next sweep leaves them to this one's tasks."""
     now = now or timezone.now()

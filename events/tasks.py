@@ -58,7 +58,7 @@ def accept_event(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappin
     time_limit=settings.BITRIX24_EVENT_HANDLER_SECONDS + 30,
 )
 def handle_event_task(event_id: int) -> str:
-    outcome = services.handle(event_id)
+    outcome = services.handle(event_id=event_id)
     if outcome is None:
         return "nothing to do"
     if outcome.retry_in is not None and outcome.retry_in <= COUNTDOWN_MAX:
@@ -68,7 +68,7 @@ def handle_event_task(event_id: int) -> str:
 
 def run_again(event_ids: list[int]) -> int:
     """Staff's "run again": failed or dropped events start over; returns how many."""
-    ids = services.run_again(event_ids)
+    ids = services.run_again(event_ids=event_ids)
     transaction.on_commit(lambda: _publish_events(ids))
     return len(ids)
 

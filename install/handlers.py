@@ -65,7 +65,7 @@ def _install(*, verified: verification.Verified, access_token: str, **fields: An
 
 def _confirm(portal: Portal) -> None:
     """A portal that had lost its tokens counts as installed once its new background pair renewed."""
-    pair = services.needs_confirmation(portal)
+    pair = services.needs_confirmation(portal=portal)
     if pair is not None:
         tasks.queue_confirmation(pair=pair)
 

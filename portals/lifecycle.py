@@ -42,7 +42,7 @@ class WrongState(Exception):
 # --- a verified install, update or launch -------------------------------------------------------------
 
 
-def after_verified_visit(portal: Portal, now: datetime, *, new_background: bool) -> None:
+def after_verified_visit(portal: Portal, *, now: datetime, new_background: bool) -> None:
     """The portal's state after a verified install, update or launch (`new_background`: an admin's, which
     brought a new background pair). Chooses the transition; the caller saves the portal.
 
@@ -63,7 +63,7 @@ def after_verified_visit(portal: Portal, now: datetime, *, new_background: bool)
         if portal.reinstall_cause in (ReinstallCause.TOKENS, ReinstallCause.CONFIRMING):
             background_awaits_proof(portal)
             return
-    installed_by_admin(portal, now)
+    installed_by_admin(portal, now=now)
 
 
 def first_seen_through_a_user(portal: Portal) -> None:
@@ -83,7 +83,7 @@ def background_awaits_proof(portal: Portal) -> None:
     portal.reinstall_cause = ReinstallCause.CONFIRMING
 
 
-def installed_by_admin(portal: Portal, now: datetime) -> None:
+def installed_by_admin(portal: Portal, *, now: datetime) -> None:
     if portal.state == PortalState.INSTALLED:
         raise WrongState(f"{portal.domain} is installed already")
     if portal.state == PortalState.UNINSTALLED or portal.installed_at is None:
@@ -108,7 +108,7 @@ def background_proven(portal_id: int) -> int:
         ).update(state=PortalState.INSTALLED, state_reason="", reinstall_cause="")
 
 
-def background_refused(portal_id: int, code: str) -> int:
+def background_refused(portal_id: int, *, code: str) -> int:
     """The OAuth server refused the background pair for good (also a new pair that was being confirmed)."""
     with state_door():
         return (
@@ -122,7 +122,7 @@ def background_refused(portal_id: int, code: str) -> int:
         )
 
 
-def background_lost(portal_id: int, reason: str) -> int:
+def background_lost(portal_id: int, *, reason: str) -> int:
     """The background pair was lost in an interrupted renewal. A mark staff set stays theirs (its reason
     too); the pair's own state says it was lost."""
     with state_door():
@@ -150,7 +150,7 @@ def approved_by_staff(portal: Portal) -> None:
     portal.installed_at = portal.installed_at or timezone.now()
 
 
-def marked_by_staff(portal: Portal, reason: str) -> None:
+def marked_by_staff(portal: Portal, *, reason: str) -> None:
     """Staff know something the tokens don't: the customer must reinstall. Only staff or a reinstall clear it."""
     if portal.state == PortalState.UNINSTALLED:
         raise WrongState(f"{portal.domain} is uninstalled: a reinstall is the customer's choice")

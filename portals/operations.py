@@ -106,7 +106,7 @@ def approve_pending(*, portal: Portal) -> Portal:
         pair = TokenPair.objects.filter(portal=locked, state=PairState.ACTIVE).order_by("pk").first()
         if pair is None:
             raise OperationRefused(f"{locked.domain} has no working token pair to run with")
-        pairs.make_background(locked, pair)
+        pairs.make_background(locked, pair=pair)
         if locked.pending_application_token:
             locked.application_token = locked.pending_application_token
             locked.pending_application_token = ""
@@ -129,7 +129,7 @@ def mark_needs_reinstall(*, portal: Portal, reason: str) -> Portal:
         locked = Portal.objects.select_for_update().get(pk=portal.pk)
         try:
             # Staff's mark: a working token pair does not clear it; a reinstall or staff do.
-            lifecycle.marked_by_staff(locked, reason)
+            lifecycle.marked_by_staff(locked, reason=reason)
         except lifecycle.WrongState as exc:
             raise OperationRefused(str(exc)) from exc
         locked.save(update_fields=["state", "state_reason", "reinstall_cause", "updated_at"])

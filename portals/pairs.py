@@ -233,7 +233,7 @@ def take_access_token(
     return None
 
 
-def make_background(portal: Portal, pair: TokenPair) -> None:
+def make_background(portal: Portal, *, pair: TokenPair) -> None:
     """`pair` becomes the portal's one background pair (staff approving a pending portal)."""
     _unmark_background(portal, keep_user_id=None)
     TokenPair.objects.filter(pk=pair.pk).update(is_background=True)

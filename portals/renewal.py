@@ -177,7 +177,7 @@ def _mark_refused(pair: TokenPair, exc: oauth.OAuthError) -> None:
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background and pair.state == PairState.DEAD:
         # Also a portal whose new pair was being confirmed: that pair has just failed its proof.
-        lifecycle.background_refused(pair.portal_id, exc.code)
+        lifecycle.background_refused(pair.portal_id, code=exc.code)
     if was_active:  # once per transition, not on every retry
         logger.warning(
             "Token pair %s (portal %s, user %s) refused for good: %s",
@@ -196,7 +196,7 @@ def _mark_lost(pair: TokenPair, reason: str) -> None:
     pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
     if pair.is_background:
         # A mark staff set stays theirs (its reason too); the pair's own state says it was lost.
-        lifecycle.background_lost(pair.portal_id, reason)
+        lifecycle.background_lost(pair.portal_id, reason=reason)
     logger.error(
         "Token pair %s (portal %s, user %s) %s", pair.pk, pair.portal.member_id, pair.user_id, reason
     )

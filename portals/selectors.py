@@ -45,7 +45,7 @@ SWEEP_TASK = "portals.tasks.sweep_due_pairs"
 CLOCK_SKEW_TOLERANCE = timedelta(minutes=5)
 
 
-def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
+def due_pairs(*, now: datetime | None = None) -> QuerySet[TokenPair]:
     """Pairs the beat sweep renews: active, refresh token past `LIFETIME - MARGIN` days (or issued
     "in the future", which no lifetime arithmetic can be trusted with), not backing off."""
     now = now or timezone.now()
@@ -60,13 +60,13 @@ def due_pairs(now: datetime | None = None) -> QuerySet[TokenPair]:
     )
 
 
-def pairs_issued_in_the_future(now: datetime | None = None) -> QuerySet[TokenPair]:
+def pairs_issued_in_the_future(*, now: datetime | None = None) -> QuerySet[TokenPair]:
     """Pairs whose refresh issue time lies ahead of the clock (a skewed clock wrote it)."""
     now = now or timezone.now()
     return TokenPair.objects.filter(refresh_issued_at__gt=now + CLOCK_SKEW_TOLERANCE)
 
 
-def open_actions_due(now: datetime | None = None) -> QuerySet[WantedAction]:
+def open_actions_due(*, now: datetime | None = None) -> QuerySet[WantedAction]:
     """Wanted actions not done whose task is not expected any more: never queued, lost, or due a retry.
     A just-recorded action is left BITRIX24_WANTED_GRACE_SECONDS for the task queued with it."""
     now = now or timezone.now()
@@ -76,7 +76,7 @@ def open_actions_due(now: datetime | None = None) -> QuerySet[WantedAction]:
     )
 
 
-def portals_with_stale_bindings(fingerprint: str) -> QuerySet[Portal]:
+def portals_with_stale_bindings(*, fingerprint: str) -> QuerySet[Portal]:
     """Installed portals whose bindings were not synced to `fingerprint` and are not being synced."""
     syncing = WantedAction.objects.filter(kind=WantedKind.BIND_EVENTS, done_at__isnull=True)
     return (
@@ -135,7 +135,7 @@ def refresh_lapses_at(refresh_issued_at: datetime | None) -> datetime | None:
     return refresh_issued_at + timedelta(days=settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS)
 
 
-def days_left(refresh_issued_at: datetime | None, now: datetime | None = None) -> float | None:
+def days_left(refresh_issued_at: datetime | None, *, now: datetime | None = None) -> float | None:
     """Days before a refresh token issued then lapses (negative: it has lapsed)."""
     lapses = refresh_lapses_at(refresh_issued_at)
     if lapses is None:
@@ -158,7 +158,7 @@ def _background_exists(*conditions: Q, **lookups: Any) -> Exists:
     return Exists(TokenPair.objects.filter(*conditions, portal=OuterRef("pk"), is_background=True, **lookups))
 
 
-def due_soon(queryset: QuerySet[Portal], now: datetime | None = None) -> QuerySet[Portal]:
+def due_soon(queryset: QuerySet[Portal], *, now: datetime | None = None) -> QuerySet[Portal]:
     """Installed portals whose active background pair is inside the renewal window
     (fewer than BITRIX24_RENEW_MARGIN_DAYS left): the sweep renews them, unless it is failing."""
     now = now or timezone.now()
@@ -168,7 +168,7 @@ def due_soon(queryset: QuerySet[Portal], now: datetime | None = None) -> QuerySe
     )
 
 
-def lapsing(queryset: QuerySet[Portal], now: datetime | None = None, days: float = 2) -> QuerySet[Portal]:
+def lapsing(queryset: QuerySet[Portal], *, now: datetime | None = None, days: float = 2) -> QuerySet[Portal]:
     """Portals whose background refresh token lapses within `days` (or has lapsed)."""
     now = now or timezone.now()
     return queryset.exclude(state=PortalState.UNINSTALLED).filter(
@@ -193,9 +193,9 @@ def lost(queryset: QuerySet[Portal]) -> QuerySet[Portal]:
     return queryset.filter(Exists(TokenPair.objects.filter(portal=OuterRef("pk"), state=PairState.LOST)))
 
 
-def clock_skewed(queryset: QuerySet[Portal], now: datetime | None = None) -> QuerySet[Portal]:
+def clock_skewed(queryset: QuerySet[Portal], *, now: datetime | None = None) -> QuerySet[Portal]:
     """Portals with a pair whose refresh issue time lies in the future (renewed by the next sweep)."""
-    ahead = pairs_issued_in_the_future(now).filter(portal=OuterRef("pk"))
+    ahead = pairs_issued_in_the_future(now=now).filter(portal=OuterRef("pk"))
     return queryset.filter(Exists(ahead))
 
 
@@ -219,16 +219,16 @@ def licence_counts() -> dict[str, int]:
     return counts
 
 
-def health_counts(now: datetime | None = None) -> dict[str, int]:
+def health_counts(*, now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     base = Portal.objects.all()
     return {
-        "due_soon": due_soon(base, now).count(),
-        "lapsing": lapsing(base, now).count(),
+        "due_soon": due_soon(base, now=now).count(),
+        "lapsing": lapsing(base, now=now).count(),
         "failing": failing(base).count(),
         "no_usable_pair": without_usable_pair(base).count(),
         "lost": lost(base).count(),
-        "clock_skew": clock_skewed(base, now).count(),
+        "clock_skew": clock_skewed(base, now=now).count(),
     }
 
 
@@ -241,7 +241,7 @@ class Bucket:
     count: int
 
 
-def days_left_histogram(now: datetime | None = None, bars: int = 28) -> list[Bucket]:
+def days_left_histogram(*, now: datetime | None = None, bars: int = 28) -> list[Bucket]:
     """Active background pairs of installed portals by days left on their refresh token, in one query.
 
     Bars are whole days wide (wider when the lifetime is longer than `bars` days); the first bar
@@ -291,7 +291,7 @@ class DayActivity:
         return self.renewed + self.skipped + self.transient + self.refused
 
 
-def renewal_activity(days: int = 14, now: datetime | None = None) -> list[DayActivity]:
+def renewal_activity(*, days: int = 14, now: datetime | None = None) -> list[DayActivity]:
     """Renewal attempts per day and outcome over the last `days` days (UTC), oldest first, one query."""
     now = now or timezone.now()
     today = timezone.localdate(now)
@@ -346,7 +346,7 @@ class SweepSchedule:
     runs: int = 0  # how many times beat has sent it (PeriodicTask.total_run_count)
 
 
-def sweep_schedules(now: datetime | None = None) -> list[SweepSchedule]:
+def sweep_schedules(*, now: datetime | None = None) -> list[SweepSchedule]:
     """Every django-celery-beat entry that runs the renewal sweep, and when it runs next.
 
     Read from where beat's DatabaseScheduler records its runs: `PeriodicTask.last_run_at` and

@@ -74,7 +74,7 @@ def _upsert_portal(
     return portal
 
 
-def needs_confirmation(portal: Portal) -> TokenPair | None:
+def needs_confirmation(*, portal: Portal) -> TokenPair | None:
     """The new background pair to renew once, when the portal waits for that to count as installed."""
     if portal.state != PortalState.NEEDS_REINSTALL or portal.reinstall_cause != ReinstallCause.CONFIRMING:
         return None
@@ -114,7 +114,9 @@ def install_portal(
     """
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
-    lifecycle.after_verified_visit(portal, now, new_background=trusted and verified.info.user_id is not None)
+    lifecycle.after_verified_visit(
+        portal, now=now, new_background=trusted and verified.info.user_id is not None
+    )
     if portal.installed_at is None:
         portal.installed_at = now
     if application_token and trusted:
@@ -229,7 +231,7 @@ def _record_launch(
                 portal=portal, is_background=True, state=PairState.ACTIVE
             ).exists()
         )
-    lifecycle.after_verified_visit(portal, now, new_background=background)
+    lifecycle.after_verified_visit(portal, now=now, new_background=background)
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
     # proves it, and whoever sets it can forge ONAPPUNINSTALL. Installs and updates set it.

@@ -139,7 +139,7 @@ def queue_due_renewals(limit: int | None = None) -> int:
     it to its task; a renewal that fails sets its own back-off, one that succeeds clears it."""
     now = timezone.now()
     limit = settings.BITRIX24_RENEW_PER_SWEEP if limit is None else limit
-    due = selectors.due_pairs(now).order_by("refresh_issued_at", "pk").values_list("pk", flat=True)
+    due = selectors.due_pairs(now=now).order_by("refresh_issued_at", "pk").values_list("pk", flat=True)
     ids = list(due[:limit])
     for start in range(0, len(ids), _UPDATE_BATCH):
         TokenPair.objects.filter(pk__in=ids[start : start + _UPDATE_BATCH]).update(
@@ -301,7 +301,7 @@ def _failed(action: WantedAction, error: str, retry_in: timedelta | None = None)
 def queue_open_actions() -> int:
     """The sweep re-drives open actions: never queued (broker away), lost, or due for a retry."""
     now = timezone.now()
-    ids = list(selectors.open_actions_due(now).values_list("pk", flat=True))
+    ids = list(selectors.open_actions_due(now=now).values_list("pk", flat=True))
     WantedAction.objects.filter(pk__in=ids).update(next_attempt_at=now + PENDING_GRACE)
     _publish_each(carry_out_task, ids)
     return len(ids)
@@ -326,7 +326,7 @@ def queue_stale_bindings(limit: int = BINDINGS_PER_SWEEP) -> int:
     failed): one BIND_EVENTS action each, up to `limit` a run."""
     if not bindings.handler_url():
         return 0
-    stale = list(selectors.portals_with_stale_bindings(bindings.wanted_fingerprint())[:limit])
+    stale = list(selectors.portals_with_stale_bindings(fingerprint=bindings.wanted_fingerprint())[:limit])
     for portal in stale:
         want(WantedKind.BIND_EVENTS, portal=portal, trigger=RenewalTrigger.BEAT)
     return len(stale)

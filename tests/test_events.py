@@ -250,8 +250,8 @@ def test_a_running_event_whose_worker_died_runs_again_after_its_lease(
         occurred_at=None,
     )
     assert accepted.record is not None
-    assert services.claim(accepted.record.pk) is not None  # a worker took it, then died
-    assert services.claim(accepted.record.pk) is None  # nobody else while its lease runs
+    assert services.claim(event_id=accepted.record.pk) is not None  # a worker took it, then died
+    assert services.claim(event_id=accepted.record.pk) is None  # nobody else while its lease runs
     AppEvent.objects.update(next_attempt_at=accepted.record.received_at)  # the lease ran out
     assert services.due() == [accepted.record.pk]
     assert handle_event_task.apply(args=(accepted.record.pk,)).get() == "handled"

@@ -213,7 +213,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
             "status": "payment_expired",
         }
     )
-    health_counts = selectors.health_counts(now)
+    health_counts = selectors.health_counts(now=now)
     health_cards = [
         {
             "label": health.card_label,
@@ -223,7 +223,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         }
         for health in HEALTH
     ]
-    activity = selectors.renewal_activity(ACTIVITY_DAYS, now)
+    activity = selectors.renewal_activity(days=ACTIVITY_DAYS, now=now)
     context = {
         **admin.site.each_context(request),
         "title": "Installations dashboard",
@@ -233,7 +233,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "states": states,
         "licences": licences,
         "health": health_cards,
-        "chart": days_left_chart(selectors.days_left_histogram(now)),
+        "chart": days_left_chart(selectors.days_left_histogram(now=now)),
         "lifetime_days": settings.BITRIX24_REFRESH_TOKEN_LIFETIME_DAYS,
         "margin_days": settings.BITRIX24_RENEW_MARGIN_DAYS,
         "activity": activity,
@@ -243,7 +243,7 @@ def dashboard(request: HttpRequest) -> TemplateResponse:
         "renewed_total": sum(day.renewed for day in activity),
         "failed_total": sum(day.failed for day in activity),
         "activity_total": sum(day.total for day in activity),
-        "schedules": [SweepLine.of(entry) for entry in selectors.sweep_schedules(now)],
+        "schedules": [SweepLine.of(entry) for entry in selectors.sweep_schedules(now=now)],
         "portals_url": portals_url,
         "renewals_url": reverse("admin:portals_renewallog_changelist"),
         "periodic_tasks_url": reverse("admin:django_celery_beat_periodictask_changelist"),
