@@ -62,11 +62,14 @@ class InboundRequest(models.Model):
     )
     processed = models.BooleanField(
         default=False,
+        # In the database too: processes of the previous release insert rows without it during an upgrade.
+        db_default=False,
         help_text="Whether the backend carried out what the request asked (its handler finished).",
     )
     traceback = models.TextField(
         blank=True,
         default="",
+        db_default="",
         help_text="For a failure of the backend's own (not the caller's): where it failed, redacted, at most 8 KB.",
     )
     http_status = models.PositiveSmallIntegerField(null=True, blank=True, help_text="HTTP status answered.")

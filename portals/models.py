@@ -156,6 +156,9 @@ class Portal(models.Model):
     license = models.CharField(
         max_length=64,
         blank=True,
+        default="",
+        # In the database too: processes of the previous release insert rows without it during an upgrade.
+        db_default="",
         help_text="The portal's Bitrix24 plan as its app.info names it (LICENSE, e.g. de_ent10000).",
     )
     licence_days = models.IntegerField(
