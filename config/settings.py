@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
-from config import timeouts, translations
+from config import routing, timeouts, translations
 from portals import logging as product_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -327,6 +327,9 @@ if REDIS_URL:
         # database first and the sweep queues it again (portals.tasks.publish).
         "socket_timeout": 2,
         "socket_connect_timeout": 2,
+        # A worker takes from the first of its queues that has a task (custody.now before custody): a
+        # renewal a web request waits for never waits behind a sweep's batches.
+        "queue_order_strategy": "priority",
     }
 else:
     # The filesystem transport works across the web, worker and beat processes of one machine
@@ -345,6 +348,10 @@ else:
 # One queue name per deployment, so two deployments (or two CI runs) sharing a Redis never
 # take each other's tasks.
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "bitrix24")
+# Custody apart from the app's work: `${CELERY_QUEUE}.custody.now`, `.custody` and `.app`, each task's
+# queue named in config/routing.py. A worker serves the queues its -Q names in that order, first one first.
+CELERY_TASK_ROUTES = ("config.routing.route_task",)
+CELERY_TASK_QUEUES = routing.queues(CELERY_TASK_DEFAULT_QUEUE)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

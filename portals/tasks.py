@@ -191,7 +191,7 @@ def want(kind: str, *, portal: Portal, pair: TokenPair | None = None, **fields: 
         # before this must not close the action (see carry_out_task).
         WantedAction.objects.filter(pk=action.pk).update(generation=F("generation") + 1, **fields)
     action_id = action.pk
-    transaction.on_commit(lambda: publish(carry_out_task, action_id))
+    transaction.on_commit(lambda: publish(carry_out_task, action_id, kwargs={"kind": kind}))
     return action
 
 
@@ -200,8 +200,9 @@ def _next_try(action: WantedAction) -> timedelta:
 
 
 @shared_task(acks_late=True, soft_time_limit=ACTION_TIME_LIMIT - 30, time_limit=ACTION_TIME_LIMIT)
-def carry_out_task(action_id: int) -> str:
-    """Carry out one wanted action; a failure leaves it open with a time for the sweep to retry."""
+def carry_out_task(action_id: int, kind: str = "") -> str:
+    """Carry out one wanted action; a failure leaves it open with a time for the sweep to retry. `kind`
+    (the action's) only routes the task: a bindings sync is app work (config/routing.py)."""
     action = WantedAction.objects.select_related("portal").filter(pk=action_id, done_at=None).first()
     if action is None:
         return "nothing to do"
@@ -250,7 +251,7 @@ def carry_out_task(action_id: int) -> str:
     if not closed:
         # Asked for again while this run went on: run it again for the newer request.
         WantedAction.objects.filter(pk=action.pk).update(next_attempt_at=None)
-        publish(carry_out_task, action.pk)
+        publish(carry_out_task, action.pk, kwargs={"kind": action.kind})
         return "done, and asked again meanwhile: queued again"
     return "done" + (f" ({note})" if note else "")
 
@@ -301,10 +302,16 @@ def _failed(action: WantedAction, error: str, retry_in: timedelta | None = None)
 def queue_open_actions() -> int:
     """The sweep re-drives open actions: never queued (broker away), lost, or due for a retry."""
     now = timezone.now()
-    ids = list(selectors.open_actions_due(now=now).values_list("pk", flat=True))
-    WantedAction.objects.filter(pk__in=ids).update(next_attempt_at=now + PENDING_GRACE)
-    _publish_each(carry_out_task, ids)
-    return len(ids)
+    due = list(selectors.open_actions_due(now=now).values_list("pk", "kind"))
+    WantedAction.objects.filter(pk__in=[pk for pk, _ in due]).update(next_attempt_at=now + PENDING_GRACE)
+
+    def send() -> None:
+        for pk, kind in due:
+            publish(carry_out_task, pk, kwargs={"kind": kind})
+
+    if due:
+        transaction.on_commit(send)
+    return len(due)
 
 
 def queue_bindings(*, portal: Portal) -> bool:

@@ -267,7 +267,7 @@ def test_the_readme_from_bin_run_through_the_standin_to_the_admin(tmp_path):
             and "received SIGINT indicating exit request" not in line  # supervisord acknowledging the stop
         ]
         assert not noisy, tail
-        for program in ("web", "beat", "worker"):
+        for program in ("web", "beat", "worker-custody", "worker-app"):
             assert re.search(rf"INFO stopped: {program} \(exit status [01]\)", tail), tail
 
 

@@ -1,0 +1,87 @@
+"""Custody apart from the app's work: every task's queue is named in one table (config/routing.py), renewals
+a web request waits for go first, and the queue split loses nothing an older release left behind."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from config import routing
+from config.celery import app as celery_app
+from portals import journal, oauth
+
+OURS = ("portals.", "events.", "install.")
+
+
+def _queue(name: str, *args, **kwargs) -> str:
+    return routing.route_task(name, args, kwargs, {})["queue"]
+
+
+def test_every_task_of_the_product_is_in_the_table():
+    from events import tasks as event_tasks
+    from install import tasks as install_tasks
+    from portals import tasks as portal_tasks
+
+    assert all((event_tasks, install_tasks, portal_tasks))  # imported: their tasks are registered
+    ours = {name for name in celery_app.tasks if name.startswith(OURS)}
+    assert ours, "no task found: the test would pass on nothing"
+    assert ours == set(routing.ROUTES), "a task without a line in config/routing.py, or a line without a task"
+
+
+def test_custody_and_the_apps_work_go_to_their_own_queues():
+    base = settings.CELERY_TASK_DEFAULT_QUEUE
+    assert _queue("portals.tasks.renew_pair_task", 7, "on_demand", False) == f"{base}.custody.now"
+    assert _queue("portals.tasks.renew_pair_task", 7, "staff", True) == f"{base}.custody"
+    assert _queue("portals.tasks.renew_pairs_task", [1, 2]) == f"{base}.custody"
+    assert _queue("portals.tasks.carry_out_task", 3, kind="confirm_uninstall") == f"{base}.custody"
+    assert _queue("portals.tasks.carry_out_task", 3) == f"{base}.custody"  # a message of an older release
+    assert _queue("portals.tasks.carry_out_task", 3, kind="bind_events") == f"{base}.app"
+    assert _queue("events.tasks.handle_event_task", 9) == f"{base}.app"
+    assert _queue("myapp.tasks.report") == f"{base}.app"  # an app author's own task
+
+
+def test_a_published_task_lands_in_one_queue_only():
+    """Queues bound by one routing key would each get a copy of every task (and run it twice)."""
+    keys = [queue.routing_key for queue in celery_app.conf.task_queues]
+    names = [queue.name for queue in celery_app.conf.task_queues]
+    assert keys == names and len(set(keys)) == len(keys)
+    base = settings.CELERY_TASK_DEFAULT_QUEUE
+    # A worker given no -Q serves custody first, then the app, then the bare queue older releases used.
+    assert names == [f"{base}.custody.now", f"{base}.custody", f"{base}.app", base]
+
+
+@pytest.mark.needs_redis("the queue order is the Redis transport's; the filesystem broker polls in turn")
+def test_a_worker_takes_from_its_queues_in_their_order():
+    assert settings.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
+
+
+@pytest.mark.needs_redis("the second copies are kept in Redis when it is configured")
+def test_a_second_copy_kept_before_the_queue_split_is_still_found():
+    """The copy's key carries the deployment's name (CELERY_QUEUE), as it did before queues were split:
+    a renewal whose answer was kept by the previous release is recovered by this one."""
+    grant = oauth.TokenGrant(
+        access_token="access-0123456789",
+        refresh_token="refresh-0123456789",
+        expires_at=timezone.now() + timedelta(hours=1),
+        scope="crm",
+        member_id="m" * 32,
+        user_id=1,
+        domain="portal.example",
+        status="P",
+        server_endpoint="https://oauth.bitrix.info/rest/",
+    )
+    attempt_id = int.from_bytes(os.urandom(4), "big")
+    # Written as the release before the split wrote it: its key, its queue name.
+    key = f"{os.environ.get('CELERY_QUEUE', 'bitrix24')}:renewal-grant:{attempt_id}"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.set(key, journal._encode(grant, 5, "fp-old"), ex=600)
+    try:
+        found = journal.find(attempt_id, pair_id=5, old_fingerprint="fp-old")
+    finally:
+        client.delete(key)
+    assert found is not None and found.refresh_token == "refresh-0123456789"
