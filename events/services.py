@@ -23,14 +23,18 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from portals import clock, metrics, registry
+from portals import clock, governor, metrics, registry
 from portals.client import PortalClient
-from portals.errors import TooManyEvents
+from portals.errors import PortalBusy, TooManyEvents
 from portals.models import Portal, PortalState
 
 from .models import AppEvent, EventSource, EventState
 
 logger = logging.getLogger(__name__)
+
+# The longest a handler's REST call waits for its portal's rate limit; past it the event is put back with
+# its time and the worker takes other work (portals.governor.waiting_at_most).
+HANDLER_MOST_WAIT = 2.0
 
 
 def queued_grace() -> timedelta:
@@ -277,13 +281,32 @@ def _run(record: AppEvent) -> Outcome:
         if handler.name in done:
             continue
         try:
-            handler.func(context)
+            # No sleeping here for the portal's rate limit: the worker has other portals' work to do.
+            with governor.waiting_at_most(HANDLER_MOST_WAIT):
+                handler.func(context)
+        except PortalBusy as exc:
+            return _busy(record, handler.name, exc, done)
         except Exception as exc:  # the app's code: any failure is retried, then kept for staff
             return _failed(record, handler.name, exc, done)
         done.append(handler.name)
         AppEvent.objects.filter(pk=record.pk).update(done_handlers=done)
     _finish(record, EventState.HANDLED, last_error="")
     return Outcome(EventState.HANDLED)
+
+
+def _busy(record: AppEvent, handler: str, exc: PortalBusy, done: list[str]) -> Outcome:
+    """The portal's rate limit had no slot soon enough: the event goes back to the database with the time
+    the slot frees, not counted as a failed attempt; the handler then runs again from its start (so a
+    handler must be idempotent: docs, *The app's events*)."""
+    delay = timedelta(seconds=exc.wait)
+    AppEvent.objects.filter(pk=record.pk).update(
+        state=EventState.QUEUED,
+        attempts=F("attempts") - 1,
+        next_attempt_at=timezone.now() + delay,
+        last_error=f"{handler}: waiting for the portal's rate limit ({exc.wait:.1f} s)"[:500],
+        done_handlers=done,
+    )
+    return Outcome(EventState.QUEUED, retry_in=delay)
 
 
 def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> Outcome:

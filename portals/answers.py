@@ -11,6 +11,7 @@ An error that is not in the table is a bug: the callers answer 500 and log it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ def _too_many(exc: TooManyUnverified | errors.TooManyEvents, staff: bool) -> Ans
     return Answer(429, "too_many_requests", str(exc), int(exc.retry_after))
 
 
+def _portal_busy(exc: errors.PortalBusy, staff: bool) -> Answer:
+    return Answer(503, "portal_busy", str(exc), max(1, math.ceil(exc.wait)), ours=True)
+
+
 def _no_usable_pair(exc: errors.NoUsablePair, staff: bool) -> Answer:
     return Answer(409, "no_usable_pair", str(exc))
 
@@ -88,6 +93,7 @@ TABLE: dict[type[BaseException], Rule] = {
     TooManyUnverified: _too_many,  # type: ignore[dict-item]
     errors.TooManyEvents: _too_many,  # type: ignore[dict-item]
     errors.NoUsablePair: _no_usable_pair,  # type: ignore[dict-item]
+    errors.PortalBusy: _portal_busy,  # type: ignore[dict-item]
     errors.RenewalPending: _renewal_pending,  # type: ignore[dict-item]
     errors.RenewalFailed: _renewal_failed,  # type: ignore[dict-item]
     RestError: _rest_error,  # type: ignore[dict-item]

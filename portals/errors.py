@@ -11,6 +11,15 @@ class NoUsablePair(Exception):
     """The portal has no active token pair to act with (not installed, or it needs a reinstall)."""
 
 
+class PortalBusy(Exception):
+    """The portal's REST rate limit has no slot for `wait` seconds, longer than the caller may wait: the
+    work goes back with its time instead of sleeping in a worker (portals.governor.waiting_at_most)."""
+
+    def __init__(self, message: str, *, wait: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
 class TooManyEvents(Exception):
     """The portal delivered more events than it may (per minute, or waiting at once): not stored."""
 

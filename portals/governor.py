@@ -15,6 +15,9 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,12 +26,14 @@ import redis
 from django.conf import settings
 
 from . import clock, metrics
+from .errors import PortalBusy
 
 logger = logging.getLogger(__name__)
 
 # KEYS[1] = bucket key. ARGV = emission interval (s), burst tolerance (s), seconds the key outlives
-# the last reserved slot.
-# Returns the seconds to wait before sending, as a string (Lua numbers become integers otherwise).
+# the last reserved slot, the longest the caller may wait (negative: any).
+# Returns the seconds to wait before sending, as a string (Lua numbers become integers otherwise); a
+# negative number when that wait is longer than the caller may wait: then nothing is reserved.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -38,6 +43,8 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
+local most = tonumber(ARGV[4])
+if most >= 0 and wait > most then return tostring(-wait) end
 -- The key lives until the last reserved slot is past, plus a margin: a backlog longer than
 -- that must not expire and let a fresh burst through.
 redis.call('SET', KEYS[1], tostring(tat + interval), 'EX', math.ceil(tat + interval - now) + tonumber(ARGV[3]))
@@ -70,9 +77,26 @@ class Limit:
         return interval, (burst - 1) * interval
 
 
+# The longest a call may wait for its slot here (None: as long as it takes). Work that has other work
+# to do meanwhile (the app's event handlers) sets it: past it the call raises PortalBusy instead of
+# sleeping in its worker while every other portal's work waits (`waiting_at_most`).
+_most_wait: ContextVar[float | None] = ContextVar("governor_most_wait", default=None)
+
+
+@contextmanager
+def waiting_at_most(seconds: float) -> Iterator[None]:
+    """Calls made inside wait at most `seconds` for their portal's rate limit, else raise PortalBusy."""
+    token = _most_wait.set(seconds)
+    try:
+        yield
+    finally:
+        _most_wait.reset(token)
+
+
 class Governor:
-    def reserve(self, key: str, limit: Limit) -> float:
-        """Reserve the next slot for `key`; returns the seconds to wait before sending."""
+    def reserve(self, key: str, limit: Limit, most: float = -1.0) -> float:
+        """Reserve the next slot for `key`; returns the seconds to wait before sending. When that is
+        longer than `most` (if not negative), reserves nothing and returns minus the wait."""
         raise NotImplementedError
 
     def fill(self, key: str, limit: Limit) -> None:
@@ -80,7 +104,10 @@ class Governor:
         raise NotImplementedError
 
     def acquire(self, key: str, limit: Limit) -> float:
-        wait = self.reserve(key, limit)
+        most = _most_wait.get()
+        wait = self.reserve(key, limit, -1.0 if most is None else most)
+        if wait < 0:
+            raise PortalBusy(f"the portal's rate limit has no slot for {-wait:.1f} s", wait=-wait)
         if wait > 0:
             metrics.governor_waited(wait)
             clock.sleep(wait)
@@ -119,14 +146,14 @@ class RedisGovernor(Governor):
             )
         self._down_until = clock.monotonic() + self.RETRY_AFTER
 
-    def reserve(self, key: str, limit: Limit) -> float:
+    def reserve(self, key: str, limit: Limit, most: float = -1.0) -> float:
         if clock.monotonic() >= self._down_until:
             interval, tolerance = limit.governed()
             try:
-                return float(self._gcra(keys=[key], args=[interval, tolerance, 60]))
+                return float(self._gcra(keys=[key], args=[interval, tolerance, 60, most]))
             except redis.RedisError as exc:
                 self._away(exc)
-        return self._local.reserve(key, self._fallback(limit))
+        return self._local.reserve(key, self._fallback(limit), most)
 
     def fill(self, key: str, limit: Limit) -> None:
         self._local.fill(key, self._fallback(limit))
@@ -146,13 +173,16 @@ class LocalGovernor(Governor):
         self._lock = threading.Lock()
         self._tat: dict[str, float] = {}
 
-    def reserve(self, key: str, limit: Limit) -> float:
+    def reserve(self, key: str, limit: Limit, most: float = -1.0) -> float:
         interval, tolerance = limit.governed()
         with self._lock:
             now = clock.monotonic()
             tat = max(self._tat.get(key, 0.0), now)
+            wait = max(0.0, tat - tolerance - now)
+            if 0 <= most < wait:
+                return -wait
             self._tat[key] = tat + interval
-            return max(0.0, tat - tolerance - now)
+            return wait
 
     def fill(self, key: str, limit: Limit) -> None:
         interval, tolerance = limit.governed()

@@ -44,6 +44,10 @@ CASES: dict[str, tuple[Callable[[], BaseException], tuple[int, str, str | None]]
         (429, "too_many_requests", "30"),
     ),
     "no_pair": (lambda: errors.NoUsablePair("no active token pair"), (409, "no_usable_pair", None)),
+    "portal_busy": (
+        lambda: errors.PortalBusy("the portal's rate limit has no slot for 4.2 s", wait=4.2),
+        (503, "portal_busy", "5"),
+    ),
     "renewal_pending": (lambda: errors.RenewalPending("still renewing"), (503, "renewal_pending", "15")),
     "renewal_refused": (
         lambda: errors.RenewalFailed("invalid_grant", transient=False, code="invalid_grant"),

@@ -304,3 +304,55 @@ def test_a_flood_of_admitted_events_is_bounded_in_storage_and_handler_work(
     print("largest inbound rows (bytes):", sizes)
     assert sizes["refused"] < 4000  # a bounded summary
     assert sizes["accepted"] < 50_000  # the redacted request, values cut at 500 characters
+
+
+# --- no sleeping for a portal's rate limit ---------------------------------------------------------------
+
+
+def test_a_handler_that_meets_the_rate_limit_goes_back_with_its_time_and_writes_once(
+    backend: Any, installed_portal: Any, b24: FakePortal, run_events: Callable[[], list[str]]
+) -> None:
+    """The worker never sleeps for a portal's limit: a handler whose call would wait past
+    HANDLER_MOST_WAIT puts its event back with the time the slot frees, uncounted, and runs again from its
+    start. Written as the docs ask (look before writing), it writes once overall."""
+    from portals import governor
+    from portals.models import Portal
+
+    def deal_noted(event: Any) -> None:
+        mine = f"noted by the app for event {event.record_id}"
+        notes = event.client.call(
+            "crm.timeline.comment.list", {"filter": {"ENTITY_ID": event.object_id, "ENTITY_TYPE": "deal"}}
+        )
+        if not any(note.get("COMMENT") == mine for note in notes or []):
+            event.client.call(
+                "crm.timeline.comment.add",
+                {"fields": {"ENTITY_ID": event.object_id, "ENTITY_TYPE": "deal", "COMMENT": mine}},
+            )
+        event.client.call("crm.deal.get", {"id": event.object_id})
+
+    b24.seed("crm.deal", 1)
+    # The portal's bucket as staff set it: room for two calls now, the next one 10 s later.
+    Portal.objects.filter(pk=installed_portal.pk).update(rate_limit=0.1, rate_burst=5)
+    with registry.replaced(lambda: registry.on("ONCRMDEALADD")(deal_noted)):
+        from django.utils import timezone
+
+        assert backend.post("/events/", data=event_body(b24, "ONCRMDEALADD", "1", ts=300)).status_code == 200
+        before = timezone.now()
+        assert [o.split(":")[0] for o in run_events()] == ["queued"]
+        event = AppEvent.objects.get()
+        assert (event.state, event.attempts) == (EventState.QUEUED, 0)  # back, and not counted as a failure
+        assert "waiting for the portal's rate limit" in event.last_error
+        assert 5 <= (event.next_attempt_at - before).total_seconds() <= 12  # when the slot frees
+
+        # Later: the bucket has drained (here: staff raised the portal's limit and its bucket was emptied).
+        Portal.objects.filter(pk=installed_portal.pk).update(rate_limit=50, rate_burst=50)
+        bucket = governor.governor()
+        key = governor.bucket_key(b24.member_id)
+        if isinstance(bucket, governor.RedisGovernor):
+            bucket.client.delete(key)
+        else:
+            bucket._tat.pop(key, None)
+        assert run_events() == ["handled"]
+    written = [c for c in b24.calls if c[1] == "crm.timeline.comment.add"]
+    assert len(written) == 1  # ran twice from its start, wrote once
+    assert AppEvent.objects.get().state == EventState.HANDLED
