@@ -12,6 +12,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from api.frontend import FrontendAPIView
 from config.urls import urlpatterns as project_urlpatterns
 
 # Filled by the test: key → a function that raises the error.
@@ -34,8 +35,21 @@ class ApiView(APIView):
         return HttpResponse("not reached")
 
 
+class FrontendView(FrontendAPIView):
+    """An app's frontend endpoint (api.frontend), its AUTH_ID check left out: the error, not the token, is
+    under test."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    def get(self, request: Request) -> HttpResponse:
+        ERRORS[request.query_params["error"]]()
+        return HttpResponse("not reached")
+
+
 urlpatterns = [
     path("test-answers/plain/", plain_view),
     path("test-answers/api/", ApiView.as_view()),
+    path("test-answers/frontend/", FrontendView.as_view()),
     *project_urlpatterns,
 ]

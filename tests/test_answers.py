@@ -100,11 +100,11 @@ def test_every_domain_error_has_an_answer() -> None:
 
 
 @pytest.mark.parametrize("key", list(CASES))
-def test_a_domain_error_is_answered_alike_by_the_api_and_the_middleware(
+def test_a_domain_error_is_answered_alike_by_the_api_a_frontend_endpoint_and_the_middleware(
     client: Any, raising: None, key: str
 ) -> None:
     status, code, retry_after = CASES[key][1]
-    for path in ("/test-answers/api/", "/test-answers/plain/"):
+    for path in ("/test-answers/api/", "/test-answers/frontend/", "/test-answers/plain/"):
         response = client.get(path, {"error": key})
         assert (response.status_code, response.json()["error"], response.get("Retry-After")) == (
             status,
