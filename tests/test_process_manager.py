@@ -178,7 +178,7 @@ def test_a_stop_of_bin_run_finishes_the_refresh_in_flight_and_ends_every_process
         )
         _wait(lambda: standin.stats["oauth_requests"] > requests_before, 30, "the refresh request", run.proc)
         processes = run.processes()
-        assert len(processes) >= 4, processes  # web, beat, the worker and its pool processes
+        assert len(processes) >= 5, processes  # web, beat, the two workers and their pool processes
 
         os.killpg(run.proc.pid, signum)  # as the terminal does on Ctrl-C: to bin/run's process group
         stopped = time.monotonic()
@@ -194,7 +194,8 @@ def test_a_stop_of_bin_run_finishes_the_refresh_in_flight_and_ends_every_process
     # The worker's pool process got the stop while refreshing, held it and started no retry.
     assert "SIGINT received: finishing the token refresh in flight first" in output
     assert standin.stats["oauth_requests"] == requests_before + 1
-    assert re.search(r"stopped: worker \(exit status \d+\)", output), output  # not killed
+    for worker in ("worker-custody", "worker-app"):
+        assert re.search(rf"stopped: {worker} \(exit status \d+\)", output), output  # not killed
     pair = TokenPair.objects.get(pk=pair.pk)
     assert pair.refresh_token != old_refresh
     assert pair.refresh_token in standin._refresh  # the stored pair is the live one
