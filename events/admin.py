@@ -59,6 +59,7 @@ class AppEventAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
         "received_at",
         "state",
         "attempts",
+        "runnable_at",
         "next_attempt_at",
         "done_handlers",
         "last_error",

@@ -65,6 +65,12 @@ class AppEvent(models.Model):
         help_text="Queued: when the sweep may start it (again) if no task has. Running: when its "
         "worker is presumed dead.",
     )
+    runnable_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Queued: the earliest a worker may start it (a retry's time, or when the portal's rate limit "
+        "frees a slot); empty: at once.",
+    )
     done_handlers = models.JSONField(
         default=list, blank=True, help_text="Handlers that have run successfully (a retry skips them)."
     )
@@ -86,7 +92,7 @@ class AppEvent(models.Model):
             models.Index(fields=["state", "next_attempt_at"], name="app_event_due"),
             # The per-portal rate and the admin's list by portal.
             models.Index(fields=["portal", "received_at"], name="app_event_portal_time"),
-            # The per-portal backlog.
+            # The per-portal backlog, and what each portal has running (fair dispatch).
             models.Index(fields=["portal", "state"], name="app_event_portal_state"),
         ]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Min, Q
 from django.utils import timezone
 
 from portals import clock, governor, metrics, registry
@@ -217,7 +217,7 @@ def claim(*, event_id: int, now: datetime | None = None) -> AppEvent | None:
     now = now or timezone.now()
     taken = (
         AppEvent.objects.filter(pk=event_id)
-        .filter(Q(state=EventState.QUEUED) | Q(state=EventState.RUNNING, next_attempt_at__lte=now))
+        .filter(_runnable(now))
         .update(state=EventState.RUNNING, attempts=F("attempts") + 1, next_attempt_at=now + lease())
     )
     if not taken:
@@ -250,9 +250,85 @@ def handle(*, event_id: int) -> Outcome | None:
     record = claim(event_id=event_id)
     if record is None:
         return None
+    return _run_counted(record)
+
+
+def handle_next(*, now: datetime | None = None) -> tuple[int, Outcome] | None:
+    """Run the handlers of the due event that is fairest to take (`claim_next`): (its id, the outcome), or
+    None when nothing may run now."""
+    record = claim_next(now=now)
+    if record is None:
+        return None
+    return record.pk, _run_counted(record)
+
+
+def _run_counted(record: AppEvent) -> Outcome:
     outcome = _run(record)
     metrics.event_handled(record.event, _COUNTED[EventState(outcome.state)])
     return outcome
+
+
+def _runnable(now: datetime) -> Q:
+    """Queued and due (its retry time or rate-limit slot has come), or running past its worker's lease."""
+    due = Q(runnable_at__isnull=True) | Q(runnable_at__lte=now)
+    return Q(state=EventState.QUEUED) & due | Q(state=EventState.RUNNING, next_attempt_at__lte=now)
+
+
+def claim_next(*, now: datetime | None = None, tries: int = 5) -> AppEvent | None:
+    """Take the due event that is fairest to run: its portal has fewer than BITRIX24_HANDLERS_PER_PORTAL
+    handlers running, and of such portals the one with the fewest running goes first, then the one whose
+    oldest due event is oldest. So one portal's 5,000 waiting events take at most that many workers, and
+    another portal's first event is next as soon as a worker is free, whatever was queued before it.
+
+    The cap holds under races: a claim that finds its portal over the cap afterwards gives the event back."""
+    now = now or timezone.now()
+    cap = settings.BITRIX24_HANDLERS_PER_PORTAL
+    running = _running_per_portal(now)
+    firsts = (
+        AppEvent.objects.filter(_runnable(now))
+        .order_by()
+        .values("portal_id")
+        .annotate(first=Min("pk"))
+        .values_list("portal_id", "first")
+    )
+    order = sorted(
+        (
+            (running.get(portal_id, 0), first, portal_id)
+            for portal_id, first in firsts
+            if running.get(portal_id, 0) < cap
+        )
+    )
+    for _busy_now, _first, portal_id in order[:tries]:
+        candidate = (
+            AppEvent.objects.filter(_runnable(now), portal_id=portal_id)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if candidate is None:
+            continue
+        record = claim(event_id=candidate, now=now)
+        if record is None:
+            continue  # another worker took it first
+        if _running_per_portal(now, portal_id=portal_id).get(portal_id, 0) > cap:
+            # Two workers claimed for this portal at once: give this one back, untouched.
+            AppEvent.objects.filter(pk=record.pk, state=EventState.RUNNING).update(
+                state=EventState.QUEUED, attempts=F("attempts") - 1, next_attempt_at=now + queued_grace()
+            )
+            continue
+        return record
+    return None
+
+
+def has_runnable(*, portal_id: int, now: datetime | None = None) -> bool:
+    return AppEvent.objects.filter(_runnable(now or timezone.now()), portal_id=portal_id).exists()
+
+
+def _running_per_portal(now: datetime, portal_id: int | None = None) -> dict[int, int]:
+    running = AppEvent.objects.filter(state=EventState.RUNNING, next_attempt_at__gt=now)
+    if portal_id is not None:
+        running = running.filter(portal_id=portal_id)
+    return dict(running.order_by().values("portal_id").annotate(n=Count("pk")).values_list("portal_id", "n"))
 
 
 def _run(record: AppEvent) -> Outcome:
@@ -302,6 +378,7 @@ def _busy(record: AppEvent, handler: str, exc: PortalBusy, done: list[str]) -> O
     AppEvent.objects.filter(pk=record.pk).update(
         state=EventState.QUEUED,
         attempts=F("attempts") - 1,
+        runnable_at=timezone.now() + delay,
         next_attempt_at=timezone.now() + delay,
         last_error=f"{handler}: waiting for the portal's rate limit ({exc.wait:.1f} s)"[:500],
         done_handlers=done,
@@ -319,6 +396,7 @@ def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> 
     delay = retry_delay(record.attempts)
     AppEvent.objects.filter(pk=record.pk).update(
         state=EventState.QUEUED,
+        runnable_at=timezone.now() + delay,
         next_attempt_at=timezone.now() + delay,
         last_error=error,
         traceback=details,
@@ -337,7 +415,11 @@ def run_again(*, event_ids: list[int]) -> list[int]:
         ).values_list("pk", flat=True)
     )
     AppEvent.objects.filter(pk__in=ids).update(
-        state=EventState.QUEUED, attempts=0, finished_at=None, next_attempt_at=now + queued_grace()
+        state=EventState.QUEUED,
+        attempts=0,
+        finished_at=None,
+        runnable_at=None,
+        next_attempt_at=now + queued_grace(),
     )
     return ids
 

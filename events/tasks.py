@@ -23,7 +23,7 @@ from portals.models import Portal, PortalState
 from portals.tasks import publish
 
 from . import offline, services
-from .models import OfflineQueue
+from .models import AppEvent, OfflineQueue
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,20 @@ def accept_event(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappin
     time_limit=settings.BITRIX24_EVENT_HANDLER_SECONDS + 30,
 )
 def handle_event_task(event_id: int) -> str:
-    outcome = services.handle(event_id=event_id)
-    if outcome is None:
+    """Run the due event that is fairest to take (services.claim_next), often the one this task was queued
+    for (`event_id` is only that hint): another portal's first event goes before a flooding portal's next.
+    A portal at its limit of running handlers gets its next task from the one that finishes."""
+    taken = services.handle_next()
+    if taken is None:
         return "nothing to do"
+    ran, outcome = taken
     if outcome.retry_in is not None and outcome.retry_in <= COUNTDOWN_MAX:
-        publish(handle_event_task, event_id, countdown=outcome.retry_in.total_seconds())
+        publish(handle_event_task, ran, countdown=outcome.retry_in.total_seconds())
+    portal_id = AppEvent.objects.filter(pk=ran).values_list("portal_id", flat=True).first()
+    if portal_id is not None and services.has_runnable(portal_id=portal_id):
+        # Its portal has more waiting: keep one task going for it (tasks a capped portal's events were
+        # queued with may have found it at its limit and ended).
+        publish(handle_event_task, ran)
     return outcome.state + (f": {outcome.error}" if outcome.error else "")
 
 

@@ -344,7 +344,10 @@ def test_a_handler_that_meets_the_rate_limit_goes_back_with_its_time_and_writes_
         assert "waiting for the portal's rate limit" in event.last_error
         assert 5 <= (event.next_attempt_at - before).total_seconds() <= 12  # when the slot frees
 
-        # Later: the bucket has drained (here: staff raised the portal's limit and its bucket was emptied).
+        assert run_events() == ["nothing to do"]  # not before its slot: no worker takes it early
+        # Later: its time has come and the bucket has drained (here: the clock moved on, staff raised the
+        # portal's limit and its bucket was emptied).
+        AppEvent.objects.update(runnable_at=timezone.now())
         Portal.objects.filter(pk=installed_portal.pk).update(rate_limit=50, rate_burst=50)
         bucket = governor.governor()
         key = governor.bucket_key(b24.member_id)
@@ -356,3 +359,38 @@ def test_a_handler_that_meets_the_rate_limit_goes_back_with_its_time_and_writes_
     written = [c for c in b24.calls if c[1] == "crm.timeline.comment.add"]
     assert len(written) == 1  # ran twice from its start, wrote once
     assert AppEvent.objects.get().state == EventState.HANDLED
+
+
+# --- fair dispatch -----------------------------------------------------------------------------------------
+
+
+def test_another_portals_first_event_goes_before_a_flooding_portals_next(
+    backend: Any, installed_portal: Any, b24: FakePortal, standin: Any, settings: Any
+) -> None:
+    """Workers take due events round robin across portals, at most BITRIX24_HANDLERS_PER_PORTAL of one
+    portal at once: a portal with 30 events waiting does not delay another's first, queued after them."""
+    from tests.factories import PortalFactory
+
+    settings.BITRIX24_HANDLERS_PER_PORTAL = 2
+    noisy, victim = installed_portal, PortalFactory.for_standin(other := standin.add_portal())
+    with registry.replaced(lambda: registry.on("ONCRMDEALADD")(lambda event: None)):
+        for n in range(30):
+            posted = backend.post("/events/", data=event_body(b24, "ONCRMDEALADD", str(n), ts=1000 + n))
+            assert posted.status_code == 200
+        assert (
+            backend.post("/events/", data=event_body(other, "ONCRMDEALADD", "1", ts=5000)).status_code == 200
+        )
+    assert AppEvent.objects.filter(state=EventState.QUEUED).count() == 31
+
+    first = services.claim_next()  # both idle: the oldest due event, the noisy portal's
+    assert first is not None and first.portal_id == noisy.pk
+    second = services.claim_next()  # the portal with fewer running goes first: the victim's, queued last
+    assert second is not None and second.portal_id == victim.pk
+    third = services.claim_next()
+    assert third is not None and third.portal_id == noisy.pk
+    assert (
+        services.claim_next() is None
+    )  # the noisy portal has 2 running (its cap), the victim nothing waiting
+    AppEvent.objects.filter(pk=first.pk).update(state=EventState.HANDLED)  # one of its handlers finished
+    fourth = services.claim_next()
+    assert fourth is not None and fourth.portal_id == noisy.pk
