@@ -307,6 +307,11 @@ BITRIX24_EVENT_RETRY_SECONDS = env_int("BITRIX24_EVENT_RETRY_SECONDS", 30)
 BITRIX24_EVENT_HANDLER_SECONDS = env_int("BITRIX24_EVENT_HANDLER_SECONDS", 120)
 # At most this many handlers of one portal run at once; workers take due events round robin across portals.
 BITRIX24_HANDLERS_PER_PORTAL = env_int("BITRIX24_HANDLERS_PER_PORTAL", 2)
+# The longest a handler's REST call waits for its portal's rate limit; past it the event is put back with
+# the slot's time and the worker takes other work (portals.governor.waiting_at_most). Half a second: with
+# 2 s, workers asleep for three flooding portals' buckets delayed another portal's first event 20 times
+# over (bench/noisy_neighbour.py, docs/benchmarks.md).
+BITRIX24_HANDLER_RATE_WAIT_SECONDS = env_float("BITRIX24_HANDLER_RATE_WAIT_SECONDS", 0.5)
 BITRIX24_EVENT_RETENTION_DAYS = env_int("BITRIX24_EVENT_RETENTION_DAYS", 7)
 BITRIX24_FAILED_EVENT_RETENTION_DAYS = env_int("BITRIX24_FAILED_EVENT_RETENTION_DAYS", 30)
 # Portals with offline handlers are asked for their queue this often even without an ONOFFLINEEVENT

@@ -32,9 +32,6 @@ from .models import AppEvent, EventSource, EventState
 
 logger = logging.getLogger(__name__)
 
-# The longest a handler's REST call waits for its portal's rate limit; past it the event is put back with
-# its time and the worker takes other work (portals.governor.waiting_at_most).
-HANDLER_MOST_WAIT = 2.0
 
 
 def queued_grace() -> timedelta:
@@ -358,7 +355,7 @@ def _run(record: AppEvent) -> Outcome:
             continue
         try:
             # No sleeping here for the portal's rate limit: the worker has other portals' work to do.
-            with governor.waiting_at_most(HANDLER_MOST_WAIT):
+            with governor.waiting_at_most(settings.BITRIX24_HANDLER_RATE_WAIT_SECONDS):
                 handler.func(context)
         except PortalBusy as exc:
             return _busy(record, handler.name, exc, done)

@@ -313,7 +313,7 @@ def test_a_handler_that_meets_the_rate_limit_goes_back_with_its_time_and_writes_
     backend: Any, installed_portal: Any, b24: FakePortal, run_events: Callable[[], list[str]]
 ) -> None:
     """The worker never sleeps for a portal's limit: a handler whose call would wait past
-    HANDLER_MOST_WAIT puts its event back with the time the slot frees, uncounted, and runs again from its
+    BITRIX24_HANDLER_RATE_WAIT_SECONDS puts its event back with the time the slot frees, uncounted, and runs again from its
     start. Written as the docs ask (look before writing), it writes once overall."""
     from portals import governor
     from portals.models import Portal
