@@ -33,7 +33,6 @@ from .models import AppEvent, EventSource, EventState
 logger = logging.getLogger(__name__)
 
 
-
 def queued_grace() -> timedelta:
     """A just-stored event is left this long to the task queued with it before the sweep queues it
     again (BITRIX24_WANTED_GRACE_SECONDS, as for the portals' wanted actions)."""
