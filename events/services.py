@@ -241,27 +241,15 @@ _COUNTED = {
 }
 
 
-def handle(*, event_id: int) -> Outcome | None:
-    """Run the handlers of one event not run yet; None when there was nothing to take."""
-    record = claim(event_id=event_id)
-    if record is None:
-        return None
-    return _run_counted(record)
-
-
-def handle_next(*, now: datetime | None = None) -> tuple[int, Outcome] | None:
-    """Run the handlers of the due event that is fairest to take (`claim_next`): (its id, the outcome), or
-    None when nothing may run now."""
+def handle_next(*, now: datetime | None = None) -> tuple[AppEvent, Outcome] | None:
+    """Run the handlers of the due event that is fairest to take (`claim_next`): (the event, the outcome),
+    or None when nothing may run now."""
     record = claim_next(now=now)
     if record is None:
         return None
-    return record.pk, _run_counted(record)
-
-
-def _run_counted(record: AppEvent) -> Outcome:
     outcome = _run(record)
     metrics.event_handled(record.event, _COUNTED[EventState(outcome.state)])
-    return outcome
+    return record, outcome
 
 
 def _runnable(now: datetime) -> Q:
@@ -371,15 +359,22 @@ def _busy(record: AppEvent, handler: str, exc: PortalBusy, done: list[str]) -> O
     the slot frees, not counted as a failed attempt; the handler then runs again from its start (so a
     handler must be idempotent: docs, *The app's events*)."""
     delay = timedelta(seconds=exc.wait)
-    AppEvent.objects.filter(pk=record.pk).update(
-        state=EventState.QUEUED,
+    _requeue(
+        record,
+        delay,
         attempts=F("attempts") - 1,
-        runnable_at=timezone.now() + delay,
-        next_attempt_at=timezone.now() + delay,
         last_error=f"{handler}: waiting for the portal's rate limit ({exc.wait:.1f} s)"[:500],
         done_handlers=done,
     )
     return Outcome(EventState.QUEUED, retry_in=delay)
+
+
+def _requeue(record: AppEvent, delay: timedelta, **fields: Any) -> None:
+    """Back to the queue, not to be started (by a worker, or by the sweep) before `delay` has passed."""
+    at = timezone.now() + delay
+    AppEvent.objects.filter(pk=record.pk).update(
+        state=EventState.QUEUED, runnable_at=at, next_attempt_at=at, **fields
+    )
 
 
 def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> Outcome:
@@ -390,10 +385,9 @@ def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> 
         _finish(record, EventState.FAILED, last_error=error, traceback=details)
         return Outcome(EventState.FAILED, error=error)
     delay = retry_delay(record.attempts)
-    AppEvent.objects.filter(pk=record.pk).update(
-        state=EventState.QUEUED,
-        runnable_at=timezone.now() + delay,
-        next_attempt_at=timezone.now() + delay,
+    _requeue(
+        record,
+        delay,
         last_error=error,
         traceback=details,
         done_handlers=done,

@@ -23,7 +23,7 @@ from portals.models import Portal, PortalState
 from portals.tasks import publish
 
 from . import offline, services
-from .models import AppEvent, OfflineQueue
+from .models import OfflineQueue
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,11 @@ def handle_event_task(event_id: int) -> str:
         return "nothing to do"
     ran, outcome = taken
     if outcome.retry_in is not None and outcome.retry_in <= COUNTDOWN_MAX:
-        publish(handle_event_task, ran, countdown=outcome.retry_in.total_seconds())
-    portal_id = AppEvent.objects.filter(pk=ran).values_list("portal_id", flat=True).first()
-    if portal_id is not None and services.has_runnable(portal_id=portal_id):
+        publish(handle_event_task, ran.pk, countdown=outcome.retry_in.total_seconds())
+    if services.has_runnable(portal_id=ran.portal_id):
         # Its portal has more waiting: keep one task going for it (tasks a capped portal's events were
         # queued with may have found it at its limit and ended).
-        publish(handle_event_task, ran)
+        publish(handle_event_task, ran.pk)
     return outcome.state + (f": {outcome.error}" if outcome.error else "")
 
 
