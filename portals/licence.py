@@ -19,7 +19,9 @@ from typing import Any
 
 from django.utils import timezone
 
+from . import governor
 from .client import PortalClient, RestError
+from .errors import PortalBusy
 from .models import AppStatus, Portal
 
 logger = logging.getLogger(__name__)
@@ -57,11 +59,16 @@ def is_stale(portal: Portal) -> bool:
 
 
 def read(portal: Portal, *, access_token: str) -> Licence | None:
-    """Ask the portal's app.info with `access_token` (never renewed) and store what it says on `portal`.
-    None, and nothing stored, when the portal could not be asked or refused: the next token at hand
-    tries again."""
+    """Ask the portal's app.info with `access_token` (never renewed, never waiting for the rate limit) and
+    store what it says on `portal`. None, and nothing stored, when the portal could not be asked now or
+    refused: the next token at hand tries again."""
     try:
-        result = PortalClient(portal, access_token=access_token).call("app.info")
+        # A nicety read beside a launch or an install: never a wait for the portal's rate limit.
+        with governor.waiting_at_most(0.0):
+            result = PortalClient(portal, access_token=access_token).call("app.info")
+    except PortalBusy:
+        logger.info("Licence of portal %s not read now: its rate limit has no slot", portal.member_id)
+        return None
     except RestError as exc:
         logger.info("Licence of portal %s not read: %s", portal.member_id, exc.code or type(exc).__name__)
         return None

@@ -62,3 +62,15 @@ def test_an_answer_without_the_fields_is_unknown_not_guessed():
     assert licence.Licence.from_answer(
         {"STATUS": "p", "PAYMENT_EXPIRED": "N", "DAYS": 12, "LICENSE": "ru_pro"}
     ) == (licence.Licence(status="P", license="ru_pro", payment_expired=False, days=12))
+
+
+def test_a_busy_portal_is_not_waited_for_to_read_the_licence(b24, installed_portal):
+    """Beside a launch the licence is a nicety: with the portal's bucket full it is left for the next token."""
+    from portals import governor
+
+    limit = governor.limit_for(installed_portal)
+    governor.governor().fill(governor.bucket_key(b24.member_id), limit)  # the portal said its bucket is full
+    token = b24.issue_tokens(1, admin=True)["access_token"]
+    assert licence.read(installed_portal, access_token=token) is None  # and no sleep (the fast lane's guard)
+    assert _licence_reads(b24) == 0
+    assert Portal.objects.get(pk=installed_portal.pk).licence_checked_at is None
