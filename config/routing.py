@@ -8,8 +8,9 @@ Two kinds of queue, so that no tenant's app work delays custody of any tenant's 
 - `${CELERY_QUEUE}.app`: the app's event handlers, offline pulls, bindings syncs, the event sweep,
   housekeeping, and any task of an app built on this backend that names no queue of its own.
 
-A worker serves the queues it is given (`-Q`), in that order: `config/supervisord.conf` runs one for
-custody (`custody.now,custody`) and one for the app. A worker given no `-Q` serves all three.
+A worker serves the queues it is given (`-Q`): `config/supervisord.conf` runs one for custody
+(`custody.now,custody`) and one for the app. A worker given no `-Q` serves all of them. On Redis it takes
+from the first that has a task in the order of `KindOrder` (custody.now first), whatever the order of `-Q`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,32 @@ def queues(base: str) -> list[Queue]:
     # Each bound by its own name: queues sharing a routing key would each get a copy of every task.
     names = [*(queue_name(kind, base) for kind in KINDS), base]
     return [Queue(name, routing_key=name) for name in names]
+
+
+class KindOrder:
+    """The order a worker takes from its queues, for kombu's transports (`queue_order_strategy`):
+    custody.now, custody, any other (the bare queue), app. kombu keeps a worker's queues in a set, so
+    its own "priority" order is the set's (arbitrary) and "sorted" puts `custody` before `custody.now`:
+    a renewal a web request waits for would wait behind a sweep's batches."""
+
+    def __init__(self, it: Any = None) -> None:
+        self.items: list[str] = list(it or [])
+
+    def update(self, it: Any) -> None:
+        self.items[:] = sorted(it, key=_rank)
+
+    def consume(self, n: int) -> list[str]:
+        return self.items[:n]
+
+    def rotate(self, last_used: str) -> None:
+        """Never: the order is fixed."""
+
+
+def _rank(queue: str) -> tuple[int, str]:
+    for rank, kind in ((0, CUSTODY_NOW), (1, CUSTODY), (3, APP)):
+        if queue.endswith(f".{kind}"):
+            return rank, queue
+    return 2, queue  # the deployment's bare queue (releases before the split), or a queue of the app's own
 
 
 def kind_of(name: str, args: Any = (), kwargs: Any = None) -> str:

@@ -336,7 +336,7 @@ if REDIS_URL:
         "socket_connect_timeout": 2,
         # A worker takes from the first of its queues that has a task (custody.now before custody): a
         # renewal a web request waits for never waits behind a sweep's batches.
-        "queue_order_strategy": "priority",
+        "queue_order_strategy": "config.routing:KindOrder",
     }
 else:
     # The filesystem transport works across the web, worker and beat processes of one machine

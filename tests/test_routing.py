@@ -56,8 +56,22 @@ def test_a_published_task_lands_in_one_queue_only():
 
 
 @pytest.mark.needs_redis("the queue order is the Redis transport's; the filesystem broker polls in turn")
-def test_a_worker_takes_from_its_queues_in_their_order():
-    assert settings.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"] == "priority"
+def test_a_worker_takes_custody_first_whatever_order_kombu_holds_its_queues_in():
+    """kombu keeps a worker's queues in a set: its own "priority" order is the set's, and "sorted" puts
+    `custody` before `custody.now`. The transport is given the product's order instead."""
+    from kombu.transport.redis import Channel
+    from kombu.utils.scheduling import cycle_by_name
+
+    strategy = settings.CELERY_BROKER_TRANSPORT_OPTIONS["queue_order_strategy"]
+    assert "queue_order_strategy" in Channel.from_transport_options  # the option kombu reads
+    base = settings.CELERY_TASK_DEFAULT_QUEUE
+    served = [f"{base}.app", base, f"{base}.custody", f"{base}.custody.now"]
+    for arrangement in (served, served[::-1], sorted(served), set(served)):
+        order = cycle_by_name(strategy)()
+        order.update(arrangement)
+        assert order.consume(4) == [f"{base}.custody.now", f"{base}.custody", base, f"{base}.app"]
+        order.rotate(f"{base}.custody.now")  # a task taken from it does not move it back
+        assert order.consume(1) == [f"{base}.custody.now"]
 
 
 @pytest.mark.needs_redis("the second copies are kept in Redis when it is configured")
@@ -85,3 +99,31 @@ def test_a_second_copy_kept_before_the_queue_split_is_still_found():
     finally:
         client.delete(key)
     assert found is not None and found.refresh_token == "refresh-0123456789"
+
+
+@pytest.mark.django_db
+def test_a_custody_task_that_needs_a_fresh_token_renews_it_itself(standin, monkeypatch):
+    """A custody task never waits on its own queue: with one custody worker of concurrency 1 that would wait
+    forever. An uninstall confirmation (a forged ONAPPUNINSTALL: the app is still installed) whose portal's
+    access token has expired renews it in the task to ask app.info, not by queueing a renewal (only web
+    requests hand renewals to workers: portals.middleware)."""
+    import time_machine
+
+    from portals import renewal
+    from portals.models import PortalState, TokenPair, WantedKind
+    from portals.tasks import carry_out_task, want
+    from tests.factories import PortalFactory
+
+    queued: list[int] = []
+    monkeypatch.setattr(renewal, "_queue", lambda pair_id, rejected="": queued.append(pair_id) or True)
+    portal = PortalFactory.for_standin(standin.add_portal())
+    issued = TokenPair.objects.get(portal=portal).refresh_token
+    action = want(WantedKind.CONFIRM_UNINSTALL, portal=portal)
+    with time_machine.travel(timezone.now() + timedelta(hours=1, minutes=1)):  # the access token expired
+        carry_out_task.apply(args=(action.pk,), kwargs={"kind": action.kind}).get()
+    action.refresh_from_db()
+    assert "Bitrix24 says installed" in action.last_error  # it asked, with a fresh token
+    assert TokenPair.objects.get(portal=portal).refresh_token != issued  # renewed, here
+    assert queued == []  # not handed to a worker
+    portal.refresh_from_db()
+    assert portal.state == PortalState.INSTALLED  # and Bitrix24 said the app is still there
