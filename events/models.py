@@ -142,3 +142,26 @@ class OfflineQueue(models.Model):
 
     def __str__(self) -> str:
         return f"offline queue of {self.portal_id}"
+
+
+class HandlerPace(models.Model):
+    """When a portal's next handler may start, set when one met the portal's REST rate limit: workers
+    then take other portals' events instead of claiming this one's only to find no slot (one row per
+    portal, not a time on each of its waiting events: a flood of 5,000 would mean 5,000 writes)."""
+
+    portal = models.OneToOneField(
+        Portal,
+        on_delete=models.CASCADE,
+        primary_key=True,
+        related_name="handler_pace",
+        help_text="The portal.",
+    )
+    runnable_at = models.DateTimeField(
+        help_text="No handler of this portal is started before then: its rate limit has no slot sooner."
+    )
+
+    class Meta:
+        verbose_name = "handler pace"
+
+    def __str__(self) -> str:
+        return f"handlers of {self.portal_id} from {self.runnable_at:%H:%M:%S}"

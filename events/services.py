@@ -28,7 +28,7 @@ from portals.client import PortalClient
 from portals.errors import PortalBusy, TooManyEvents
 from portals.models import Portal, PortalState
 
-from .models import AppEvent, EventSource, EventState
+from .models import AppEvent, EventSource, EventState, HandlerPace
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +268,13 @@ def claim_next(*, now: datetime | None = None, tries: int = 5) -> AppEvent | Non
     now = now or timezone.now()
     cap = settings.BITRIX24_HANDLERS_PER_PORTAL
     running = _running_per_portal(now)
+    # Portals whose rate limit has no slot yet, and those at their cap: a short list, read first, so that
+    # the scan below joins nothing.
+    paced = list(HandlerPace.objects.filter(runnable_at__gt=now).values_list("portal_id", flat=True))
+    full = [portal_id for portal_id, n in running.items() if n >= cap]
     firsts = (
         AppEvent.objects.filter(_runnable(now))
+        .exclude(portal_id__in=paced + full)
         .order_by()
         .values("portal_id")
         .annotate(first=Min("pk"))
@@ -305,7 +310,11 @@ def claim_next(*, now: datetime | None = None, tries: int = 5) -> AppEvent | Non
 
 
 def has_runnable(*, portal_id: int, now: datetime | None = None) -> bool:
-    return AppEvent.objects.filter(_runnable(now or timezone.now()), portal_id=portal_id).exists()
+    """The portal has an event a worker may start now (not paced for its rate limit)."""
+    now = now or timezone.now()
+    if HandlerPace.objects.filter(portal_id=portal_id, runnable_at__gt=now).exists():
+        return False
+    return AppEvent.objects.filter(_runnable(now), portal_id=portal_id).exists()
 
 
 def _running_per_portal(now: datetime, portal_id: int | None = None) -> dict[int, int]:
@@ -359,9 +368,13 @@ def _busy(record: AppEvent, handler: str, exc: PortalBusy, done: list[str]) -> O
     the slot frees, not counted as a failed attempt; the handler then runs again from its start (so a
     handler must be idempotent: docs, *The app's events*)."""
     delay = timedelta(seconds=exc.wait)
+    at = timezone.now() + delay
+    # The portal's other waiting events wait for the slot too: workers take other portals' work meanwhile
+    # (the task queued for this event's time wakes the portal up again).
+    HandlerPace.objects.update_or_create(portal_id=record.portal_id, defaults={"runnable_at": at})
     _requeue(
         record,
-        delay,
+        at,
         attempts=F("attempts") - 1,
         last_error=f"{handler}: waiting for the portal's rate limit ({exc.wait:.1f} s)"[:500],
         done_handlers=done,
@@ -369,9 +382,8 @@ def _busy(record: AppEvent, handler: str, exc: PortalBusy, done: list[str]) -> O
     return Outcome(EventState.QUEUED, retry_in=delay)
 
 
-def _requeue(record: AppEvent, delay: timedelta, **fields: Any) -> None:
-    """Back to the queue, not to be started (by a worker, or by the sweep) before `delay` has passed."""
-    at = timezone.now() + delay
+def _requeue(record: AppEvent, at: datetime, **fields: Any) -> None:
+    """Back to the queue, not to be started (by a worker, or by the sweep) before `at`."""
     AppEvent.objects.filter(pk=record.pk).update(
         state=EventState.QUEUED, runnable_at=at, next_attempt_at=at, **fields
     )
@@ -387,7 +399,7 @@ def _failed(record: AppEvent, handler: str, exc: Exception, done: list[str]) -> 
     delay = retry_delay(record.attempts)
     _requeue(
         record,
-        delay,
+        timezone.now() + delay,
         last_error=error,
         traceback=details,
         done_handlers=done,
