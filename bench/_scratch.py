@@ -56,9 +56,11 @@ class OAuthProcess:
 
 
 @contextlib.contextmanager
-def scratch(oauth_latency: float = 0.0, oauth: OAuthProcess | None = None) -> Iterator[Any]:
+def scratch(
+    oauth_latency: float = 0.0, oauth: OAuthProcess | None = None, also_trust: tuple[str, ...] = ()
+) -> Iterator[Any]:
     """Yields the started StandIn (or `oauth`, the OAuth server in its own process) with Django set up
-    on a fresh database; drops it afterwards."""
+    on a fresh database; drops it afterwards. `also_trust`: more OAuth servers the product may use."""
     from cryptography.fernet import Fernet
 
     from portals.standin import StandIn
@@ -82,7 +84,7 @@ def scratch(oauth_latency: float = 0.0, oauth: OAuthProcess | None = None) -> It
         BITRIX24_TOKEN_KEYS=Fernet.generate_key().decode(),
         BITRIX24_CLIENT_ID=standin.client_id,
         BITRIX24_CLIENT_SECRET=standin.client_secret,
-        BITRIX24_OAUTH_SERVERS=standin.oauth_url,
+        BITRIX24_OAUTH_SERVERS=",".join((standin.oauth_url, *also_trust)),
         BITRIX24_PORTAL_DOMAINS="127.0.0.1:*",
         BITRIX24_ALLOW_HTTP="1",
         CELERY_QUEUE=f"bench_{db_name}",
@@ -150,3 +152,44 @@ def group_cpu_seconds(pgid: int) -> float:
         except (OSError, ValueError, IndexError):
             continue
     return total / TICKS
+
+
+def store_due_pairs(oauth_url: str, grants: list[dict[str, str]]) -> None:
+    """Portals with one background pair each, from `grants` the OAuth server at `oauth_url` issued, whose
+    refresh tokens are due for the sweep (25 days old)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portals.models import Portal, TokenPair
+
+    now = timezone.now()
+    for start in range(0, len(grants), 5000):
+        chunk = grants[start : start + 5000]
+        Portal.objects.bulk_create(
+            [
+                Portal(member_id=g["member_id"], domain=g["domain"], protocol="http", oauth_server=oauth_url)
+                for g in chunk
+            ],
+            batch_size=1000,
+        )
+        ids = dict(
+            Portal.objects.filter(member_id__in=[g["member_id"] for g in chunk]).values_list(
+                "member_id", "pk"
+            )
+        )
+        TokenPair.objects.bulk_create(
+            [
+                TokenPair(
+                    portal_id=ids[g["member_id"]],
+                    user_id=1,
+                    is_background=True,
+                    access_token=g["access_token"],
+                    refresh_token=g["refresh_token"],
+                    access_expires_at=now + timedelta(hours=1),
+                    refresh_issued_at=now - timedelta(days=25),
+                )
+                for g in chunk
+            ],
+            batch_size=1000,
+        )

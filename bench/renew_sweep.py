@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
-from _scratch import ROOT, OAuthProcess, group_cpu_seconds, scratch
+from _scratch import ROOT, OAuthProcess, group_cpu_seconds, scratch, store_due_pairs
 
 
 def group_rss_mib(pgid: int) -> float:
@@ -72,49 +71,11 @@ def main() -> int:
 
     with scratch(oauth=oauth):
         from django.conf import settings
-        from django.utils import timezone
 
         from config.celery import app
-        from portals.models import Portal, RenewalLog, RenewalOutcome, TokenPair
+        from portals.models import RenewalLog, RenewalOutcome, TokenPair
         from portals.selectors import due_pairs
         from portals.tasks import sweep_due_pairs
-
-        def store_due(grants: list[dict[str, str]]) -> None:
-            now = timezone.now()
-            for start in range(0, len(grants), 5000):
-                chunk = grants[start : start + 5000]
-                Portal.objects.bulk_create(
-                    [
-                        Portal(
-                            member_id=g["member_id"],
-                            domain=g["domain"],
-                            protocol="http",
-                            oauth_server=oauth.oauth_url,
-                        )
-                        for g in chunk
-                    ],
-                    batch_size=1000,
-                )
-                ids = dict(
-                    Portal.objects.filter(member_id__in=[g["member_id"] for g in chunk]).values_list(
-                        "member_id", "pk"
-                    )
-                )
-                TokenPair.objects.bulk_create(
-                    [
-                        TokenPair(
-                            portal_id=ids[g["member_id"]],
-                            user_id=1,
-                            is_background=True,
-                            access_token=g["access_token"],
-                            refresh_token=g["refresh_token"],
-                            access_expires_at=now + timedelta(hours=1),
-                            refresh_issued_at=now - timedelta(days=25),
-                        )
-                        for g in chunk
-                    ],
-                    batch_size=1000,
-                )
 
         grants = oauth.grants[warm_n : warm_n + n]
         spare = oauth.grants[warm_n + n :]
@@ -149,7 +110,7 @@ def main() -> int:
             rss_cold = group_rss_mib(worker.pid)
             if warm_n:
                 print(f"warming up: renewing {warm_n} pairs …", flush=True)
-                store_due(oauth.grants[:warm_n])
+                store_due_pairs(oauth.oauth_url, oauth.grants[:warm_n])
                 warm_before = oauth.stats["refresh_ok"]
                 sweep_due_pairs()
                 while oauth.stats["refresh_ok"] - warm_before < warm_n:
@@ -157,7 +118,7 @@ def main() -> int:
                 while RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count() < warm_n:
                     time.sleep(0.2)
             print(f"storing {n} portals whose refresh tokens are due …", flush=True)
-            store_due(grants)
+            store_due_pairs(oauth.oauth_url, grants)
             warm_renewed = RenewalLog.objects.filter(outcome=RenewalOutcome.RENEWED).count()
             worker_cpu = group_cpu_seconds(worker.pid)
             rss_before = group_rss_mib(worker.pid)
