@@ -313,6 +313,9 @@ BITRIX24_HANDLERS_PER_PORTAL = env_int("BITRIX24_HANDLERS_PER_PORTAL", 2)
 # over (bench/noisy_neighbour.py, docs/benchmarks.md).
 BITRIX24_HANDLER_RATE_WAIT_SECONDS = env_float("BITRIX24_HANDLER_RATE_WAIT_SECONDS", 0.5)
 BITRIX24_EVENT_RETENTION_DAYS = env_int("BITRIX24_EVENT_RETENTION_DAYS", 7)
+# A confirmed uninstall with CLEAN=1 deletes the tokens at once and the portal's data this many days later,
+# so that a reinstall (or a customer who uninstalled by mistake) meanwhile finds it all.
+BITRIX24_PURGE_DELAY_DAYS = env_int("BITRIX24_PURGE_DELAY_DAYS", 7)
 BITRIX24_FAILED_EVENT_RETENTION_DAYS = env_int("BITRIX24_FAILED_EVENT_RETENTION_DAYS", 30)
 # Portals with offline handlers are asked for their queue this often even without an ONOFFLINEEVENT
 # notification (a notification lost while the backend was down).

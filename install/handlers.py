@@ -57,15 +57,18 @@ def _install(*, verified: verification.Verified, access_token: str, **fields: An
     portal = services.install_portal(verified=verified, access_token=access_token, trusted=trusted, **fields)
     if trusted:
         tasks.queue_bindings(portal=portal)
-    _confirm(portal)
+    _confirm(portal, install=True)
     # A valid token at hand: the licence as the portal's own app.info says it.
     licence.read(portal, access_token=access_token)
     return portal
 
 
-def _confirm(portal: Portal) -> None:
-    """A portal that had lost its tokens counts as installed once its new background pair renewed."""
+def _confirm(portal: Portal, *, install: bool = False) -> None:
+    """A portal that had lost its tokens counts as installed once its new background pair renewed; an
+    install's new background pair is renewed once at once, to make its refresh token ours."""
     pair = services.needs_confirmation(portal=portal)
+    if pair is None and install:
+        pair = services.background_to_prove(portal=portal)
     if pair is not None:
         tasks.queue_confirmation(pair=pair)
 

@@ -66,6 +66,16 @@ def after_verified_visit(portal: Portal, *, now: datetime, new_background: bool)
     installed_by_admin(portal, now=now)
 
 
+def verified_request_dismisses(portal: Portal) -> bool:
+    """A verified install, update or launch proves the app is on the portal: an uninstall claim still open
+    or held is dismissed, and a purge scheduled by an uninstall with CLEAN=1 is cancelled (the caller saves
+    the portal). True when a claim was open: the caller closes it (services.dismiss_uninstall_claim)."""
+    claimed = portal.uninstall_claimed_at is not None
+    portal.uninstall_claimed_at = None
+    portal.purge_at = None
+    return claimed
+
+
 def first_seen_through_a_user(portal: Portal) -> None:
     _starts_from(portal, PortalState.PENDING, PortalState.UNINSTALLED)
     with state_door():

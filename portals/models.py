@@ -200,6 +200,18 @@ class Portal(models.Model):
         null=True, blank=True, help_text="When a user last opened the app in the portal."
     )
     uninstalled_at = models.DateTimeField(null=True, blank=True, help_text="When the app was uninstalled.")
+    uninstall_claimed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When an ONAPPUNINSTALL not yet proven arrived (its claim is open or held); cleared when it is "
+        "confirmed or dismissed. Nothing users see changes meanwhile.",
+    )
+    purge_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="An uninstall with CLEAN=1: when the portal's data is purged (BITRIX24_PURGE_DELAY_DAYS after "
+        "it); a reinstall or a verified request before then cancels it.",
+    )
     created_at = models.DateTimeField(
         auto_now_add=True, help_text="When this backend first heard of the portal."
     )
@@ -287,6 +299,18 @@ class TokenPair(models.Model):
         help_text="Active, or refused for good by the OAuth server (then renewals stop).",
     )
     last_renewed_at = models.DateTimeField(null=True, blank=True, help_text="When the pair was last renewed.")
+    refresh_ours = models.BooleanField(
+        default=False,
+        db_default=False,  # processes of the previous release insert rows without it during an upgrade
+        help_text="The refresh token came from a renewal of ours, so no one else has seen it: Bitrix24 refusing "
+        "it proves the app is gone. Not so for one a frame, an install or an event handed over.",
+    )
+    access_ours = models.BooleanField(
+        default=False,
+        db_default=False,  # processes of the previous release insert rows without it during an upgrade
+        help_text="The access token came from a renewal of ours (not a launch's, which the frame may refresh "
+        "away): app.info refusing it proves the app is gone.",
+    )
     last_error = models.CharField(max_length=500, blank=True, help_text="The last renewal error, if any.")
     consecutive_failures = models.PositiveIntegerField(
         default=0, help_text="Renewal attempts that failed in a row; reset by a success."
@@ -494,6 +518,18 @@ class WantedAction(models.Model):
         "does not close it.",
     )
     note = models.CharField(max_length=500, blank=True, help_text="How it ended, when not plainly.")
+    held_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="An uninstall claim without proof from Bitrix24: when it was held for staff (the evidence is "
+        "in the last error). Nothing is deleted until staff confirm it; a verified request dismisses it.",
+    )
+    refreshed = models.BooleanField(
+        default=False,
+        db_default=False,  # processes of the previous release insert rows without it during an upgrade
+        help_text="An uninstall claim: it has refreshed the background pair once (a claim causes one refresh "
+        "at most).",
+    )
 
     class Meta:
         ordering = ["-requested_at"]

@@ -96,6 +96,16 @@ def confirm_uninstall(*, portal: Portal, clean: bool) -> Portal:
     return done
 
 
+def dismiss_uninstall(*, portal: Portal) -> None:
+    """Staff dismiss an uninstall claim (they know the app is still wanted there): nothing is deleted."""
+    with transaction.atomic():
+        locked = Portal.objects.select_for_update().get(pk=portal.pk)
+        if not services.dismiss_uninstall_claim(portal=locked, why="by staff"):
+            raise OperationRefused(f"{locked.domain}: no uninstall claim is open")
+        Portal.objects.filter(pk=locked.pk).update(uninstall_claimed_at=None)
+    logger.info("Staff dismissed the uninstall claim of portal %s", portal.member_id)
+
+
 def approve_pending(*, portal: Portal) -> Portal:
     """Staff vouch for a portal first seen through a user who is not a portal admin: that user's pair
     becomes the background pair and the install's application token is taken."""

@@ -150,6 +150,8 @@ GRANT_FIELDS = [
     "scope",
     "state",
     "last_renewed_at",
+    "refresh_ours",
+    "access_ours",
     "last_error",
     "consecutive_failures",
     "next_attempt_at",
@@ -169,6 +171,9 @@ def store_grant(
         pair.scope = scope
     pair.state = PairState.ACTIVE
     pair.last_renewed_at = now
+    # Ours alone: only this process saw the answer (the journal's copy aside).
+    pair.refresh_ours = True
+    pair.access_ours = True
     pair.last_error = ""
     pair.consecutive_failures = 0
     pair.next_attempt_at = None
@@ -201,6 +206,9 @@ def store_issued(
     pair.scope = scope
     pair.is_background = pair.is_background or background
     pair.state = PairState.ACTIVE
+    # Handed over: whoever handed them may have kept them (or a frame may refresh them away).
+    pair.refresh_ours = False
+    pair.access_ours = False
     pair.last_error = ""
     pair.consecutive_failures = 0
     pair.next_attempt_at = None
@@ -223,11 +231,12 @@ def take_access_token(
     A renewal holds the pair's row lock, not the portal's: the state is checked by the write itself."""
     working = TokenPair.from_db(
         connection.alias,
-        ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at"],
-        [pair_id, portal.pk, user_id, is_background, access_token, expires_at],
+        ["id", "portal_id", "user_id", "is_background", "access_token", "access_expires_at", "access_ours"],
+        # The frame that handed it may refresh it away: its refusal proves nothing (services.check_uninstalled).
+        [pair_id, portal.pk, user_id, is_background, access_token, expires_at, False],
     )  # the rest of the row is read if asked for
     if statements.update(
-        working, ["access_token", "access_expires_at", "updated_at"], state=PairState.ACTIVE
+        working, ["access_token", "access_expires_at", "access_ours", "updated_at"], state=PairState.ACTIVE
     ):
         return working
     return None

@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import enum
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.core.cache import cache
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
 from . import licence, lifecycle, pairs, renewal, statements, verification
 from .client import PortalClient
-from .models import PairState, Portal, PortalState, ReinstallCause, RenewalLog, RenewalTrigger, TokenPair
+from .models import (
+    AttemptState,
+    PairState,
+    Portal,
+    PortalState,
+    ReinstallCause,
+    RenewalAttempt,
+    RenewalLog,
+    RenewalTrigger,
+    TokenPair,
+    WantedAction,
+    WantedKind,
+)
 from .verification import Refusal, UpstreamUnavailable, VerificationError, Verified
 
 logger = logging.getLogger(__name__)
@@ -81,6 +94,15 @@ def needs_confirmation(*, portal: Portal) -> TokenPair | None:
     return TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
 
 
+def background_to_prove(*, portal: Portal) -> TokenPair | None:
+    """An install's new background pair, handed over and never renewed by us: renewed once at once, so that
+    its refresh token is ours alone (only then can Bitrix24 refusing it prove an uninstall:
+    `check_uninstalled`) and a junk REFRESH_ID is found out now, not at the first sweep."""
+    return TokenPair.objects.filter(
+        portal=portal, is_background=True, state=PairState.ACTIVE, refresh_ours=False
+    ).first()
+
+
 def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
     """May this install replace the background pair and the application token?
 
@@ -114,6 +136,8 @@ def install_portal(
     """
     now = timezone.now()
     portal = _upsert_portal(verified=verified, scope=scope, generation=generation)
+    if lifecycle.verified_request_dismisses(portal):
+        dismiss_uninstall_claim(portal=portal, why="a verified install or update of the portal")
     lifecycle.after_verified_visit(
         portal, now=now, new_background=trusted and verified.info.user_id is not None
     )
@@ -153,6 +177,8 @@ _LAUNCH_WRITES = [
     "reinstall_cause",
     "installed_at",
     "uninstalled_at",
+    "uninstall_claimed_at",
+    "purge_at",
 ]
 
 
@@ -231,6 +257,8 @@ def _record_launch(
                 portal=portal, is_background=True, state=PairState.ACTIVE
             ).exists()
         )
+    if lifecycle.verified_request_dismisses(portal):
+        dismiss_uninstall_claim(portal=portal, why="a verified launch of the portal")
     lifecycle.after_verified_visit(portal, now=now, new_background=background)
     portal.last_launch_at = now
     # The APPLICATION_TOKEN newer portals send with a launch is never taken: nothing in a launch
@@ -269,8 +297,9 @@ def _record_launch(
 
 @transaction.atomic
 def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
-    """Forget every token of the portal (they are dead anyway); with `clean`, purge its data too.
-    Only for an uninstall Bitrix24 confirmed (`operations.confirm_uninstall`), or staff did."""
+    """Forget every token of the portal at once (they are dead anyway); with `clean`, its data is purged
+    BITRIX24_PURGE_DELAY_DAYS later (`purge_due_portals`), unless a reinstall or a verified request comes
+    first. Only for an uninstall Bitrix24 proved (`check_uninstalled`), or staff confirmed."""
     portal = Portal.objects.select_for_update().get(pk=portal.pk)
     TokenPair.objects.filter(portal=portal).delete()
     portal.application_token = ""
@@ -278,9 +307,9 @@ def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
     # Launches and installs whose verification began before this cannot store anything now.
     portal.install_generation += 1
     lifecycle.uninstalled(portal, clean=clean)
+    portal.uninstall_claimed_at = None
+    portal.purge_at = timezone.now() + timedelta(days=settings.BITRIX24_PURGE_DELAY_DAYS) if clean else None
     portal.save()
-    if clean:
-        purge_portal_data(portal=portal)
     return portal
 
 
@@ -291,63 +320,123 @@ def purge_portal_data(*, portal: Portal) -> None:
     TokenPair.objects.filter(portal=portal).delete()
     RenewalLog.objects.filter(portal=portal).delete()
     portal_purged.send(sender=Portal, portal=portal)
+    Portal.objects.filter(pk=portal.pk).update(purge_at=None)
+
+
+def purge_due_portals(*, now: Any = None, limit: int = 100) -> int:
+    """The sweep: purge the data of portals uninstalled with CLEAN=1 whose delay has run out and that are
+    still uninstalled. Returns how many were purged."""
+    now = now or timezone.now()
+    done = 0
+    for portal_id in Portal.objects.filter(purge_at__lte=now).values_list("pk", flat=True)[:limit]:
+        with transaction.atomic():
+            portal = Portal.objects.select_for_update().get(pk=portal_id)
+            if portal.purge_at is None or portal.purge_at > now:
+                continue  # a reinstall or a verified request cancelled it meanwhile
+            if portal.state != PortalState.UNINSTALLED:
+                Portal.objects.filter(pk=portal.pk).update(purge_at=None)
+                continue
+            purge_portal_data(portal=portal)
+            done += 1
+        logger.info("Purged the data of portal %s (uninstalled with CLEAN=1)", portal.member_id)
+    return done
 
 
 class UninstallCheck(enum.StrEnum):
-    CONFIRMED = "confirmed"  # Bitrix24 says the app is gone
+    CONFIRMED = "confirmed"  # Bitrix24 proved the app is gone
     INSTALLED = "installed"  # Bitrix24 says it is still installed
-    RETRY = "retry"  # Bitrix24 could not tell now (expired token, payment, 5xx, timeout)
-    NO_PAIR = "no_pair"  # no live pair to ask with: only staff can confirm
+    RETRY = "retry"  # Bitrix24 could not tell now (5xx, timeout): ask again later
+    HELD = "held"  # no proof either way: held for staff, nothing deleted
 
 
-# An expired access token is refreshed at most this often per portal to ask about an uninstall: the
-# event that asks for it is signed only by the application token, which every employee knows.
-UNINSTALL_REFRESH_EVERY = 300
+@dataclass(frozen=True)
+class UninstallVerdict:
+    check: UninstallCheck
+    evidence: str  # what Bitrix24 answered, for staff (the admin's held claims)
 
 
-def check_uninstalled(*, portal: Portal) -> UninstallCheck:
-    """Ask Bitrix24, with the portal's own stored pair, whether the app is still installed.
+# What the OAuth server says of a token of an app that is no longer installed.
+_GONE = ("invalid_token", "not_installed")
 
-    Confirmed when app.info says not installed, or the OAuth server refuses the pair (not installed,
-    invalid token, invalid grant) while it was live; not by an expired token, PAYMENT_REQUIRED or an
-    unreachable server.
-    """
-    pair = (
-        TokenPair.objects.filter(portal=portal, state=PairState.ACTIVE)
-        .order_by("-is_background", "pk")
-        .first()
-    )
+
+def check_uninstalled(*, portal: Portal, claim: WantedAction) -> UninstallVerdict:
+    """Ask Bitrix24, with the portal's background pair, whether the app is gone (an ONAPPUNINSTALL claim).
+
+    The event carries only the application token, which every employee who opens the app can read, so
+    only proof deletes (docs/contract.md, verification rules): app.info saying not installed, or Bitrix24
+    refusing a token nothing else could have killed, that is one of our own renewal (`refresh_ours`,
+    `access_ours`) with no renewal of the pair left unresolved. A refused token that was handed over (by a
+    frame, which may refresh it away; by an install or a launch, whose REFRESH_ID nothing proved) or one
+    an interrupted renewal may have killed proves nothing: the claim is held for staff. No other pair is
+    asked: a user's pair is whatever that user posted. A claim refreshes the pair once at most."""
+    pair = TokenPair.objects.filter(portal=portal, is_background=True, state=PairState.ACTIVE).first()
     if pair is None:
-        return UninstallCheck.NO_PAIR
-    token = pair.access_token
-    if pair.access_expires_at <= timezone.now() + timedelta(seconds=60):
-        try:
-            fresh = cache.add(f"b24:uninstall-refresh:{portal.pk}", 1, timeout=UNINSTALL_REFRESH_EVERY)
-        except Exception:  # without the shared cache, the action's own backoff bounds the refreshes
-            fresh = True
-        if not fresh:
-            return UninstallCheck.RETRY
-        try:
-            token = renewal.renew_pair(
-                pair.pk, trigger=RenewalTrigger.ON_DEMAND, wait=False
-            ).pair.access_token
-        except renewal.RenewalFailed as exc:
-            if not exc.transient and exc.code.lower() in ("invalid_grant", "portal_deleted"):
-                return UninstallCheck.CONFIRMED
-            return UninstallCheck.RETRY
+        return UninstallVerdict(
+            UninstallCheck.HELD,
+            "no working background pair to ask Bitrix24 with (the installing admin's pair is dead or gone)",
+        )
+    unresolved = RenewalAttempt.objects.filter(pair=pair, state=AttemptState.IN_FLIGHT).exists()
+    seen = ""
+    if pair.access_expires_at > timezone.now() + timedelta(seconds=60):
+        verdict = _ask_app_info(portal, pair.access_token, ours=pair.access_ours and not unresolved)
+        if verdict.check != UninstallCheck.HELD:
+            return verdict
+        seen = verdict.evidence + "; "
+    else:
+        seen = "the background access token had expired; "
+    if claim.refreshed:
+        return UninstallVerdict(UninstallCheck.HELD, seen + "the claim's one refresh was spent")
+    proven = pair.refresh_ours and not unresolved
+    try:
+        renewed = renewal.renew_pair(pair.pk, trigger=RenewalTrigger.ON_DEMAND, force=True, wait=False)
+    except renewal.RenewalFailed as exc:
+        if exc.transient:
+            return UninstallVerdict(UninstallCheck.RETRY, f"{seen}the refresh failed for now: {exc.code}")
+        WantedAction.objects.filter(pk=claim.pk).update(refreshed=True)
+        if proven and not exc.lost:
+            return UninstallVerdict(
+                UninstallCheck.CONFIRMED, f"{seen}the OAuth server refused our own refresh token ({exc.code})"
+            )
+        whose = "lost in an interrupted renewal" if exc.lost else "handed over, never renewed by us"
+        return UninstallVerdict(
+            UninstallCheck.HELD, f"{seen}the OAuth server refused a refresh token {whose} ({exc.code})"
+        )
+    WantedAction.objects.filter(pk=claim.pk).update(refreshed=True)
+    if not renewed.renewed:
+        return UninstallVerdict(UninstallCheck.RETRY, seen + "a newer pair was stored meanwhile")
+    return _ask_app_info(portal, renewed.pair.access_token, ours=True, seen=seen)
+
+
+def _ask_app_info(portal: Portal, token: str, *, ours: bool, seen: str = "") -> UninstallVerdict:
     try:
         info = verification.oauth_app_info(
             server=portal.oauth_server, access_token=token, member_id=portal.member_id, handed=False
         )
-    except UpstreamUnavailable:
-        return UninstallCheck.RETRY
+    except UpstreamUnavailable as exc:
+        return UninstallVerdict(UninstallCheck.RETRY, f"{seen}app.info could not be asked: {exc}")
     except VerificationError as exc:
-        if exc.cause == "expired_token":
-            return UninstallCheck.RETRY
-        if exc.code in ("invalid_token", "not_installed") or exc.cause.upper() == "PORTAL_DELETED":
-            return UninstallCheck.CONFIRMED
-        return UninstallCheck.RETRY
-    return UninstallCheck.INSTALLED if info.installed else UninstallCheck.CONFIRMED
+        gone = exc.code in _GONE or exc.cause.upper() == "PORTAL_DELETED"
+        if gone and ours:
+            return UninstallVerdict(
+                UninstallCheck.CONFIRMED,
+                f"{seen}app.info refused our own access token ({exc.cause or exc.code})",
+            )
+        if gone or exc.cause == "expired_token":
+            return UninstallVerdict(
+                UninstallCheck.HELD,
+                f"{seen}app.info refused an access token a frame or an install handed over ({exc.cause or exc.code})",
+            )
+        return UninstallVerdict(UninstallCheck.RETRY, f"{seen}app.info answered {exc.cause or exc.code}")
+    if info.installed:
+        return UninstallVerdict(UninstallCheck.INSTALLED, seen + "app.info says the app is installed")
+    return UninstallVerdict(UninstallCheck.CONFIRMED, seen + "app.info says the app is not installed")
+
+
+def dismiss_uninstall_claim(*, portal: Portal, why: str) -> int:
+    """Close the portal's open or held uninstall claim (a verified request, a reinstall, staff)."""
+    return WantedAction.objects.filter(
+        portal=portal, kind=WantedKind.CONFIRM_UNINSTALL, done_at__isnull=True
+    ).update(done_at=timezone.now(), note=f"dismissed: {why}"[:500], next_attempt_at=None)
 
 
 def check_app_status(*, portal: Portal) -> bool | None:

@@ -262,23 +262,27 @@ RECHECK_AFTER = (timedelta(minutes=1), timedelta(minutes=3))
 
 
 def _confirm_uninstall(action: WantedAction) -> str | None:
-    """None when confirmed and carried out; otherwise why the action stays open or closes refused."""
+    """None when proven and carried out; otherwise why the claim stays open, is held, or closes refused."""
     portal = action.portal
     if portal.state == PortalState.UNINSTALLED:
         return None
-    check = services.check_uninstalled(portal=portal)
-    if check == services.UninstallCheck.CONFIRMED:
+    verdict = services.check_uninstalled(portal=portal, claim=action)
+    if verdict.check == services.UninstallCheck.CONFIRMED:
         services.uninstall_portal(portal=portal, clean=action.force)
-        logger.info("Uninstall of portal %s confirmed by Bitrix24", portal.member_id)
+        logger.info("Uninstall of portal %s proven by Bitrix24: %s", portal.member_id, verdict.evidence)
         return None
-    if check == services.UninstallCheck.RETRY:
-        return _failed(action, "Bitrix24 could not confirm the uninstall now")
-    if check == services.UninstallCheck.NO_PAIR:
+    if verdict.check == services.UninstallCheck.RETRY:
+        return _failed(action, f"Bitrix24 could not confirm the uninstall now: {verdict.evidence}")
+    if verdict.check == services.UninstallCheck.HELD:
+        # Nothing users see changes, nothing is deleted: staff confirm or dismiss it in the admin, a
+        # verified request of the portal or a reinstall dismisses it (services.dismiss_uninstall_claim).
+        WantedAction.objects.filter(pk=action.pk, held_at__isnull=True).update(held_at=timezone.now())
         WantedAction.objects.filter(pk=action.pk).update(
-            last_error="no live token pair to ask Bitrix24 with: staff can confirm it in the admin",
+            last_error=f"held, no proof: {verdict.evidence}"[:500],
             next_attempt_at=timezone.now() + timedelta(days=3650),
         )
-        return "waiting for staff"
+        logger.warning("Uninstall claim for portal %s held for staff: %s", portal.member_id, verdict.evidence)
+        return "held for staff"
     if action.attempts <= len(RECHECK_AFTER):
         return _failed(action, "Bitrix24 says installed", retry_in=RECHECK_AFTER[action.attempts - 1])
     logger.warning(
@@ -289,6 +293,7 @@ def _confirm_uninstall(action: WantedAction) -> str | None:
     WantedAction.objects.filter(pk=action.pk).update(
         done_at=timezone.now(), note="refused: Bitrix24 says the app is installed (suspicious)"
     )
+    Portal.objects.filter(pk=portal.pk).update(uninstall_claimed_at=None)
     return "refused: still installed"
 
 
@@ -345,7 +350,16 @@ def queue_confirmation(*, pair: TokenPair) -> None:
 
 
 def queue_uninstall_confirmation(*, portal: Portal, clean: bool) -> WantedAction:
-    """ONAPPUNINSTALL: recorded as pending; a worker asks Bitrix24 before anything is deleted."""
+    """ONAPPUNINSTALL: recorded as a claim (one open per portal); a worker asks Bitrix24 for proof before
+    anything is deleted (services.check_uninstalled)."""
+    Portal.objects.filter(pk=portal.pk, uninstall_claimed_at__isnull=True).update(
+        uninstall_claimed_at=timezone.now()
+    )
+    held = WantedAction.objects.filter(
+        kind=WantedKind.CONFIRM_UNINSTALL, portal=portal, done_at__isnull=True, held_at__isnull=False
+    ).first()
+    if held is not None:
+        return held  # waits for staff: the same claim again asks Bitrix24 nothing more
     return want(WantedKind.CONFIRM_UNINSTALL, portal=portal, force=clean, trigger=RenewalTrigger.ON_DEMAND)
 
 
@@ -379,6 +393,9 @@ def sweep_due_pairs() -> int:
     redriven = queue_open_actions()
     resyncing = queue_stale_bindings()
     count = queue_due_renewals()
+    purged = services.purge_due_portals()
+    if purged:
+        logger.info("Purged the data of %d portal(s) uninstalled with CLEAN=1", purged)
     skewed = selectors.pairs_issued_in_the_future().count()
     if skewed:
         logger.warning("%d token pair(s) claim a refresh issue time in the future: renewed now", skewed)

@@ -94,10 +94,11 @@ class PortalFactory(DjangoModelFactory):
 
 
 class TokenPairFactory(DjangoModelFactory):
-    """A pair as a renewal or install leaves it: access token valid for an hour, refresh token issued now.
+    """A pair as a renewal of ours leaves it: access token valid for an hour, refresh token issued now, both
+    ours (``refresh_ours``, ``access_ours``: an install's pair is renewed once at once to make it so).
 
     ``issued_days_ago`` back-dates the refresh token; ``expired_access=True`` stores an access token
-    that expired a second ago."""
+    that expired a second ago; ``handed=True`` stores tokens as an install or a launch hands them over."""
 
     class Meta:
         model = TokenPair
@@ -108,6 +109,7 @@ class TokenPairFactory(DjangoModelFactory):
         expired_access = factory.Trait(
             access_expires_at=factory.LazyFunction(lambda: timezone.now() - timedelta(seconds=1))
         )
+        handed = factory.Trait(refresh_ours=False, access_ours=False)
 
     portal = factory.SubFactory(PortalFactory)
     user_id = 1
@@ -117,6 +119,8 @@ class TokenPairFactory(DjangoModelFactory):
     access_expires_at = factory.LazyAttribute(lambda o: timezone.now() + timedelta(seconds=o.expires_in))
     refresh_issued_at = factory.LazyAttribute(lambda o: timezone.now() - timedelta(days=o.issued_days_ago))
     scope = factory.SelfAttribute("portal.scope")
+    refresh_ours = True
+    access_ours = True
 
     @classmethod
     def for_standin(

@@ -81,7 +81,10 @@ def test_an_uninstall_while_the_oauth_server_is_down_stays_pending_then_is_confi
     b24.uninstall()
     assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
     standin.oauth_mode = "500"
-    assert wanted_worker() == ["failed: Bitrix24 could not confirm the uninstall now"]
+    (outcome,) = wanted_worker()
+    assert outcome.startswith(
+        "failed: Bitrix24 could not confirm the uninstall now: app.info could not be asked"
+    )
     portal = Portal.objects.get(pk=installed_portal.pk)
     assert portal.state == PortalState.INSTALLED  # nothing deleted on a guess
     assert WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL).done_at is None
@@ -96,13 +99,127 @@ def test_an_uninstall_while_the_oauth_server_is_down_stays_pending_then_is_confi
 def test_without_a_live_pair_only_staff_confirm_an_uninstall(backend, b24, wanted_worker):
     portal = PortalFactory.for_standin(b24, pair__state=PairState.DEAD)
     assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
-    assert wanted_worker() == ["waiting for staff"]
+    assert wanted_worker() == ["held for staff"]
     assert Portal.objects.get(pk=portal.pk).state == PortalState.INSTALLED
+    claim = WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL)
+    assert claim.held_at is not None and "no working background pair" in claim.last_error
 
     operations.confirm_uninstall(portal=portal, clean=False)
 
     assert Portal.objects.get(pk=portal.pk).state == PortalState.UNINSTALLED
     assert not WantedAction.objects.filter(done_at=None).exists()
+
+
+# --- no destruction without proof ----------------------------------------------------------------------
+
+
+def _refreshes(standin) -> int:
+    return standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"]
+
+
+def test_an_employees_junk_pair_cannot_prove_an_uninstall_when_the_background_pair_is_dead(
+    backend, b24, standin, wanted_worker
+):
+    """The red-team's finding: the installing admin left (background pair dead); an employee's first launch
+    stores a junk REFRESH_ID that expires at once, then they forge ONAPPUNINSTALL with CLEAN=1 and the
+    launch's application token. Their pair is never asked, nothing is deleted: the claim waits for staff."""
+    portal = PortalFactory.for_standin(b24, pair__state=PairState.DEAD)
+    tokens = {**b24.issue_tokens(7, admin=False), "refresh_token": "0" * 32, "expires_in": 1}
+    query, body = bx.launch(b24, tokens)
+    assert backend.post("/app/", params=query, data=body).status_code == 200
+    before = _refreshes(standin)
+
+    assert backend.post("/events/", data=_forged_uninstall(b24, b24.application_token)).status_code == 200
+    assert wanted_worker() == ["held for staff"]
+
+    assert _refreshes(standin) == before  # the employee's pair was not refreshed to "prove" anything
+    portal.refresh_from_db()
+    assert portal.state == PortalState.INSTALLED and portal.uninstall_claimed_at is not None
+    assert TokenPair.objects.filter(portal=portal, user_id=7, state=PairState.ACTIVE).exists()
+    assert portal.purge_at is None
+
+
+def test_a_refused_access_token_a_frame_handed_over_proves_nothing(
+    backend, b24, standin, installed_portal, wanted_worker
+):
+    """The admin's launch stored their frame's access token on the background pair; the frame then refreshed
+    it away, so app.info refuses it (invalid_token). That is no proof: the claim refreshes the pair, which is
+    ours, once, and Bitrix24 says the app is installed."""
+    admin = b24.issue_tokens(1, admin=True)
+    assert backend.launch(b24, admin).status_code == 200
+    pair = TokenPair.objects.get(portal=installed_portal, is_background=True)
+    assert (pair.access_token, pair.access_ours, pair.refresh_ours) == (admin["access_token"], False, True)
+    b24.forget_access_token(admin["access_token"])
+    before = _refreshes(standin)
+
+    assert backend.post("/events/", data=_forged_uninstall(b24, b24.application_token)).status_code == 200
+    assert wanted_worker() == ["failed: Bitrix24 says installed"]
+
+    assert _refreshes(standin) == before + 1  # one refresh for the claim
+    assert Portal.objects.get(pk=installed_portal.pk).state == PortalState.INSTALLED
+    assert TokenPair.objects.get(pk=pair.pk).access_ours  # the renewal's token now
+
+
+def test_a_refused_refresh_token_nobody_renewed_proves_nothing(backend, b24, standin, wanted_worker):
+    """A background pair whose refresh token was handed over and never renewed by us (an install whose
+    proving renewal has not run yet) is refused: the claim is held, and it refreshes once at most however
+    often the event comes again."""
+    portal = PortalFactory.for_standin(b24, pair__handed=True, pair__expired_access=True)
+    pair = TokenPair.objects.get(portal=portal)
+    standin._kill_portal_tokens(b24.member_id)  # nothing the backend did: someone else killed them
+    before = _refreshes(standin)
+
+    assert backend.post("/events/", data=_forged_uninstall(b24, b24.application_token)).status_code == 200
+    assert wanted_worker() == ["held for staff"]
+    claim = WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL)
+    assert "handed over, never renewed by us" in claim.last_error
+    for _ in range(3):  # the same claim again: held, no more calls
+        assert backend.post("/events/", data=_forged_uninstall(b24, b24.application_token)).status_code == 200
+    from portals.tasks import queue_open_actions
+
+    assert queue_open_actions() == 0  # the sweep leaves a held claim to staff
+    assert wanted_worker() == ["held for staff"]  # and run by hand anyway, it asks nothing more
+    assert _refreshes(standin) == before + 1
+    # Not uninstalled, nothing deleted: the portal shows what the sweep would have found, a refused pair.
+    assert Portal.objects.get(pk=portal.pk).state == PortalState.NEEDS_REINSTALL
+    assert TokenPair.objects.filter(pk=pair.pk).exists()
+    assert WantedAction.objects.filter(kind=WantedKind.CONFIRM_UNINSTALL).count() == 1  # one claim per portal
+
+
+def test_a_held_claim_is_dismissed_by_a_verified_launch(backend, b24, wanted_worker):
+    portal = PortalFactory.for_standin(b24, pair__state=PairState.DEAD)
+    assert backend.post("/events/", data=bx.onappuninstall(b24, clean=True)).status_code == 200
+    assert wanted_worker() == ["held for staff"]
+
+    assert backend.launch(b24, b24.issue_tokens(7, admin=False)).status_code == 200  # the app is in use
+
+    claim = WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL)
+    assert claim.done_at is not None and claim.note == "dismissed: a verified launch of the portal"
+    portal.refresh_from_db()
+    assert portal.uninstall_claimed_at is None and portal.state == PortalState.INSTALLED
+
+
+def test_staff_dismiss_a_held_claim(backend, b24, wanted_worker):
+    portal = PortalFactory.for_standin(b24, pair__state=PairState.DEAD)
+    assert backend.post("/events/", data=bx.onappuninstall(b24)).status_code == 200
+    assert wanted_worker() == ["held for staff"]
+    operations.dismiss_uninstall(portal=portal)
+    assert WantedAction.objects.get(kind=WantedKind.CONFIRM_UNINSTALL).note == "dismissed: by staff"
+    assert Portal.objects.get(pk=portal.pk).state == PortalState.INSTALLED
+    with pytest.raises(operations.OperationRefused, match="no uninstall claim is open"):
+        operations.dismiss_uninstall(portal=portal)
+
+
+def test_a_genuine_uninstall_of_a_pair_we_renewed_is_proven_at_once(backend, b24, standin, wanted_worker):
+    """Bitrix24 refusing the refresh token of our own renewal, with no renewal of it unresolved, is proof."""
+    portal = PortalFactory.for_standin(
+        b24, pair__expired_access=True
+    )  # renewed by us (the factory's default)
+    b24.uninstall()
+    assert backend.post("/events/", data=bx.onappuninstall(b24, clean=True)).status_code == 200
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
+    portal.refresh_from_db()
+    assert portal.state == PortalState.UNINSTALLED and portal.purge_at is not None
 
 
 @pytest.mark.system

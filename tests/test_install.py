@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 import requests
+import time_machine
 from django.http import HttpResponse
+from django.utils import timezone
 
 from install.models import InboundRequest, InboundStatus
 from portals import phpform, registry
@@ -65,6 +68,9 @@ def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b2
     assert portal.application_token == b24.application_token
     assert portal.app_version == update["data"]["VERSION"]
     assert TokenPair.objects.get(portal=portal, is_background=True).refresh_token == tokens["refresh_token"]
+    # A worker renews the handed-over background pair once, so that its refresh token is ours alone.
+    assert wanted_worker() == ["done"]
+    assert TokenPair.objects.get(portal=portal, is_background=True).refresh_ours
 
     before = _licence_reads(b24)
     payment = docs_event("onapppayment-docs.json", b24)
@@ -81,9 +87,7 @@ def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b2
     portal.refresh_from_db()
     assert portal.state == PortalState.UNINSTALLED
     assert not TokenPair.objects.filter(portal=portal).exists()
-    assert list(InboundRequest.objects.filter(member_id=b24.member_id).values_list("event", flat=True)) == [
-        "ONAPPUNINSTALL"
-    ]
+    assert portal.purge_at is not None  # CLEAN: 1, so the data goes after BITRIX24_PURGE_DELAY_DAYS
 
 
 def test_install_event_is_idempotent_on_member_id(backend, b24):
@@ -249,6 +253,7 @@ def test_uninstall_of_an_unknown_portal_is_refused(backend, b24):
 
 def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, standin, wanted_worker):
     backend.install_event(b24)
+    assert wanted_worker() == ["done"]  # the install's pair renewed once: its refresh token is ours
     b24.uninstall()
     response = backend.post("/events/", data=bx.onappuninstall(b24, clean=False))
     assert response.status_code == 200, response.text
@@ -268,8 +273,15 @@ def test_uninstall_deletes_tokens_and_they_are_never_used_again(backend, b24, st
     assert standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"] == refreshes
 
 
-def test_uninstall_with_clean_purges_the_portals_data(backend, b24, wanted_worker):
+def test_uninstall_with_clean_purges_the_portals_data_after_the_delay(backend, b24, wanted_worker, settings):
+    """The tokens go at once; the data BITRIX24_PURGE_DELAY_DAYS later (a customer who uninstalled by
+    mistake and reinstalls meanwhile finds it all)."""
+    from django.core.management import call_command
+
+    from portals import services
+
     backend.install_event(b24)
+    assert wanted_worker() == ["done"]  # the install's pair renewed once: its refresh token is ours
     backend.launch(b24, b24.issue_tokens(5, admin=False))
     b24.uninstall()
     response = backend.post("/events/", data=bx.onappuninstall(b24, clean=True))
@@ -278,10 +290,36 @@ def test_uninstall_with_clean_purges_the_portals_data(backend, b24, wanted_worke
     portal = Portal.objects.get(member_id=b24.member_id)
     assert portal.state == PortalState.UNINSTALLED
     assert not TokenPair.objects.filter(portal=portal).exists()
+    assert InboundRequest.objects.filter(member_id=b24.member_id).count() == 3  # kept for now
+    assert portal.purge_at is not None
+    days = (portal.purge_at - portal.uninstalled_at).total_seconds() / 86400
+    assert round(days, 3) == settings.BITRIX24_PURGE_DELAY_DAYS == 7
+
+    assert services.purge_due_portals() == 0  # not yet
+    with time_machine.travel(portal.purge_at + timedelta(seconds=1)):
+        call_command("shell", "-c", "from portals.tasks import sweep_due_pairs; sweep_due_pairs()")
     # Only the uninstall request itself is kept, as the record of the purge.
     assert list(InboundRequest.objects.filter(member_id=b24.member_id).values_list("event", flat=True)) == [
         "ONAPPUNINSTALL"
     ]
+    assert Portal.objects.get(pk=portal.pk).purge_at is None
+
+
+def test_a_reinstall_within_the_delay_cancels_the_purge(backend, b24, wanted_worker):
+    from portals import services
+
+    backend.install_event(b24)
+    assert wanted_worker() == ["done"]
+    b24.uninstall()
+    assert backend.post("/events/", data=bx.onappuninstall(b24, clean=True)).status_code == 200
+    assert wanted_worker() == ["done (confirmed by Bitrix24)"]
+    b24.install()  # the customer installs the app again, within the week
+    assert backend.install_event(b24).status_code == 200
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert (portal.state, portal.purge_at) == (PortalState.INSTALLED, None)
+    with time_machine.travel(timezone.now() + timedelta(days=8)):
+        assert services.purge_due_portals() == 0
+    assert InboundRequest.objects.filter(member_id=b24.member_id).count() == 3
 
 
 def test_reinstall_after_uninstall_brings_the_portal_back(backend, b24):
@@ -310,6 +348,7 @@ def test_update_event_replaces_the_application_token_and_pair(backend, b24):
 
 def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend, b24, standin, wanted_worker):
     backend.install_event(b24)
+    assert wanted_worker() == ["done"]  # the install's pair renewed once
     b24.status = "P"
     pairs = [(k, "T" if k == "data[STATUS]" else v) for k, v in bx.onapppayment(b24)]
     before = _licence_reads(b24)

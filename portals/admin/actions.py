@@ -28,6 +28,7 @@ BUTTONS = {
     "reinstall": "Mark as needing reinstall",
     "approve": "Approve pending install",
     "confirm_uninstall": "Confirm uninstall",
+    "dismiss_uninstall": "Dismiss uninstall claim",
     "purge": "Purge data",
 }
 
@@ -107,11 +108,12 @@ def approve_pending(
         modeladmin.message_user(request, f"{portal.domain}: approved, now installed.", messages.SUCCESS)
 
 
-@admin.action(description="Confirm uninstall (when Bitrix24 cannot be asked)", permissions=["change"])
+@admin.action(description="Confirm uninstall (a claim held for want of proof)", permissions=["change"])
 def confirm_uninstall(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
 ) -> None:
-    """For an uninstall event no live token pair could confirm with Bitrix24: staff know better."""
+    """For an uninstall claim Bitrix24 gave no proof of (held): staff know better. The tokens go at once;
+    with CLEAN=1 the data BITRIX24_PURGE_DELAY_DAYS later."""
     for portal in queryset:
         pending = WantedAction.objects.filter(
             portal=portal, kind=WantedKind.CONFIRM_UNINSTALL, done_at=None
@@ -127,6 +129,20 @@ def confirm_uninstall(
             modeladmin.message_user(request, f"Not confirmed: {exc}", messages.WARNING)
             continue
         modeladmin.message_user(request, f"{portal.domain}: uninstall confirmed.", messages.SUCCESS)
+
+
+@admin.action(description="Dismiss uninstall claim", permissions=["change"])
+def dismiss_uninstall(
+    modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
+) -> None:
+    """The app is still wanted on the portal (a forged or mistaken ONAPPUNINSTALL): nothing is deleted."""
+    for portal in queryset:
+        try:
+            operations.dismiss_uninstall(portal=portal)
+        except operations.OperationRefused as exc:
+            modeladmin.message_user(request, f"Not dismissed: {exc}", messages.WARNING)
+            continue
+        modeladmin.message_user(request, f"{portal.domain}: uninstall claim dismissed.", messages.SUCCESS)
 
 
 @admin.action(description="Purge data of uninstalled portals", permissions=["change"])
@@ -182,6 +198,7 @@ _BUTTON_RUNS: dict[str, Callable[[admin.ModelAdmin[Portal], HttpRequest, QuerySe
     "reinstall": mark_needs_reinstall,
     "approve": approve_pending,
     "confirm_uninstall": confirm_uninstall,
+    "dismiss_uninstall": dismiss_uninstall,
     "purge": purge,
 }
 

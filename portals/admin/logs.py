@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
 
 from portals.models import RenewalAttempt, RenewalLog, TokenPair, WantedAction
 
@@ -100,9 +101,20 @@ class WantedActionAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
         "attempts",
         "next_attempt_at",
         "done_at",
+        "held_for",
         "last_error",
         "note",
     )
-    list_filter = ("kind", ("done_at", admin.EmptyFieldListFilter))
+    # "Held: not empty" lists the uninstall claims waiting for staff, with their age and evidence (the
+    # last error); staff confirm or dismiss them on the portal's page.
+    list_filter = ("kind", ("done_at", admin.EmptyFieldListFilter), ("held_at", admin.EmptyFieldListFilter))
+
+    @admin.display(description="held for", ordering="held_at")
+    def held_for(self, obj: WantedAction) -> str:
+        if obj.held_at is None or obj.done_at is not None:
+            return "—"
+        hours = (timezone.now() - obj.held_at).total_seconds() / 3600
+        return f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
+
     search_fields = ("portal__domain", "=portal__member_id")
     list_select_related = ("portal",)

@@ -22,6 +22,7 @@ from .actions import (
     BUTTONS,
     approve_pending,
     confirm_uninstall,
+    dismiss_uninstall,
     mark_needs_reinstall,
     operate,
     purge_data,
@@ -172,6 +173,7 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         mark_needs_reinstall,
         approve_pending,
         confirm_uninstall,
+        dismiss_uninstall,
         purge_data,
     ]
     change_form_template = "admin/portals/portal/change_form.html"
@@ -203,6 +205,8 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "installed_at",
                     "last_launch_at",
                     "uninstalled_at",
+                    "uninstall_claimed_at",
+                    "purge_at",
                     "created_at",
                     "updated_at",
                 )

@@ -1221,6 +1221,12 @@ class FakePortal:
             }
         raise ValueError(f"unknown command {command!r}")
 
+    def forget_access_token(self, token: str) -> None:
+        """The portal no longer knows this access token (the app's frame refreshed it away, say): REST and
+        app.info answer ``invalid_token`` for it from now on."""
+        with self.standin._lock:
+            self.standin._access.pop(token, None)
+
     def rotate_application_token(self) -> str:
         self.application_token = secrets.token_hex(16)
         return self.application_token
