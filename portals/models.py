@@ -221,6 +221,12 @@ class Portal(models.Model):
 
     class Meta:
         ordering = ["domain"]
+        # The staff API checks these (view_portal is Django's own): staff without them are refused.
+        permissions = [
+            ("renew_portal", "Can queue token renewals of a portal (staff API)"),
+            ("call_portal", "Can call Bitrix24's read methods with a portal's background pair (staff API)"),
+            ("call_any_method", "Can call any Bitrix24 method, writes and event.bind included (staff API)"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.domain} ({self.member_id})"
@@ -549,3 +555,36 @@ class WantedAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {'done' if self.done_at else 'open'}"
+
+
+class StaffCall(models.Model):
+    """The audit of Bitrix24 calls staff made through the API with a portal's background pair: who, on which
+    portal, which method (a batch's commands too), and whether it was let through."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The staff user (empty once the user is deleted; the username stays).",
+    )
+    username = models.CharField(max_length=150, help_text="The staff user's username at the time.")
+    portal = models.ForeignKey(
+        Portal, on_delete=models.CASCADE, related_name="staff_calls", help_text="The portal called."
+    )
+    method = models.CharField(max_length=100, help_text="The method asked for (e.g. crm.deal.list, batch).")
+    commands = models.CharField(
+        max_length=500, blank=True, help_text="A batch's methods, comma-separated (cut at 500 characters)."
+    )
+    allowed = models.BooleanField(
+        help_text="Let through: a read method, or the user may call any method. Refused calls are kept too."
+    )
+    called_at = models.DateTimeField(default=timezone.now, db_index=True, help_text="When it was asked for.")
+
+    class Meta:
+        ordering = ["-called_at"]
+        verbose_name = "staff call"
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.method} on {self.portal_id}"

@@ -7,15 +7,20 @@ from the admin, a shell or a future API, and is tested on its own.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
 from . import errors, licence, lifecycle, oauth, pairs, renewal, services, tasks, verification
+from .client import PortalClient
 from .models import (
     PairState,
     Portal,
     PortalState,
+    StaffCall,
     TokenPair,
     WantedAction,
     WantedKind,
@@ -158,3 +163,61 @@ def purge_portal(*, portal: Portal) -> None:
         except ValueError as exc:
             raise OperationRefused(f"{locked.domain}: {exc}") from exc
     logger.info("Purged the data of uninstalled portal %s", portal.member_id)
+
+
+# --- Bitrix24 calls staff make with a portal's background pair (the staff API) ----------------------------
+
+# What a staff user with "call" but not "call any method" may call: reads. A write, or event.bind to an
+# outside URL (which would then receive the portal's events and the tokens they carry), needs more.
+READ_METHODS = frozenset({"profile", "app.info"})
+READ_SUFFIXES = (".get", ".list", ".fields")
+_METHOD = re.compile(r"^[a-z0-9_.]{1,100}\Z", re.IGNORECASE)
+
+
+class CallNotAllowed(OperationRefused):
+    """The method (or a command of the batch) writes, and the user may call read methods only."""
+
+
+def is_read_method(method: str) -> bool:
+    name = method.strip().lower()
+    return bool(_METHOD.match(name)) and (name in READ_METHODS or name.endswith(READ_SUFFIXES))
+
+
+def batch_commands(params: Any) -> list[str] | None:
+    """The methods a `batch` call runs (`cmd`: a mapping or a list of "method?query"); None when `cmd` is
+    not something Bitrix24 would run as commands."""
+    cmd = params.get("cmd") if isinstance(params, Mapping) else None
+    values = list(cmd.values()) if isinstance(cmd, Mapping) else cmd if isinstance(cmd, list) else None
+    if values is None or not all(isinstance(value, str) for value in values):
+        return None
+    return [value.split("?", 1)[0].strip() for value in values]
+
+
+def call_for_staff(
+    *, portal: Portal, user: Any, method: str, params: Mapping[str, Any], may_call_any: bool
+) -> Any:
+    """Call `method` with the portal's background pair for a staff user; audited (StaffCall) whether let
+    through or not. Without `may_call_any`, only read methods pass (inside a batch too): CallNotAllowed."""
+    commands = batch_commands(params) if method.strip().lower() == "batch" else []
+    # A batch whose commands cannot be read is not let through on trust.
+    reads = commands is not None and all(is_read_method(name) for name in (commands or [method]))
+    allowed = may_call_any or reads
+    StaffCall.objects.create(
+        user=user if getattr(user, "pk", None) else None,
+        username=str(getattr(user, "username", "") or user)[:150],
+        portal=portal,
+        method=method[:100],
+        commands=",".join(commands or [])[:500],
+        allowed=allowed,
+    )
+    # The parameters may hold customer data: the log says who called what, not with what.
+    logger.info(
+        "Staff %s %s %s on portal %s", user, "calls" if allowed else "was refused", method, portal.member_id
+    )
+    if not allowed:
+        raise CallNotAllowed(
+            f"{method} is not a read method (*.get, *.list, *.fields, profile, app.info"
+            + (", in every command of the batch" if commands is not None and commands else "")
+            + "): it needs the permission to call any method"
+        )
+    return PortalClient(portal).call(method, dict(params), fail_fast=True)

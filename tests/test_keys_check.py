@@ -72,7 +72,7 @@ def test_healthz_is_unavailable_with_bad_keys_and_tells_only_staff(client, setti
 @pytest.mark.django_db(transaction=True)
 def test_staff_api_answers_503_naming_the_setting(client, settings, other_key):
     portal = TokenPairFactory().portal
-    staff = UserFactory(staff=True)
+    staff = UserFactory(staff=True, permissions=["portals.view_portal"])
     client.force_login(staff)
     assert client.get(f"/api/portals/{portal.member_id}/").status_code == 200
     settings.BITRIX24_TOKEN_KEYS = other_key

@@ -47,7 +47,7 @@ def test_the_lockout_ends_after_the_cool_off(client, settings, time_machine):
 
 
 def test_a_correct_login_still_works_and_the_api_token_is_unaffected(client):
-    user = UserFactory(staff=True)
+    user = UserFactory(staff=True, permissions=["portals.view_portal"])
     assert _login(client, user.username, f"pw-{user.username}").status_code == 302
     token = Token.objects.create(user=user)
     api = Client(HTTP_AUTHORIZATION=f"Token {token.key}")

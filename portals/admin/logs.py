@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from portals.models import RenewalAttempt, RenewalLog, TokenPair, WantedAction
+from portals.models import RenewalAttempt, RenewalLog, StaffCall, TokenPair, WantedAction
 
 from .display import MaskedPairTokensMixin, ReadOnlyMixin, days_left_html
 
@@ -118,3 +118,15 @@ class WantedActionAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     search_fields = ("portal__domain", "=portal__member_id")
     list_select_related = ("portal",)
+
+
+@admin.register(StaffCall)
+class StaffCallAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """The audit of Bitrix24 calls staff made through the API with a portal's pair: who, which portal,
+    which method, and whether it was let through (refused writes are kept too)."""
+
+    list_display = ("called_at", "username", "portal", "method", "commands", "allowed")
+    list_filter = ("allowed",)
+    search_fields = ("username", "method", "portal__domain", "=portal__member_id")
+    list_select_related = ("portal",)
+    date_hierarchy = "called_at"
