@@ -31,6 +31,7 @@ ROUTES: dict[str, str] = {
     "portals.tasks.resolve_attempt_task": CUSTODY,
     "portals.tasks.carry_out_task": CUSTODY,  # APP for a bindings sync (kind bind_events)
     "portals.tasks.sweep_due_pairs": CUSTODY,
+    "install.tasks.apply_deferred_task": CUSTODY,  # install and update events kept while unverifiable
     # the app's work
     "events.tasks.handle_event_task": APP,
     "events.tasks.pull_offline_task": APP,

@@ -7,6 +7,7 @@ secrets must come from the environment: production never runs on a generated key
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -117,8 +118,26 @@ INSTALLED_APPS = [
 if BITRIX24_EXAMPLE_APP:
     INSTALLED_APPS.append("example")
 
+# The proxies whose X-Forwarded-For is believed (portals.sources): the right-most address that is not one of
+# them is a request's source. gunicorn reads the same variable. "*" believes anyone: development only.
+FORWARDED_ALLOW_IPS = env_list("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+if "*" in FORWARDED_ALLOW_IPS and not DEBUG:
+    raise ImproperlyConfigured(
+        "FORWARDED_ALLOW_IPS=* believes any client's X-Forwarded-For: with DJANGO_DEBUG off, list your proxies"
+    )
+for _proxy in FORWARDED_ALLOW_IPS:
+    try:
+        if _proxy != "*":
+            ipaddress.ip_network(_proxy, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(
+            f"FORWARDED_ALLOW_IPS: {_proxy!r} is not an address or a network"
+        ) from _exc
+
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Where the request comes from, for the budgets of unverified requests (portals.sources).
+    "portals.middleware.RequestSource",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -147,6 +166,8 @@ AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
 AXES_FAILURE_LIMIT = env_int("DJANGO_LOGIN_FAILURE_LIMIT", 10)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("DJANGO_LOGIN_LOCKOUT_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+# The client address as the budgets see it (behind the proxies in FORWARDED_ALLOW_IPS).
+AXES_CLIENT_IP_CALLABLE = "portals.sources.axes_client_ip"
 AXES_RESET_ON_SUCCESS = True
 
 ROOT_URLCONF = "config.urls"
@@ -257,9 +278,13 @@ BITRIX24_OAUTH_ATTEMPTS = env_int("BITRIX24_OAUTH_ATTEMPTS", 4)
 # app.info about a token we were handed (inbound requests, the app page's API calls) is asked once, with
 # this read timeout: its sender waits, and anyone can send one.
 BITRIX24_VERIFY_READ_TIMEOUT = env_float("BITRIX24_VERIFY_READ_TIMEOUT", 10.0)
-# Verifications that Bitrix24 refused, per claimed portal and minute, before more requests claiming that
-# portal are answered 429 without asking (a forger cannot make the backend hammer the OAuth server).
+# Verifications that Bitrix24 refused, per source (portals.sources) and minute, before more requests from
+# that source are answered 429 without asking: a forger cannot make the backend hammer the OAuth server,
+# and junk naming a portal never makes another source's genuine requests fail.
 BITRIX24_UNVERIFIED_BUDGET = env_int("BITRIX24_UNVERIFIED_BUDGET", 20)
+# ...and from all sources together, per minute; half of it is kept for sources that were verified
+# successfully in the last day (Bitrix24's own servers, returning users), whatever strangers send.
+BITRIX24_UNVERIFIED_TOTAL = env_int("BITRIX24_UNVERIFIED_TOTAL", 600)
 BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 # Proactive sweep: it hands out at most this many due pairs a run (every 15 minutes by default), the
 # most urgent first, so that thousands of portals due at once reach the OAuth server over several runs;

@@ -12,7 +12,7 @@ from django.utils.html import format_html
 from portals.models import Portal
 
 from .inbound import INVALID_EVENT
-from .models import InboundRequest
+from .models import DeferredEvent, InboundRequest
 
 HANDLED_EVENTS = ("ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE", "ONAPPPAYMENT")
 OTHER = "_other"
@@ -91,3 +91,36 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     # No has_delete_permission override: Django's own (the model's delete permission; superusers always)
     # decides, and the list's delete action follows from it.
+
+
+@admin.register(DeferredEvent)
+class DeferredEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Install and update events kept while they could not be verified: read-only; the payload (tokens) is
+    never shown."""
+
+    list_display = ("received_at", "event", "member_id", "source", "ts", "attempts", "done_at", "outcome")
+    list_filter = ("event", ("done_at", admin.EmptyFieldListFilter))
+    search_fields = ("=member_id", "source")
+    exclude = ("payload",)
+    readonly_fields = (
+        "event",
+        "member_id",
+        "source",
+        "ts",
+        "reason",
+        "received_at",
+        "expires_at",
+        "next_attempt_at",
+        "attempts",
+        "done_at",
+        "outcome",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeferredEvent]:
+        return super().get_queryset(request).defer("payload")

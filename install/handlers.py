@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import current_app
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import translation
@@ -12,8 +14,9 @@ from events import tasks as event_tasks
 from portals import licence, registry, services, tasks, verification
 from portals.client import PortalClient
 from portals.models import Portal, PortalState
+from portals.tasks import publish
 
-from . import parsing, placements
+from . import deferred, parsing, placements
 from .inbound import Inbound, record_request, set_frame_policy
 
 
@@ -244,7 +247,20 @@ def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
     data = parsing.section(params, "data", required=False)
     handler = EVENT_HANDLERS.get(name)
     if handler is not None:
-        member_id, result = handler(auth, data)
+        try:
+            member_id, result = handler(auth, data)
+        except (verification.TooManyUnverified, verification.UpstreamUnavailable) as exc:
+            if name not in deferred.LIFECYCLE:
+                raise
+            # Bitrix24 delivers it once: kept and verified by a worker later, never dropped for a budget.
+            row = deferred.defer(name=name, auth=auth, data=data, ts=params.get("ts"), reason=str(exc))
+            transaction.on_commit(lambda: publish(current_app.signature(deferred.APPLY_TASK), countdown=30))
+            member_id, result = row.member_id, "deferred"
     else:
         member_id, result = _on_app_event(name, params, auth, data)
     return JsonResponse({"result": result, "event": name, "member_id": member_id})
+
+
+def replay_lifecycle(name: str, auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
+    """A deferred lifecycle event, handled as if it had just come (install.deferred)."""
+    return EVENT_HANDLERS[name](auth, data)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from django.db import models
+from django.utils import timezone
+
+from portals.fields import EncryptedTextField
 
 
 class InboundKind(models.TextChoices):
@@ -83,3 +86,40 @@ class InboundRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.event or ''} {self.member_id} {self.status}".strip()
+
+
+class DeferredEvent(models.Model):
+    """An ONAPPINSTALL or ONAPPUPDATE that could not be verified when it came (its source over the budget of
+    refused verifications, or Bitrix24's OAuth server unreachable): kept, never dropped for a budget, and
+    verified by a worker within its access token's hour, the events of one portal in Bitrix24's `ts` order
+    (install.deferred). Bounded per source and per portal, each at most 1 KB."""
+
+    event = models.CharField(max_length=16, help_text="ONAPPINSTALL or ONAPPUPDATE.")
+    member_id = models.CharField(max_length=64, db_index=True, help_text="The portal it claims to come from.")
+    source = models.CharField(max_length=64, help_text="Where it came from (portals.sources).")
+    ts = models.BigIntegerField(
+        null=True, blank=True, help_text="Bitrix24's ts: one portal's are applied in its order."
+    )
+    payload = EncryptedTextField(
+        help_text="The event's auth and data fields it needs, tokens included: encrypted, at most 1 KB before."
+    )
+    reason = models.CharField(max_length=200, help_text="Why it could not be verified when it came.")
+    received_at = models.DateTimeField(default=timezone.now, help_text="When it came.")
+    expires_at = models.DateTimeField(help_text="When its access token expires: verified before, or dropped.")
+    next_attempt_at = models.DateTimeField(
+        default=timezone.now, db_index=True, help_text="When a worker tries it next."
+    )
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Times a worker tried to verify and apply it."
+    )
+    done_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When it was applied or dropped."
+    )
+    outcome = models.CharField(max_length=300, blank=True, help_text="Applied, refused (why) or expired.")
+
+    class Meta:
+        ordering = ["-received_at"]
+        verbose_name = "deferred lifecycle event"
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.member_id} {'done' if self.done_at else 'pending'}"

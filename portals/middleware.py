@@ -16,9 +16,20 @@ from collections.abc import Callable
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from . import answers, renewal
+from . import answers, renewal, sources
 
 logger = logging.getLogger(__name__)
+
+
+class RequestSource:
+    """The request's source (portals.sources), for whatever below verifies a token on its behalf."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        with sources.using(sources.source_of(request.META)):
+            return self.get_response(request)
 
 
 class RenewalsInWorkers:

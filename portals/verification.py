@@ -25,7 +25,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import http, metrics, oauth, pairs
+from . import http, metrics, oauth, pairs, sources
 from .models import Portal
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def check_portal_domain(domain: str) -> str:
 
 
 class TooManyUnverified(Exception):
-    """Requests claiming this portal failed verification too often lately: answer 429, ask nobody."""
+    """Requests from this source (or from everywhere) failed verification too often lately: answer 429, ask
+    nobody."""
 
     retry_after = 60
 
@@ -109,7 +110,8 @@ class TooManyUnverified(Exception):
 # checked by `oauth_app_info`: one app.info call with a short timeout, its verdict kept in the shared cache
 # under a hash of the token, the claimed portal and that portal's install generation (so an uninstall or
 # a reinstall invalidates it), for the token's remaining life and at most ten minutes. Only definitive
-# refusals are kept; "try again" never is. Refusals also count against a per-portal budget.
+# refusals are kept; "try again" never is. Refusals also count against the budgets of their source and of
+# all sources (never of the claimed portal: junk naming a portal must not lock its genuine users out).
 
 VERDICT_TTL = 600
 BUDGET_WINDOW = 60
@@ -138,30 +140,69 @@ def _cache_set(key: str, value: Any, ttl: int) -> None:
         logger.warning("Shared cache unavailable (%s): verdict not kept", type(exc).__name__)
 
 
-def _budget_key(member_id: str) -> str:
-    return f"b24:unverified:{member_id}:{int(time.time() // BUDGET_WINDOW)}"
+# Half of BITRIX24_UNVERIFIED_TOTAL is left to sources verified successfully in the last day.
+KNOWN_SHARE = 0.5
+KNOWN_FOR = 86400
 
 
-def _over_budget(member_id: str) -> bool:
-    key = _budget_key(member_id)
+# Where the budgets' counts live in the shared cache (tests give each test its own).
+BUDGET_KEYS = "b24"
+
+
+def _window_key(name: str) -> str:
+    return f"{BUDGET_KEYS}:unverified:{name}:{int(time.time() // BUDGET_WINDOW)}"
+
+
+def _count(key: str) -> int:
     try:
-        return int(cache.get(key) or 0) >= settings.BITRIX24_UNVERIFIED_BUDGET
+        return int(cache.get(key) or 0)
     except Exception:
         # Without the shared cache each process keeps its own count: the bound holds per process.
         _window, count = _local_budget.get(key, (0.0, 0))
-        return count >= settings.BITRIX24_UNVERIFIED_BUDGET
+        return count
 
 
-def _spend_budget(member_id: str) -> None:
-    key = _budget_key(member_id)
+def _known(source: str) -> bool:
     try:
-        if not cache.add(key, 1, timeout=BUDGET_WINDOW * 2):
-            cache.incr(key)
+        return bool(cache.get(f"{BUDGET_KEYS}:known-source:{source}"))
     except Exception:
-        window, count = _local_budget.get(key, (time.time(), 0))
-        _local_budget[key] = (window, count + 1)
-        for stale in [k for k in _local_budget if k != key]:
-            del _local_budget[stale]
+        return False
+
+
+def _over_budget(source: str) -> bool:
+    """Refused verifications lately: from this source past its budget, or from all sources past the total
+    (strangers get only the unreserved part of it). Requests made outside a web request are not counted."""
+    if not source:
+        return False
+    if _count(_window_key(f"source:{source}")) >= settings.BITRIX24_UNVERIFIED_BUDGET:
+        return True
+    total = _count(_window_key("total"))
+    limit = settings.BITRIX24_UNVERIFIED_TOTAL
+    return total >= limit or (total >= limit * (1 - KNOWN_SHARE) and not _known(source))
+
+
+def _spend_budget(source: str) -> None:
+    if not source:
+        return
+    for key in (_window_key(f"source:{source}"), _window_key("total")):
+        try:
+            if not cache.add(key, 1, timeout=BUDGET_WINDOW * 2):
+                cache.incr(key)
+        except Exception:
+            window, count = _local_budget.get(key, (time.time(), 0))
+            _local_budget[key] = (window, count + 1)
+    current = int(time.time() // BUDGET_WINDOW)
+    for stale in [k for k in _local_budget if not k.endswith(f":{current}")]:
+        del _local_budget[stale]
+
+
+def _verified_from(source: str) -> None:
+    """A token from this source was verified: its later requests get the reserved share of the total."""
+    if source:
+        try:
+            cache.set(f"{BUDGET_KEYS}:known-source:{source}", 1, timeout=KNOWN_FOR)
+        except Exception:
+            return
 
 
 def install_generation(member_id: str) -> int:
@@ -212,16 +253,18 @@ def _ask_about_a_handed_token(
                 cached["refused"], refusal=Refusal(cached["refusal"]), code=cached["code"]
             )
         return oauth.AppInfo(**cached)
-    if _over_budget(member_id):
-        raise TooManyUnverified(f"too many requests for portal {member_id} failed verification; try later")
+    source = sources.current()
+    if _over_budget(source):
+        raise TooManyUnverified("too many requests from this address failed verification; try later")
     try:
         info = _ask(server, access_token)
     except VerificationError as refusal:
-        _spend_budget(member_id)
+        _spend_budget(source)
         if refusal.code in _DEFINITIVE:
             entry = {"refused": str(refusal), "refusal": str(refusal.refusal), "code": refusal.code}
             _cache_set(key, entry, VERDICT_TTL)
         raise
+    _verified_from(source)
     ttl = VERDICT_TTL
     if info.expires_at is not None:
         ttl = min(ttl, int((info.expires_at - timezone.now()).total_seconds()))

@@ -4,6 +4,7 @@ the backend over real sockets (pytest-django's live_server)."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,15 @@ def standin() -> Iterator[StandIn]:
 
 
 @pytest.fixture(autouse=True)
-def bitrix24_settings(settings: Any, standin: StandIn) -> StandIn:
-    """Trust the stand-in's OAuth server and its loopback portals, and nothing else."""
+def bitrix24_settings(settings: Any, standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
+    """Trust the stand-in's OAuth server and its loopback portals, and nothing else. Each test's requests
+    come from 127.0.0.1: each test gets budgets of its own for them (portals.verification.BUDGET_KEYS)."""
+    from django.apps import apps
+
+    if apps.ready:  # test_standin.py also runs without Django
+        from portals import verification
+
+        monkeypatch.setattr(verification, "BUDGET_KEYS", f"b24-test-{secrets.token_hex(4)}")
     settings.BITRIX24_OAUTH_SERVERS = [standin.oauth_url]
     settings.BITRIX24_PORTAL_DOMAINS = ["127.0.0.1:*"]
     settings.BITRIX24_ALLOW_HTTP = True

@@ -288,6 +288,60 @@ def test_forged_launches_beyond_the_budget_get_429_without_asking(
     assert standin.stats["app_info"] - before == 5  # the budget, and not one call more
 
 
+def _launch_from(backend, b24, tokens, address: str):
+    """A launch as the proxy in front of the backend passes it on: the client's address in X-Forwarded-For."""
+    query, body = bx.launch(b24, tokens)
+    return backend.post("/app/", params=query, data=body, headers={"X-Forwarded-For": address})
+
+
+def test_junk_naming_a_portal_never_locks_out_its_genuine_users(
+    backend, b24, installed_portal, standin, settings
+):
+    """The red-team's lockout: anyone who knows a member_id sent junk AUTH_IDs for it until every genuine
+    launch answered 429. Refusals now count against the sender's source, not the portal."""
+    settings.FORWARDED_ALLOW_IPS = ["127.0.0.1"]  # the proxy in front of the backend
+    settings.BITRIX24_UNVERIFIED_BUDGET = 5
+    attacker, user = "203.0.113.9", "198.51.100.7"
+    statuses = [
+        _launch_from(
+            backend, b24, {"access_token": f"{n:02d}" + "f" * 30, "refresh_token": "e" * 32}, attacker
+        ).status_code
+        for n in range(10)
+    ]
+    assert statuses == [401] * 5 + [429] * 5  # the attacker's own budget
+
+    assert _launch_from(backend, b24, b24.issue_tokens(7, admin=False), user).status_code == 200
+    # A spoofed X-Forwarded-For left of the proxy's entry changes nothing: the right-most non-proxy counts.
+    spoofed = f"{user}, {attacker}"
+    assert (
+        _launch_from(backend, b24, {"access_token": "9" * 32, "refresh_token": "e" * 32}, spoofed).status_code
+        == 429
+    )
+
+
+def test_strangers_together_cannot_spend_what_known_sources_need(backend, b24, installed_portal, settings):
+    """Many sources, each within its budget, spend the total; half of it is kept for sources verified in the
+    last day (Bitrix24's servers, returning users)."""
+    settings.FORWARDED_ALLOW_IPS = ["127.0.0.1"]
+    settings.BITRIX24_UNVERIFIED_TOTAL = 10
+    known = "198.51.100.7"
+    assert _launch_from(backend, b24, b24.issue_tokens(7, admin=False), known).status_code == 200
+    statuses = [
+        _launch_from(
+            backend,
+            b24,
+            {"access_token": f"{n:02d}" + "f" * 30, "refresh_token": "e" * 32},
+            f"2001:db8:{n}::1",
+        ).status_code
+        for n in range(8)
+    ]
+    assert statuses == [401] * 5 + [429] * 3  # strangers: half the total
+    forged = {"access_token": "7" * 32, "refresh_token": "e" * 32}
+    assert _launch_from(backend, b24, forged, known).status_code == 401  # asked: the known source's share
+    last = _launch_from(backend, b24, b24.issue_tokens(8, admin=False), known)
+    assert last.status_code == 200, last.text
+
+
 def test_the_same_forged_token_is_asked_about_once(backend, b24, installed_portal, standin):
     forged = {"access_token": "f" * 32, "refresh_token": "e" * 32}
     before = standin.stats["app_info"]

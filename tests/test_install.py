@@ -222,13 +222,77 @@ def test_server_endpoint_outside_the_allowlist_is_never_called(backend, b24, sta
     assert standin.stats["app_info"] == before + 1
 
 
-def test_oauth_server_down_answers_503_and_stores_nothing(backend, b24, standin):
+def test_an_install_event_while_the_oauth_server_is_down_is_kept_and_applied_later(backend, b24, standin):
+    """Bitrix24 delivers ONAPPINSTALL once: answered 503, its new tokens were lost. It is kept (encrypted),
+    answered 200 "deferred", and a worker verifies and applies it once the OAuth server answers."""
+    from django.db import connection
+
+    from install.models import DeferredEvent
+    from install.tasks import apply_deferred_task
+
+    tokens = b24.issue_tokens(1, admin=True)
     standin.oauth_mode = "500"
-    response = backend.install_event(b24)
-    assert response.status_code == 503
-    assert response.json()["error"] == "bitrix24_unavailable"
+    response = backend.install_event(b24, tokens)
+    assert response.status_code == 200 and response.json()["result"] == "deferred"
     assert _nothing_stored(b24.member_id)
-    assert InboundRequest.objects.get().status == InboundStatus.FAILED
+    kept = DeferredEvent.objects.get()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT payload FROM install_deferredevent")
+        (raw,) = cursor.fetchone()
+    assert tokens["access_token"] not in raw and tokens["refresh_token"] not in raw  # encrypted at rest
+    assert len(kept.payload.encode()) <= 1024
+
+    assert apply_deferred_task.apply().get() == 0  # still down: tried again later
+    assert DeferredEvent.objects.get().done_at is None
+    standin.oauth_mode = "ok"
+    DeferredEvent.objects.update(next_attempt_at=timezone.now())
+    assert apply_deferred_task.apply().get() == 1
+
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.state == PortalState.INSTALLED and portal.application_token == b24.application_token
+    assert TokenPair.objects.get(portal=portal, is_background=True).refresh_token == tokens["refresh_token"]
+    done = DeferredEvent.objects.get()
+    assert (done.outcome, done.payload) == ("applied", "")  # the tokens are not kept past it
+
+
+def test_the_install_frame_while_the_oauth_server_is_down_answers_503_and_stores_nothing(
+    backend, b24, standin
+):
+    standin.oauth_mode = "500"
+    response = backend.install_frame(b24, b24.issue_tokens(1, admin=True))
+    assert response.status_code == 503  # a person is there to try again
+    assert _nothing_stored(b24.member_id)
+
+
+def test_deferred_install_and_update_are_applied_in_bitrix24s_order(backend, b24, standin, settings):
+    """Over the source's budget of refused verifications, lifecycle events are kept, not refused; a worker
+    applies one portal's in `ts` order, whatever order they came in."""
+    from install.models import DeferredEvent
+    from install.tasks import apply_deferred_task
+
+    settings.BITRIX24_UNVERIFIED_BUDGET = 1
+    assert backend.launch(b24, {"access_token": "f" * 32, "refresh_token": "e" * 32}).status_code == 401
+    install = dict(bx.onappinstall(b24, b24.issue_tokens(1, admin=True)))
+    install["ts"] = "1000"
+    b24.update_app()  # a new application token
+    update = dict(bx.onappupdate(b24, b24.issue_tokens(1, admin=True)))
+    update["ts"] = "2000"
+    assert backend.post("/events/", data=list(update.items())).json()["result"] == "deferred"
+    assert backend.post("/events/", data=list(install.items())).json()["result"] == "deferred"
+
+    assert apply_deferred_task.apply().get() == 2
+    portal = Portal.objects.get(member_id=b24.member_id)
+    assert portal.application_token == b24.application_token  # the update's, applied last
+    assert list(DeferredEvent.objects.order_by("done_at").values_list("event", flat=True)) == [
+        "ONAPPINSTALL",
+        "ONAPPUPDATE",
+    ]
+
+
+def test_deferred_events_are_bounded_per_portal(backend, b24, settings):
+    settings.BITRIX24_UNVERIFIED_BUDGET = 0  # every verification is over budget: every install is kept
+    answers = [backend.install_event(b24).status_code for _ in range(7)]
+    assert answers == [200] * 5 + [429] * 2
 
 
 # --- uninstall -----------------------------------------------------------------------------------
