@@ -35,7 +35,7 @@ def _call(http: requests.Session, method: str, url: str, **kwargs) -> requests.R
 def test_redis_killed_and_restarted(standin, child_env, private_redis, backend_process):
     a = standin.add_portal()
     portal = PortalFactory.for_standin(a, users=(1, 7))
-    staff = UserFactory(staff=True)
+    staff = UserFactory(staff=True, superuser=True)  # every permission of the staff API
     token = Token.objects.create(user=staff).key
     env = child_env(standin)
     shared = {
