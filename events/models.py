@@ -76,6 +76,14 @@ class AppEvent(models.Model):
     )
     last_error = models.CharField(max_length=500, blank=True, help_text="The last handler failure.")
     traceback = models.TextField(blank=True, help_text="Traceback of the last handler failure.")
+    sender = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        db_default="",  # processes of the previous release insert rows without it during an upgrade
+        help_text="Where an online event came from (portals.sources): a portal's per-minute budget is kept per "
+        "sender, so an employee's flood from their own address cannot spend Bitrix24's.",
+    )
     received_at = models.DateTimeField(default=timezone.now, help_text="When this backend stored it.")
     finished_at = models.DateTimeField(
         null=True, blank=True, help_text="When it was handled, failed for good or dropped."
@@ -92,6 +100,8 @@ class AppEvent(models.Model):
             models.Index(fields=["state", "next_attempt_at"], name="app_event_due"),
             # The per-portal rate and the admin's list by portal.
             models.Index(fields=["portal", "received_at"], name="app_event_portal_time"),
+            # The per-sender budget.
+            models.Index(fields=["portal", "sender", "received_at"], name="app_event_sender_time"),
             # The per-portal backlog, and what each portal has running (fair dispatch).
             models.Index(fields=["portal", "state"], name="app_event_portal_state"),
         ]

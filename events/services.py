@@ -10,6 +10,7 @@ handlers run later in a worker (`events.tasks`). What a handler may rely on, and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import traceback
 import uuid
@@ -23,7 +24,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Min, Q
 from django.utils import timezone
 
-from portals import clock, governor, metrics, registry
+from portals import clock, governor, metrics, registry, sources
 from portals.client import PortalClient
 from portals.errors import PortalBusy, TooManyEvents
 from portals.models import Portal, PortalState
@@ -122,16 +123,18 @@ def _timestamp(value: Any) -> datetime | None:
 # --- storing -----------------------------------------------------------------------------------------
 
 
-def check_budget(*, portal: Portal, now: datetime | None = None) -> None:
-    """Raise TooManyEvents when the portal is over its per-minute rate or its backlog. Both are counted
-    in the database, so they hold across any number of web and worker processes."""
+def check_budget(*, portal: Portal, sender: str = "", now: datetime | None = None) -> None:
+    """Raise TooManyEvents when the portal's events from this sender (portals.sources) are over the
+    per-minute rate or the backlog. Kept per sender: anyone who can read the application token (every
+    employee who opens the app) can post the portal's events, and their flood must not spend what
+    Bitrix24's own deliveries need. Counted in the database, so they hold across any number of processes."""
     now = now or timezone.now()
     rate = settings.BITRIX24_EVENTS_PER_MINUTE
-    recent = AppEvent.objects.filter(portal=portal, received_at__gt=now - timedelta(minutes=1))
-    if recent.count() >= rate:
+    mine = AppEvent.objects.filter(portal=portal, sender=sender)
+    if mine.filter(received_at__gt=now - timedelta(minutes=1)).count() >= rate:
         raise TooManyEvents(f"more than {rate} events in a minute from this portal", retry_after=60)
     backlog = settings.BITRIX24_EVENT_BACKLOG
-    waiting = AppEvent.objects.filter(portal=portal, state__in=(EventState.QUEUED, EventState.RUNNING))
+    waiting = mine.filter(state__in=(EventState.QUEUED, EventState.RUNNING))
     if waiting[:backlog].count() >= backlog:
         raise TooManyEvents(f"{backlog} events of this portal are waiting to be handled", retry_after=300)
 
@@ -145,6 +148,7 @@ def store(
     ids: dict[str, Any],
     user_id: int | None,
     occurred_at: datetime | None,
+    sender: str = "",
 ) -> Accepted:
     """One row for one delivery; the same key again is a duplicate, not a second row."""
     now = timezone.now()
@@ -159,6 +163,7 @@ def store(
                 ids=ids,
                 user_id=user_id,
                 occurred_at=occurred_at,
+                sender=sender,
                 received_at=now,
                 next_attempt_at=now + queued_grace(),
             )
@@ -167,6 +172,17 @@ def store(
             "duplicate", AppEvent.objects.filter(portal=portal, dedup_key=dedup_key[:200]).first()
         )
     return Accepted("queued", record)
+
+
+def _delivery_mark(auth: Mapping[str, Any]) -> str:
+    """What only Bitrix24's own delivery carries, for the deduplication key: the access token in its `auth`
+    (a hash of it). Anyone who reads the application token can post an event ahead of Bitrix24 with the
+    same event, object and a guessed `ts`; without this, the genuine delivery would be taken for a
+    duplicate of theirs and dropped. Bitrix24 posting the same delivery twice sends the same token."""
+    token = auth.get("access_token")
+    if not isinstance(token, str) or not token:
+        return ""
+    return "|" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mapping[str, Any]) -> Accepted:
@@ -178,12 +194,14 @@ def accept_online(*, portal: Portal, event: str, data: Any, ts: Any, auth: Mappi
     # Bitrix24 stamps every delivery with `ts`: the same event about the same object at the same second is
     # one delivery. Without a ts nothing tells two deliveries apart: each is kept.
     stamp = str(int(occurred_at.timestamp())) if occurred_at else f"no-ts:{uuid.uuid4().hex}"
-    check_budget(portal=portal)
+    sender = sources.current()[:64]
+    check_budget(portal=portal, sender=sender)
     accepted = store(
+        sender=sender,
         portal=portal,
         event=event,
         source=EventSource.ONLINE,
-        dedup_key=f"{event}|{object_id(ids)}|{stamp}",
+        dedup_key=f"{event}|{object_id(ids)}|{stamp}{_delivery_mark(auth)}",
         ids=ids,
         user_id=user_id_of(auth.get("user_id")),
         occurred_at=occurred_at,

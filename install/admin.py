@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib import admin
-from django.db.models import OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from portals.models import Portal
@@ -67,9 +69,23 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "error",
     )
     list_filter = ("kind", "status", "valid", "processed", EventFilter, "created_at")
-    search_fields = ("=member_id", "domain", "event")
+    search_fields = ("=member_id", "domain", "event", "=source")
     date_hierarchy = "created_at"
     readonly_fields = [f.name for f in InboundRequest._meta.fields]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        """Above the list: the sources that sent the most requests that did not prove themselves in the last
+        day (search a source with its exact value to list its requests)."""
+        since = timezone.now() - timedelta(days=1)
+        unproven = (
+            InboundRequest.objects.filter(created_at__gte=since)
+            .exclude(valid=True)
+            .exclude(source="")
+            .values("source")
+            .annotate(requests=Count("pk"), refused=Count("pk", filter=Q(valid=False)))
+            .order_by("-requests")[:10]
+        )
+        return super().changelist_view(request, {**(extra_context or {}), "unproven_sources": list(unproven)})
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[InboundRequest]:
         # The claimed member_id, when it names a known portal, links to it: one subquery, not a query a row.

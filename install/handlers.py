@@ -210,6 +210,10 @@ def _on_offline_notice(auth: dict[str, Any], data: dict[str, Any]) -> tuple[str,
     return portal.member_id, "pull queued"
 
 
+# Events whose handling proves nothing about the sender: ONAPPPAYMENT carries no token (a worker asks
+# Bitrix24 itself), so its row keeps a summary only.
+UNPROVEN = frozenset({"ONAPPPAYMENT"})
+
 EVENT_HANDLERS = {
     "ONAPPINSTALL": _on_install,
     "ONAPPUPDATE": _on_install,  # carries a new pair and a NEW application token, verified the same way
@@ -249,6 +253,8 @@ def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
     if handler is not None:
         try:
             member_id, result = handler(auth, data)
+            if name not in UNPROVEN:
+                inbound.verified()
         except (verification.TooManyUnverified, verification.UpstreamUnavailable) as exc:
             if name not in deferred.LIFECYCLE:
                 raise
@@ -258,6 +264,9 @@ def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
             member_id, result = row.member_id, "deferred"
     else:
         member_id, result = _on_app_event(name, params, auth, data)
+        inbound.verified()  # its application token matched
+        if result == "ignored":
+            inbound.summary_only()  # nothing handles it: its body is not worth keeping
     return JsonResponse({"result": result, "event": name, "member_id": member_id})
 
 

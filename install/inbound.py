@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone, translation
 
-from portals import answers, metrics, statements
+from portals import answers, metrics, sources, statements
 from portals.masking import fingerprint, redact
 from portals.verification import TooManyUnverified, VerificationError
 
@@ -46,14 +46,16 @@ SECRET_KEYS = {
 }
 KEPT_HEADERS = ("User-Agent", "Content-Type", "Content-Length", "X-Forwarded-For", "Origin", "Referer")
 MAX_VALUE = 500
-# A request that was not accepted (refused, unverified, failed) leaves a bounded summary, a few KB
-# whatever it sent: anyone can post 250 KB of junk, and the log must not grow with it (contract:
-# "what such a request leaves in the inbound log is bounded in size").
-SUMMARY_KEYS = 20  # entries kept per level
-SUMMARY_DEPTH = 3
-SUMMARY_KEY = 60  # characters of a key name
-SUMMARY_VALUE = 100  # characters of a value
-SUMMARY_BYTES = 3000  # JSON size of the kept body (and of the kept query)
+# A request that did not prove itself (refused, unverified, an anonymous ONAPPPAYMENT, one kept for later
+# verification) or that nothing handles (an event without a handler) leaves a bounded summary, a few hundred
+# bytes whatever it sent: anyone can post 250 KB of junk, and the log must not grow with it (storage follows
+# trust). Only a verified request that was carried out keeps its whole redacted body.
+SUMMARY_KEYS = 10  # entries kept per level
+SUMMARY_DEPTH = 2
+SUMMARY_KEY = 40  # characters of a key name
+SUMMARY_VALUE = 40  # characters of a value
+SUMMARY_BYTES = 300  # JSON size of the kept body (and of the kept query)
+HEADER_BYTES = 100  # of each kept header
 # Only a name shaped like a Bitrix24 event is kept: the column is indexed and staff filter on it.
 EVENT_NAME = re.compile(r"^ON[A-Z0-9_]{2,60}$")
 INVALID_EVENT = "(invalid)"
@@ -205,11 +207,17 @@ class Inbound:
     # The portal's origin, once the frame claims a portal this backend serves: who may frame an error page.
     frame_origin: str = ""
     body_replaced: bool = False
-    # True once the request proved to come from Bitrix24 (`verified()`), False when it was refused as not.
+    # True once the request proved to come from Bitrix24 (`verified()`), False when it was refused as not,
+    # None when nothing proved it either way (an anonymous ONAPPPAYMENT, an event kept for later).
     valid: bool | None = None
+    # Worth its whole body once verified and carried out: not an event nothing handles (`summary_only()`).
+    whole: bool = True
 
     def verified(self) -> None:
         self.valid = True
+
+    def summary_only(self) -> None:
+        self.whole = False
 
 
 Handler = Callable[[HttpRequest, Inbound], HttpResponse]
@@ -266,14 +274,14 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     row = InboundRequest(
         kind=kind,
         remote_addr=request.META.get("REMOTE_ADDR") or None,
-        headers={h: _fit(request.headers[h], 300) for h in KEPT_HEADERS if h in request.headers},
+        source=sources.source_of(request.META)[:64],
+        headers={h: _fit(request.headers[h], HEADER_BYTES) for h in KEPT_HEADERS if h in request.headers},
     )
     inbound = Inbound(row=row, sizes=_sizes(request))
     ours, error, trace = False, "", ""
     try:
         response = handler(request, inbound)
-        # Only a request that proved itself gets this far (every handler verifies before it acts).
-        inbound.valid, row.processed = True, True
+        row.processed = True
     except LogUnavailable:
         return _busy(request, kind, html)
     except BadRequest as exc:
@@ -323,7 +331,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     row.http_status = response.status_code
     row.finished_at = timezone.now()
     changed = ["status", "valid", "processed", "traceback", "error", "http_status", "finished_at"]
-    if row.processed and inbound.full is not None:
+    if row.processed and inbound.valid and inbound.whole and inbound.full is not None:
         # Verified and carried out: the whole redacted request is worth keeping (bounded by record_request()).
         row.query, row.body = inbound.full
         changed += ["query", "body"]

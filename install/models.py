@@ -45,6 +45,15 @@ class InboundRequest(models.Model):
     remote_addr = models.GenericIPAddressField(
         null=True, blank=True, help_text="Client address as seen by Django."
     )
+    source = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        db_default="",  # processes of the previous release insert rows without it during an upgrade
+        db_index=True,
+        help_text="Where it came from as the budgets count it: the client behind the proxies in "
+        "FORWARDED_ALLOW_IPS, an IPv6 client by its /64.",
+    )
     headers = models.JSONField(default=dict, blank=True, help_text="Selected request headers.")
     query = models.JSONField(default=dict, blank=True, help_text="Query string, parsed, tokens redacted.")
     body = models.JSONField(default=dict, blank=True, help_text="Body, parsed, tokens redacted.")

@@ -91,12 +91,45 @@ def test_an_accepted_request_keeps_its_whole_redacted_body(client, installed_por
         "auth[application_token]": installed_portal.application_token,
         **{f"data[FIELDS][F{n}]": "v" * 150 for n in range(40)},
     }
-    response = client.post("/events/", urlencode(body), content_type=FORM)
+    from portals import registry
+
+    with registry.replaced(lambda: registry.on("ONCRMDEALADD")(lambda event: None)):
+        response = client.post("/events/", urlencode(body), content_type=FORM)
     assert response.status_code == 200, response.content
     row = InboundRequest.objects.get(status=InboundStatus.ACCEPTED)
     assert len(row.body["data"]["FIELDS"]) == 40
     assert row.body["data"]["FIELDS"]["F39"] == "v" * 150
     assert "<redacted fp:" in row.body["auth"]["application_token"]
+
+
+def test_an_event_nothing_handles_leaves_a_summary_of_a_few_hundred_bytes(client, installed_portal):
+    """Storage follows trust: an event without a handler was stored whole (37 KB each, 200 in 4 s)."""
+    body = {
+        "event": "ONCRMDEALADD",
+        "auth[member_id]": installed_portal.member_id,
+        "auth[application_token]": installed_portal.application_token,
+        **{f"data[FIELDS][F{n}]": "v" * 900 for n in range(40)},
+    }
+    response = client.post("/events/", urlencode(body), content_type=FORM)
+    assert response.status_code == 200 and response.json()["result"] == "ignored"
+    row = InboundRequest.objects.get()
+    assert row.valid is True and row.status == InboundStatus.ACCEPTED
+    assert len(json.dumps(row.body)) <= 400 and len(json.dumps(row.query)) <= 400
+    assert row.body["_bytes"] > 36_000  # what came, in figures only
+
+
+def test_an_anonymous_payment_event_leaves_a_summary_only(client, installed_portal):
+    """ONAPPPAYMENT carries no token: whoever sent it proved nothing (it kept ≈ 49 KB a row before)."""
+    body = {
+        "event": "ONAPPPAYMENT",
+        "auth[member_id]": installed_portal.member_id,
+        **{f"data[F{n}]": "p" * 1200 for n in range(40)},
+    }
+    response = client.post("/events/", urlencode(body), content_type=FORM)
+    assert response.status_code == 200
+    row = InboundRequest.objects.get()
+    assert row.valid is None
+    assert len(json.dumps(row.body)) <= 400
 
 
 @pytest.mark.parametrize(
@@ -238,3 +271,26 @@ def test_the_log_keeps_whether_a_request_proved_itself_and_whether_it_was_carrie
     assert [bool(row[3]) for row in rows] == [False, False, False, True]  # the traceback of our own failure
     trace = rows[3][3]
     assert "ZeroDivisionError" in trace and "secret-auth-0123456789" not in trace
+
+
+def test_staff_see_which_sources_sent_what_did_not_prove_itself(
+    client, admin_client, installed_portal, settings
+):
+    settings.FORWARDED_ALLOW_IPS = ["127.0.0.1"]
+    for n in range(3):
+        forged = {
+            "event": "ONCRMDEALADD",
+            "auth[member_id]": installed_portal.member_id,
+            "auth[application_token]": f"{n}" * 32,
+        }
+        response = client.post(
+            "/events/", urlencode(forged), content_type=FORM, HTTP_X_FORWARDED_FOR="203.0.113.9"
+        )
+        assert response.status_code == 401
+    assert set(InboundRequest.objects.values_list("source", flat=True)) == {"203.0.113.9"}
+    page = admin_client.get("/admin/install/inboundrequest/")
+    assert page.status_code == 200
+    assert [(row["source"], row["requests"], row["refused"]) for row in page.context["unproven_sources"]] == [
+        ("203.0.113.9", 3, 3)
+    ]
+    assert "203.0.113.9" in page.content.decode()
