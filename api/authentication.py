@@ -4,7 +4,7 @@ The page's JavaScript sends the AUTH_ID Bitrix24 gave it (`X-Bitrix24-Auth`) and
 member_id (`X-Bitrix24-Member-Id`). They are trusted only once the OAuth server's `app.info`
 confirms that the token is this app's, for that portal, through the one verification path
 (`portals.verification.oauth_app_info`): the verdict is kept in the shared cache for the token's remaining
-life (at most ten minutes), so a page that makes many calls costs one `app.info`; definitive refusals
+life (at most a minute), so a page that makes many calls costs one `app.info` a minute; definitive refusals
 are kept too, and too many refusals for one portal answer 429 without asking.
 """
 

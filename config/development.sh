@@ -9,7 +9,10 @@ export DJANGO_VAR_DIR=${DJANGO_VAR_DIR:-$PWD/var}
 # Without the app's own credentials there is nothing in Bitrix24 to talk to: trust the stand-in instead
 # (`bin/manage bitrix24_standin`, a fake Bitrix24 on loopback), on fixed ports so that restarting either
 # side needs no new settings. These ports are the stand-in's defaults too (config/settings.py).
-if [ -z "${BITRIX24_CLIENT_ID:-}" ]; then
+# Only with debug on: a server with DJANGO_DEBUG=0 never trusts the stand-in (config/settings.py refuses its
+# credentials then), it needs the app's own.
+case "${DJANGO_DEBUG,,}" in 1 | true | yes | on) debugging=1 ;; *) debugging=0 ;; esac
+if [ -z "${BITRIX24_CLIENT_ID:-}" ] && [ "$debugging" = 1 ]; then
   export BITRIX24_STANDIN_OAUTH_PORT=${BITRIX24_STANDIN_OAUTH_PORT:-8001}
   export BITRIX24_STANDIN_PORTAL_PORT=${BITRIX24_STANDIN_PORTAL_PORT:-8002}
   export BITRIX24_CLIENT_ID=app.standin

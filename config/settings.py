@@ -244,6 +244,14 @@ if not DEBUG:
 # --- Bitrix24 -------------------------------------------------------------------------------
 BITRIX24_CLIENT_ID = env_str("BITRIX24_CLIENT_ID")
 BITRIX24_CLIENT_SECRET = env_str("BITRIX24_CLIENT_SECRET")
+# The stand-in's credentials (config/development.sh) are for development: a server with debug off that
+# trusted them would trust a fake Bitrix24 that anyone on the machine can start.
+STANDIN_CLIENT_ID = "app.standin"
+if BITRIX24_CLIENT_ID == STANDIN_CLIENT_ID and not DEBUG:
+    raise ImproperlyConfigured(
+        f"BITRIX24_CLIENT_ID={STANDIN_CLIENT_ID} is the Bitrix24 stand-in's: with DJANGO_DEBUG off, set your "
+        "app's own BITRIX24_CLIENT_ID and BITRIX24_CLIENT_SECRET (Bitrix24: Developer resources, your app)"
+    )
 BITRIX24_OAUTH_SERVERS = [
     url.rstrip("/")
     for url in env_list("BITRIX24_OAUTH_SERVERS", "https://oauth.bitrix.info,https://oauth.bitrix24.tech")
@@ -442,6 +450,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    # DRF's JSON parser, with `[` x 100,000 answered 400 instead of a RecursionError's 500.
+    "DEFAULT_PARSER_CLASSES": [
+        "api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "api.exceptions.exception_handler",
 }
@@ -497,6 +511,10 @@ LOGGING = {
         "urllib3": {"level": "WARNING"},
         # django-axes announces itself at INFO in every process and command; its lockouts are WARNING.
         "axes": {"level": "WARNING"},
+        # The development server's access log: request lines with query strings (a launch's AUTH_ID and
+        # REFRESH_ID when a page is opened by GET). Django gives it a handler of its own, without our
+        # filter: the redacting one instead.
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }
 

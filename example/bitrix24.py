@@ -5,6 +5,8 @@ beyond identifiers.
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -12,14 +14,22 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from events.services import EventContext
+from install.parsing import BadRequest
 from install.placements import PlacementContext
 from portals.registry import on, placement
 
+# A deal's id as Bitrix24 writes it in PLACEMENT_OPTIONS: ASCII digits, no sign, no leading zero.
+DEAL_ID = re.compile(r"[1-9][0-9]{0,17}")
+
 
 def deal_tab(request: HttpRequest, context: PlacementContext) -> HttpResponse:
-    """A tab on the deal card: the deal's title, read with the launching user's own token."""
-    deal_id = str(context.options.get("ID", ""))
-    deal = context.client.call("crm.deal.get", {"id": deal_id}) if deal_id.isdigit() else None
+    """A tab on the deal card: the deal's title, read with the launching user's own token. Anything but a
+    deal's id in PLACEMENT_OPTIONS[ID] is a bad request (400, said in the frame), not a crash."""
+    raw = context.options.get("ID", "")
+    deal_id = str(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else "?"
+    if deal_id and not DEAL_ID.fullmatch(deal_id):
+        raise BadRequest("PLACEMENT_OPTIONS[ID] is not a deal's id")
+    deal = context.client.call("crm.deal.get", {"id": deal_id}) if deal_id else None
     return render(
         request,
         "example/deal_tab.html",

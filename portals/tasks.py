@@ -10,6 +10,7 @@ caller: a request that has committed its work answers as such even when the brok
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bindings, clock, renewal, selectors, services
+from . import bindings, clock, renewal, selectors, services, sources
 from .models import (
     Portal,
     PortalState,
@@ -377,6 +378,34 @@ def queue_status_check(*, portal: Portal) -> bool:
         logger.warning("Shared cache unavailable: ONAPPPAYMENT debounced by its open action only")
     want(WantedKind.CHECK_STATUS, portal=portal, trigger=RenewalTrigger.ON_DEMAND)
     return True
+
+
+# Anonymous ONAPPPAYMENT hints one source may have looked into a minute; more are answered alike and dropped.
+HINTS_PER_SOURCE = 60
+
+
+def queue_payment_hint(*, member_id: str) -> bool:
+    """An anonymous ONAPPPAYMENT: a worker looks the portal up and checks its status (`payment_hint_task`).
+    No database here, so the request costs the same for a member_id this backend serves and one it does
+    not; at most one hint per member_id a minute and HINTS_PER_SOURCE per source. True when queued."""
+    minute = int(time.time() // 60)
+    try:
+        if not cache.add(f"b24:payment-hint:{member_id}", 1, timeout=STATUS_CHECK_EVERY):
+            return False
+        key = f"b24:payment-hints:{sources.current()}:{minute}"
+        if not cache.add(key, 1, timeout=120) and cache.incr(key) > HINTS_PER_SOURCE:
+            return False
+    except Exception:  # without the shared cache, the status check's own open action bounds the work
+        logger.warning("Shared cache unavailable: ONAPPPAYMENT hints are not debounced")
+    return publish(payment_hint_task, member_id)
+
+
+@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+def payment_hint_task(member_id: str) -> str:
+    portal = Portal.objects.filter(member_id=member_id).exclude(state=PortalState.UNINSTALLED).first()
+    if portal is None:
+        return "not a portal of ours"
+    return "status check queued" if queue_status_check(portal=portal) else "a check is already due"
 
 
 def queue_staff_renewal(*, pair: TokenPair) -> None:

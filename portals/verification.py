@@ -109,11 +109,13 @@ class TooManyUnverified(Exception):
 # Every token we are handed (install frame, launch, install/update events, the app page's API calls) is
 # checked by `oauth_app_info`: one app.info call with a short timeout, its verdict kept in the shared cache
 # under a hash of the token, the claimed portal and that portal's install generation (so an uninstall or
-# a reinstall invalidates it), for the token's remaining life and at most ten minutes. Only definitive
+# a reinstall invalidates it), for the token's remaining life and at most a minute. Only definitive
 # refusals are kept; "try again" never is. Refusals also count against the budgets of their source and of
 # all sources (never of the claimed portal: junk naming a portal must not lock its genuine users out).
 
-VERDICT_TTL = 600
+# A verdict is kept a minute at most: a token Bitrix24 revoked (a user who left, an app uninstalled)
+# stops working within it. The cost: one app.info call a minute for each token in use.
+VERDICT_TTL = 60
 BUDGET_WINDOW = 60
 _local_budget: dict[str, tuple[float, int]] = {}  # per process, only while the shared cache is away
 
@@ -135,7 +137,7 @@ def _cache_set(key: str, value: Any, ttl: int) -> None:
     if ttl <= 0:
         return
     try:
-        cache.set(key, value, timeout=ttl)
+        cache.set(key, {**value, "_until": time.time() + ttl}, timeout=ttl)
     except Exception as exc:
         logger.warning("Shared cache unavailable (%s): verdict not kept", type(exc).__name__)
 
@@ -247,7 +249,9 @@ def _ask_about_a_handed_token(
         generation = install_generation(member_id)
     key = _verdict_key(server, access_token, member_id, generation)
     cached = _cache_get(key)
-    if isinstance(cached, dict):
+    # The verdict's own end, besides the cache's expiry: a cache that keeps it longer (a Redis whose clock
+    # is ahead, an expiry rounded up) must not stretch it.
+    if isinstance(cached, dict) and float(cached.pop("_until", 0)) >= time.time():
         if "refused" in cached:
             raise VerificationError(
                 cached["refused"], refusal=Refusal(cached["refusal"]), code=cached["code"]

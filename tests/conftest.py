@@ -33,7 +33,7 @@ pytest_plugins = ["tests.lanes"]
 
 @pytest.fixture(scope="session")
 def standin() -> Iterator[StandIn]:
-    with StandIn(client_id="app.standin", client_secret="standin-secret") as server:
+    with StandIn(client_id="app.test", client_secret="test-secret") as server:
         yield server
 
 

@@ -11,8 +11,8 @@ os.environ.setdefault("DJANGO_DEBUG", "0")
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-0123456789abcdef")
 # A fixed Fernet key: tests read raw rows and must be able to tell ciphertext from clear text.
 os.environ.setdefault("BITRIX24_TOKEN_KEYS", "q2hzsxbhUbMIlPOnDWHHbvR_TNAocF_4oY3VqE8FZv0=")
-os.environ.setdefault("BITRIX24_CLIENT_ID", "app.standin")
-os.environ.setdefault("BITRIX24_CLIENT_SECRET", "standin-secret")
+os.environ.setdefault("BITRIX24_CLIENT_ID", "app.test")
+os.environ.setdefault("BITRIX24_CLIENT_SECRET", "test-secret")
 # The system lane runs in several processes (pytest-xdist), each with its own test database. Each also gets
 # its own var/ folder (renewal copies, the filesystem broker, caches, bin/run's supervisord socket) and its
 # own Celery queue and Redis key prefix, so one process's workers never take another's tasks. Done once, in

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -278,7 +279,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on():
+def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on(tmp_path):
     """config/development.sh (bin/run, bin/manage) and the stand-in's defaults (config/settings.py)
     name the same ports."""
     env = {name: os.environ[name] for name in SYSTEM_VARIABLES if name in os.environ}
@@ -312,6 +313,36 @@ def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on():
         check=True,
     ).stdout
     assert "BITRIX24_OAUTH_SERVERS" not in printed and "BITRIX24_ALLOW_HTTP" not in printed
+
+    # Debug off: nothing of the stand-in is trusted either, and a server given its credentials refuses to start.
+    printed = subprocess.run(
+        ["bash", "-c", "source config/development.sh && env"],
+        cwd=ROOT,
+        env=env | {"DJANGO_DEBUG": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "BITRIX24_CLIENT_ID" not in printed and "BITRIX24_OAUTH_SERVERS" not in printed
+    refused = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=env
+        | {
+            "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": "s" * 50,
+            "BITRIX24_TOKEN_KEYS": "q2hzsxbhUbMIlPOnDWHHbvR_TNAocF_4oY3VqE8FZv0=",
+            "DJANGO_VAR_DIR": str(tmp_path),
+            "BITRIX24_CLIENT_ID": "app.standin",
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        refused.returncode != 0
+        and "BITRIX24_CLIENT_ID=app.standin is the Bitrix24 stand-in's" in refused.stderr
+    )
 
 
 @pytest.mark.django_db

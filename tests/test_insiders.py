@@ -262,6 +262,9 @@ def test_thirty_anonymous_payment_events_cost_no_refresh_and_at_most_one_app_inf
     before = (standin.stats["app_info"], standin.stats["refresh_ok"] + standin.stats["refresh_invalid_grant"])
 
     answers = {backend.post("/events/", data=bx.onapppayment(b24)).status_code for _ in range(30)}
+    from portals.tasks import payment_hint_task
+
+    payment_hint_task.apply(args=(b24.member_id,))  # the one hint the 30 left
     wanted_worker()
 
     assert answers == {200}
@@ -425,3 +428,16 @@ def test_staff_see_the_journal_and_open_work_and_approve_in_the_admin(admin_clie
     assert "approved, now installed" in response.content.decode()
     portal.refresh_from_db()
     assert portal.state == PortalState.INSTALLED
+
+
+def test_a_revoked_auth_id_stops_working_within_a_minute(backend, b24, installed_portal):
+    """The verdict cache kept a token ten minutes: a revoked AUTH_ID kept working that long."""
+    from tests.test_api import _frame
+
+    token = b24.issue_tokens(7, admin=False)["access_token"]
+    frame = _frame(backend, b24, token)
+    assert frame.get("/api/app/me/").status_code == 200
+    b24.forget_access_token(token)  # revoked in Bitrix24
+    assert frame.get("/api/app/me/").status_code == 200  # the verdict is still kept
+    with travel(timezone.now() + timezone.timedelta(seconds=61)):
+        assert frame.get("/api/app/me/").status_code == 401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -15,6 +16,7 @@ from install.models import InboundRequest, InboundStatus
 from portals import phpform, registry
 from portals.models import Portal, PortalState, TokenPair
 from portals.standin import payloads as bx
+from portals.tasks import payment_hint_task
 from tests.samples import docs_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -76,6 +78,7 @@ def test_update_payment_and_uninstall_exactly_as_the_docs_print_them(backend, b2
     payment = docs_event("onapppayment-docs.json", b24)
     assert backend.post("/events/", data=phpform.encode(payment)).status_code == 200
     assert _licence_reads(b24) == before  # checked by a worker, not by the request
+    assert payment_hint_task.apply(args=(b24.member_id,)).get() == "status check queued"
     assert wanted_worker() == ["done"]
     assert _licence_reads(b24) == before + 1  # the portal's own app.info, with the stored token
 
@@ -418,6 +421,7 @@ def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend,
     before = _licence_reads(b24)
     response = backend.post("/events/", data=pairs)
     assert response.status_code == 200, response.text
+    assert payment_hint_task.apply(args=(b24.member_id,)).get() == "status check queued"
     assert wanted_worker() == ["done"]
     assert _licence_reads(b24) == before + 1
     assert Portal.objects.get(member_id=b24.member_id).app_status == "P"
@@ -426,6 +430,28 @@ def test_payment_event_takes_the_status_from_app_info_not_from_the_body(backend,
 def _licence_reads(portal) -> int:
     """Calls of the portal's own app.info (the licence), as the stand-in portal counted them."""
     return sum(1 for _, method, _ in portal.calls if method == "app.info")
+
+
+def test_payment_answers_and_statements_are_the_same_for_known_and_unknown_portals(
+    client, b24, standin, installed_portal
+):
+    """Nothing in the answer or the work done tells whether a member_id is installed here: the same bytes,
+    the same number of statements (the portal is looked up by a worker, later)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    stranger = standin.add_portal()
+    seen = []
+    for fake in (stranger, b24):
+        body = bx.onapppayment(fake)  # the form's pairs, as Bitrix24 posts them
+        with CaptureQueriesContext(connection) as statements:
+            response = client.post(
+                "/events/", urlencode(body), content_type="application/x-www-form-urlencoded"
+            )
+        seen.append((response.status_code, response.content, len(statements)))
+    assert seen[0] == seen[1], seen
+    assert payment_hint_task.apply(args=(stranger.member_id,)).get() == "not a portal of ours"
+    assert payment_hint_task.apply(args=(b24.member_id,)).get() == "status check queued"
 
 
 def test_payment_event_for_an_unknown_portal_looks_like_any_other(backend, b24, standin, installed_portal):

@@ -357,3 +357,43 @@ def test_no_body_gets_a_5xx(client, path, body_and_type):
     assert response.json()["error"]
     assert not Portal.objects.exists()
     assert not TokenPair.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", ["[" * 100_000, "{" * 100_000, '{"method": ' + "[" * 5000])
+def test_the_staff_api_answers_400_to_deeply_nested_json(client, body):
+    """`[` x 100,000 in a staff API body answered 500 (the JSON parser's RecursionError)."""
+    from rest_framework.authtoken.models import Token
+
+    from tests.factories import PortalFactory, UserFactory
+
+    portal = PortalFactory()
+    token = Token.objects.create(user=UserFactory(staff=True, superuser=True)).key
+    response = client.post(
+        f"/api/portals/{portal.member_id}/call/",
+        body,
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Token {token}",
+    )
+    assert response.status_code == 400, response.content[:300]
+    assert response.json()["error"] == "parse_error"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("deal_id", ["-1", "1.5", "1e5", " 1", "²", "０", "9" * 400, "007"])
+def test_the_example_deal_tab_answers_400_to_what_is_not_a_deal_id(backend, b24, installed_portal, deal_id):
+    from example import bitrix24 as example
+    from portals import registry
+
+    b24.seed("crm.deal", 1)
+    with registry.replaced(example.register):
+        query, body = bx.launch(
+            b24, b24.issue_tokens(1), placement="CRM_DEAL_DETAIL_TAB", options={"ID": deal_id}
+        )
+        response = backend.post("/app/", params=query, data=body)
+        assert response.status_code == 400, response.text[:300]
+        assert "PLACEMENT_OPTIONS[ID] is not a deal's id" in response.text
+        query, body = bx.launch(
+            b24, b24.issue_tokens(1), placement="CRM_DEAL_DETAIL_TAB", options={"ID": "1"}
+        )
+        assert backend.post("/app/", params=query, data=body).status_code == 200

@@ -117,6 +117,28 @@ def test_the_log_filter_redacts_what_a_library_would_print():
     assert f"refresh_token=<fp:{masking.fingerprint('a1b2c3d4e5f6a7b8')}>" in message
 
 
+@pytest.mark.parametrize("key", ["AUTH_ID", "auth_id", "Refresh_Id", "REFRESH_ID"])
+def test_the_development_servers_access_log_shows_no_token(key):
+    """runserver logs each request line, query string included, on its own logger (django.server), which
+    Django gives a handler without our filter: a launch opened by GET printed AUTH_ID and REFRESH_ID."""
+    secret = "0123456789abcdef0123"
+    record = logging.LogRecord(
+        "django.server",
+        logging.INFO,
+        __file__,
+        1,
+        '"%s" %s %s',
+        (f"GET /app/?{key}={secret}&x=1 HTTP/1.1", 200, 5),
+        None,
+    )
+    handlers = logging.getLogger("django.server").handlers
+    assert handlers and all(any(isinstance(f, RedactTokensFilter) for f in h.filters) for h in handlers)
+    for handler in handlers:
+        for log_filter in handler.filters:
+            log_filter.filter(record)
+    assert secret not in record.getMessage()
+
+
 def test_admin_pages_show_tokens_masked(backend, b24, admin_client):
     tokens = b24.issue_tokens(1, admin=True)
     backend.install_event(b24, tokens)
