@@ -7,6 +7,7 @@ secrets must come from the environment: production never runs on a generated key
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from collections.abc import Callable
@@ -136,6 +137,9 @@ for _proxy in FORWARDED_ALLOW_IPS:
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files from STATIC_ROOT, before anything else touches the request (WhiteNoise's docs ask for it
+    # right after the security middleware).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     # Where the request comes from, for the budgets of unverified requests (portals.sources).
     "portals.middleware.RequestSource",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -230,7 +234,18 @@ LOCALE_PATHS = translations.compile_catalogs(BASE_DIR, VAR_DIR)
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Where `collectstatic` gathers the static files (the image does it when it is built) and from where the
+# application serves them itself (WhiteNoise: compressed, with hashed names cached for a year); no proxy
+# has to. Under var/ by default: nothing generated lives beside the sources.
+STATIC_ROOT = Path(env_str("DJANGO_STATIC_ROOT", str(VAR_DIR / "static")))
+# Empty until collectstatic (WhiteNoise warns without it); read-only in the image, where it is there already.
+with contextlib.suppress(OSError):
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # WhiteNoise's compressed, hashed storage; before `collectstatic` a file is linked under its own name.
+    "staticfiles": {"BACKEND": "config.staticfiles.StaticFilesStorage"},
+}
 
 # Bitrix24 posts forms of modest size; anything larger is refused with a 400 before parsing.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DJANGO_MAX_BODY_BYTES", 256 * 1024)

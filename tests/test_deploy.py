@@ -1,0 +1,112 @@
+"""What ships for deploying (Dockerfile, compose.yaml, the systemd units) says what the product needs: the
+stop grace before any kill, SIGINT to a worker's whole group, one beat, migrations first, health per service."""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import timeouts
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_SERVICES = ("migrate", "web", "worker-custody", "worker-app", "beat")
+
+
+def _seconds(value: str) -> int:
+    found = re.fullmatch(r"(\d+)(s|m)?", str(value))
+    assert found, value
+    return int(found[1]) * (60 if found[2] == "m" else 1)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_compose_gives_every_worker_the_stop_grace_and_more(compose):
+    """`python -m config.timeouts` prints the grace a refresh in hand may take; a kill before it loses the portal."""
+    services = compose["services"]
+    grace = timeouts.stop_grace_seconds()
+    for name in ("web", "worker-custody", "worker-app"):
+        assert _seconds(services[name]["stop_grace_period"]) >= grace + 10, name
+
+
+def test_compose_runs_migrations_first_one_beat_and_a_health_check_per_service(compose):
+    services = compose["services"]
+    assert set(APP_SERVICES) <= set(services)
+    assert services["migrate"]["command"] == ["migrate"] and services["migrate"]["restart"] == "no"
+    for name in ("web", "worker-custody", "worker-app", "beat"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert "replicas" not in services[name].get("deploy", {})
+    checks = {
+        name: tuple(services[name]["healthcheck"]["test"])
+        for name in ("web", "worker-custody", "worker-app", "beat")
+    }
+    assert len(set(checks.values())) == 4  # each its own
+    assert checks["worker-custody"][-2:] == ("health-worker", "custody")
+    # Redis keeps what it holds across a restart (broker messages, renewal copies).
+    assert "--appendonly" in services["redis"]["command"]
+
+
+def test_compose_workers_share_the_renewal_copies_folder(compose):
+    services = compose["services"]
+    for name in ("worker-custody", "worker-app", "web"):
+        assert "appvar:/var/lib/bitrix24" in services[name]["volumes"]
+    assert "DJANGO_VAR_DIR=/var/lib/bitrix24" in (ROOT / "Dockerfile").read_text().replace(" ", "")
+
+
+def test_the_image_stops_gracefully_as_a_non_root_user_with_one_entry_point():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "STOPSIGNAL SIGINT" in dockerfile
+    assert 'ENTRYPOINT ["tini", "-g", "--", "/app/deploy/entrypoint.sh"]' in dockerfile
+    assert re.search(r"^USER app$", dockerfile, re.M)
+    assert re.search(r"^ARG BASE=python:3\.11-slim-bookworm$", dockerfile, re.M)
+    assert dockerfile.count("\nFROM ") == 2  # build, then a final stage without compilers or caches
+    assert "collectstatic" in dockerfile
+
+
+def test_the_entry_point_serves_the_same_queues_as_the_process_manager():
+    entrypoint = (ROOT / "deploy" / "entrypoint.sh").read_text()
+    supervisord = (ROOT / "config" / "supervisord.conf").read_text()
+    assert '-Q "$queue.custody.now,$queue.custody,$queue"' in entrypoint
+    assert (
+        "-Q %(ENV_CELERY_QUEUE)s.custody.now,%(ENV_CELERY_QUEUE)s.custody,%(ENV_CELERY_QUEUE)s" in supervisord
+    )
+    assert '-Q "$queue.app"' in entrypoint
+
+
+@pytest.mark.parametrize("unit", ["bitrix24-worker-custody", "bitrix24-worker-app"])
+def test_systemd_stops_a_worker_with_sigint_to_its_group_after_the_grace(unit):
+    service = _unit(unit)
+    assert service["KillSignal"] == "SIGINT"
+    assert service["KillMode"] == "control-group"
+    assert int(service["TimeoutStopSec"]) >= timeouts.stop_grace_seconds() + 10
+
+
+def test_systemd_web_and_beat():
+    web, beat = _unit("bitrix24-web"), _unit("bitrix24-beat")
+    assert "migrate" in web["ExecStartPre"] and "config/gunicorn.py" in web["ExecStart"]
+    assert int(web["TimeoutStopSec"]) >= timeouts.stop_grace_seconds()
+    assert beat["ExecStart"].endswith("celery -A config beat --loglevel INFO")
+
+
+def test_the_example_env_file_holds_no_secret_and_names_known_settings():
+    docs = (ROOT / "docs" / "settings.md").read_text()
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.split("=", 1)
+        assert f"`{name}`" in docs or name == "POSTGRES_PASSWORD", name
+        if any(word in name for word in ("SECRET", "KEY", "PASSWORD")):
+            assert value == "", f"{name} must be empty in the example"
+
+
+def _unit(name: str) -> configparser.SectionProxy:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((ROOT / "deploy" / "systemd" / f"{name}.service").read_text())
+    return parser["Service"]
