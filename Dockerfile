@@ -12,8 +12,10 @@ FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/venv
 COPY requirements.txt /app/requirements.txt
-# Wheels first: no compiler is needed, and none reaches the final stage.
-RUN /opt/venv/bin/pip install --prefer-binary -r /app/requirements.txt
+# The runtime part of requirements.txt only (up to its "# Tests and checks" line): no test or docs tools in
+# the image. Wheels first: no compiler is needed, and none reaches the final stage.
+RUN sed '/^# Tests and checks/,$d' /app/requirements.txt > /tmp/runtime.txt \
+ && /opt/venv/bin/pip install --prefer-binary -r /tmp/runtime.txt
 COPY . /app
 WORKDIR /app
 # The static files, gathered and compressed once, at build (WhiteNoise serves them). Throw-away settings:

@@ -110,3 +110,23 @@ def _unit(name: str) -> configparser.SectionProxy:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string((ROOT / "deploy" / "systemd" / f"{name}.service").read_text())
     return parser["Service"]
+
+
+def test_the_image_installs_the_runtime_requirements_only():
+    """The Dockerfile keeps requirements.txt up to its "# Tests and checks" line: everything the product
+    imports is above it, no test or docs tool is."""
+    text = (ROOT / "requirements.txt").read_text()
+    assert "\n# Tests and checks\n" in text
+    runtime, _tools = text.split("\n# Tests and checks\n", 1)
+    names = {line.split("==")[0].split("[")[0].lower() for line in runtime.splitlines() if "==" in line}
+    assert {
+        "django",
+        "djangorestframework",
+        "celery",
+        "gunicorn",
+        "whitenoise",
+        "psycopg",
+        "requests",
+    } <= names
+    assert not {"pytest", "mypy", "mkdocs", "playwright"} & names
+    assert "sed '/^# Tests and checks/,$d'" in (ROOT / "Dockerfile").read_text()
