@@ -37,3 +37,25 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
 # No access log here: the proxy keeps one, and request lines may carry query strings that
 # portals.logging's token filter (on Django's loggers) never sees.
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Refuse to start with a worker timeout shorter than a request may wait for a token renewal (set on the
+    command line or in GUNICORN_CMD_ARGS over the figure above): gunicorn would kill the worker mid-request
+    and the client get gunicorn's own HTML 500 instead of the product's 503 with Retry-After."""
+    problem = timeout_problem(server.cfg.timeout)
+    if problem:
+        server.log.error(problem)
+        raise SystemExit(problem)
+
+
+def timeout_problem(worker_timeout: float) -> str:
+    """Why `worker_timeout` contradicts the web wait, or "" when it does not."""
+    least = timeouts.web_request_timeout_seconds()
+    if worker_timeout and worker_timeout < least:
+        return (
+            f"gunicorn's worker timeout ({worker_timeout:g} s) is shorter than a request may wait for a token "
+            f"renewal (BITRIX24_WEB_TOKEN_WAIT_SECONDS={timeouts.web_token_wait_seconds()} + "
+            f"{timeouts.WEB_REQUEST_MARGIN_SECONDS} s): raise --timeout to at least {least} or lower the wait"
+        )
+    return ""

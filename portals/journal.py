@@ -131,20 +131,28 @@ def _decode(blob: str, pair_id: int, old_fingerprint: str) -> TokenGrant | None:
 
 
 def keep(attempt_id: int, grant: TokenGrant, *, pair_id: int, old_fingerprint: str) -> bool:
-    """Write the second copy; True when at least one store has it. Never raises: the caller still
-    holds the grant and stores it in the database either way."""
+    """Write the second copy, to Redis (when configured) *and* to an fsynced file; True when at least one
+    store has it. Never raises: the caller still holds the grant and stores it in the database either way.
+
+    Both, not one: Redis serves every machine's resolvers, but a Redis without persistence (or one that
+    evicts keys) loses the copy when it restarts, possibly in the same power cut that kills the worker; the
+    file survives that on this host (in a container: a volume the host's workers share)."""
     try:
         blob = _encode(grant, pair_id, old_fingerprint)
     except Exception:
         logger.exception("Cannot encode the second copy of renewal %s", attempt_id)
         return False
+    in_redis = False
     if settings.REDIS_URL:
-        # Redis serves every machine's resolvers, and costs no fsync: it is the copy when there is one.
         try:
             _redis(settings.REDIS_URL).set(_redis_key(attempt_id), blob, ex=TTL_SECONDS)
-            return True
+            in_redis = True
         except redis.RedisError as exc:
             logger.warning("Cannot write the second copy of renewal %s to Redis: %s", attempt_id, exc)
+    return _keep_file(attempt_id, blob) or in_redis
+
+
+def _keep_file(attempt_id: int, blob: str) -> bool:
     folder = _folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)

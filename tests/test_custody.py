@@ -242,6 +242,46 @@ def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
     )  # the copy is dropped once stored
 
 
+@pytest.mark.needs_redis("the second copy is kept in Redis and in a file when Redis is configured")
+def test_a_worker_killed_with_its_store_blocked_while_redis_loses_everything_keeps_the_pair(
+    installed_portal, b24, standin, child_env, capsys, settings
+):
+    """The answer arrived, its copy went to Redis, the store was blocked (a row lock), then the worker and
+    Redis went down together (a power cut; Redis keeps nothing on disk): the copy was only in Redis, and the
+    portal was lost. Now the fsynced file holds it too, and the resolver recovers the pair from it."""
+    pair = installed_portal.token_pairs.get(user_id=1)
+    standin.oauth_latency = 1.0
+    rotated_before = standin.stats["refresh_ok"]
+    stack: list = []
+    try:
+        _start_holder("worker", standin, child_env, pair, stack)
+        attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
+        with _store_held(pair):
+            _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
+            _wait(
+                lambda: journal.find(attempt.pk, pair_id=pair.pk, old_fingerprint=attempt.old_fingerprint),
+                what="the second copy",
+            )
+            time.sleep(0.3)  # the holder is now waiting on the held store
+            os.kill(attempt.holder_pid, signal.SIGKILL)
+            # ...and Redis comes back empty: the copy it held is gone.
+            assert journal._redis(settings.REDIS_URL).delete(journal._redis_key(attempt.pk)) == 1
+            _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
+    finally:
+        for context in stack:
+            context.__exit__(None, None, None)
+    standin.oauth_latency = 0.0
+    requests_before = standin.stats["oauth_requests"]
+
+    output, failed = _resolve(capsys)
+
+    assert not failed, output
+    attempt.refresh_from_db()
+    assert attempt.state == AttemptState.RECOVERED, output
+    assert standin.stats["oauth_requests"] == requests_before  # from the file's copy, nothing re-sent
+    assert _is_live(standin, pair)
+
+
 def test_an_unfinished_attempt_of_a_live_holder_is_left_alone(installed_portal, b24, standin, capsys):
     pair = installed_portal.token_pairs.get(user_id=1)
     holder = journal.current_holder()  # this very process: alive

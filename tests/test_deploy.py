@@ -130,3 +130,40 @@ def test_the_image_installs_the_runtime_requirements_only():
     } <= names
     assert not {"pytest", "mypy", "mkdocs", "playwright"} & names
     assert "sed '/^# Tests and checks/,$d'" in (ROOT / "Dockerfile").read_text()
+
+
+def test_gunicorn_refuses_a_worker_timeout_shorter_than_the_web_wait():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "config" / "gunicorn.py")
+    assert spec and spec.loader
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    least = timeouts.web_request_timeout_seconds()
+    assert conf.timeout == least and conf.timeout_problem(conf.timeout) == ""
+    assert "raise --timeout to at least 30" in conf.timeout_problem(10)
+    assert conf.graceful_timeout >= timeouts.stop_grace_seconds()
+
+
+@pytest.mark.system
+def test_gunicorn_does_not_start_with_a_contradicting_timeout(tmp_path):
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_DEBUG": "1",
+        "DJANGO_VAR_DIR": str(tmp_path),
+        "PORT": "0",
+        "GUNICORN_CMD_ARGS": "--timeout 10",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.py", "config.wsgi"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "gunicorn's worker timeout (10 s) is shorter than a request may wait" in done.stderr
