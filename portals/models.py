@@ -305,6 +305,16 @@ class TokenPair(models.Model):
         help_text="Active, or refused for good by the OAuth server (then renewals stop).",
     )
     last_renewed_at = models.DateTimeField(null=True, blank=True, help_text="When the pair was last renewed.")
+    lost_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the pair was flagged lost (in a renewal interrupted after its answer).",
+    )
+    lost_acknowledged_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When staff acknowledged that it was lost (`renew_tokens --all-unacknowledged` stops naming it).",
+    )
     refresh_ours = models.BooleanField(
         default=False,
         db_default=False,  # processes of the previous release insert rows without it during an upgrade
@@ -588,3 +598,21 @@ class StaffCall(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username} {self.method} on {self.portal_id}"
+
+
+class CommandRun(models.Model):
+    """A run of a management command that reports on what happened since its previous run (renew_tokens:
+    pairs flagged lost meanwhile, by whichever process)."""
+
+    command = models.CharField(max_length=64, db_index=True, help_text="The command's name.")
+    started_at = models.DateTimeField(default=timezone.now, help_text="When the run started.")
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it ended (empty: still running, or killed)."
+    )
+    exit_code = models.IntegerField(null=True, blank=True, help_text="What it exited with.")
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.command} at {self.started_at:%Y-%m-%d %H:%M:%S}"

@@ -111,6 +111,18 @@ def dismiss_uninstall(*, portal: Portal) -> None:
     logger.info("Staff dismissed the uninstall claim of portal %s", portal.member_id)
 
 
+def acknowledge_lost(*, portal: Portal) -> int:
+    """Staff acknowledge the portal's lost pairs (they know it needs a reinstall): `renew_tokens
+    --all-unacknowledged` stops naming them. A timestamp, not a state: the pairs stay lost. Returns how many."""
+    done = TokenPair.objects.filter(
+        portal=portal, state=PairState.LOST, lost_acknowledged_at__isnull=True
+    ).update(lost_acknowledged_at=timezone.now())
+    if not done:
+        raise OperationRefused(f"{portal.domain} has no lost pair to acknowledge")
+    logger.info("Staff acknowledged %d lost pair(s) of portal %s", done, portal.member_id)
+    return done
+
+
 def approve_pending(*, portal: Portal) -> Portal:
     """Staff vouch for a portal first seen through a user who is not a portal admin: that user's pair
     becomes the background pair and the install's application token is taken."""

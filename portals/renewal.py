@@ -193,7 +193,19 @@ def _mark_lost(pair: TokenPair, reason: str) -> None:
     pair.last_error = reason[:500]
     pair.consecutive_failures += 1
     pair.next_attempt_at = None
-    pair.save(update_fields=["state", "last_error", "consecutive_failures", "next_attempt_at", "updated_at"])
+    pair.lost_at = timezone.now()  # renew_tokens reports pairs lost since its previous run
+    pair.lost_acknowledged_at = None
+    pair.save(
+        update_fields=[
+            "state",
+            "last_error",
+            "consecutive_failures",
+            "next_attempt_at",
+            "lost_at",
+            "lost_acknowledged_at",
+            "updated_at",
+        ]
+    )
     if pair.is_background:
         # A mark staff set stays theirs (its reason too); the pair's own state says it was lost.
         lifecycle.background_lost(pair.portal_id, reason=reason)

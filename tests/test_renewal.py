@@ -362,3 +362,30 @@ def test_on_demand_token_is_renewed_only_when_expiring(b24, standin):
         assert standin.stats["refresh_ok"] == before + 1
         # Renewed on demand: no longer due for the sweep.
         assert not selectors.due_pairs().filter(pk=pair.pk).exists()
+
+
+@pytest.mark.django_db
+def test_renew_tokens_exits_1_for_a_portal_the_sweep_flagged_lost_since_its_previous_run(
+    b24, standin, capsys
+):
+    """Before, the sweep flagged a portal lost (an interrupted renewal whose answer is gone) and the next
+    `renew_tokens` said "Nothing to renew" and exited 0: a cron job never saw it."""
+    from portals.models import PairState, TokenPair
+    from tests.factories import PortalFactory
+
+    call_command("renew_tokens")  # a previous run: nothing to report
+    portal = PortalFactory.for_standin(b24)
+    pair = TokenPair.objects.get(portal=portal)
+    renewal._mark_lost(pair, "lost in a renewal interrupted at 2026-12-05 03:00:00 UTC")  # as the sweep does
+
+    with pytest.raises(CommandError, match=r"1 pair\(s\) LOST, flagged since the previous run"):
+        call_command("renew_tokens")
+    assert f"LOST: {portal.domain}" in capsys.readouterr().err
+    call_command("renew_tokens")  # reported once: the next run has nothing new
+    with pytest.raises(CommandError, match=r"1 pair\(s\) LOST, not acknowledged"):
+        call_command("renew_tokens", "--all-unacknowledged")  # the strict form, until staff acknowledge it
+
+    assert operations.acknowledge_lost(portal=portal) == 1
+    call_command("renew_tokens", "--all-unacknowledged")
+    pair.refresh_from_db()
+    assert pair.state == PairState.LOST and pair.lost_acknowledged_at is not None  # a timestamp, not a state

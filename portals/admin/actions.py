@@ -29,6 +29,7 @@ BUTTONS = {
     "approve": "Approve pending install",
     "confirm_uninstall": "Confirm uninstall",
     "dismiss_uninstall": "Dismiss uninstall claim",
+    "acknowledge_lost": "Acknowledge lost pairs",
     "purge": "Purge data",
 }
 
@@ -145,6 +146,22 @@ def dismiss_uninstall(
         modeladmin.message_user(request, f"{portal.domain}: uninstall claim dismissed.", messages.SUCCESS)
 
 
+@admin.action(description="Acknowledge lost pairs", permissions=["change"])
+def acknowledge_lost(
+    modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
+) -> None:
+    """Staff know the portal needs a reinstall: `renew_tokens --all-unacknowledged` stops naming its pairs."""
+    for portal in queryset:
+        try:
+            done = operations.acknowledge_lost(portal=portal)
+        except operations.OperationRefused as exc:
+            modeladmin.message_user(request, f"Not acknowledged: {exc}", messages.WARNING)
+            continue
+        modeladmin.message_user(
+            request, f"{portal.domain}: {done} lost pair(s) acknowledged.", messages.SUCCESS
+        )
+
+
 @admin.action(description="Purge data of uninstalled portals", permissions=["change"])
 def purge_data(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
@@ -199,6 +216,7 @@ _BUTTON_RUNS: dict[str, Callable[[admin.ModelAdmin[Portal], HttpRequest, QuerySe
     "approve": approve_pending,
     "confirm_uninstall": confirm_uninstall,
     "dismiss_uninstall": dismiss_uninstall,
+    "acknowledge_lost": acknowledge_lost,
     "purge": purge,
 }
 

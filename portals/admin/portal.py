@@ -20,6 +20,7 @@ from portals.models import Portal, RenewalLog, TokenPair
 
 from .actions import (
     BUTTONS,
+    acknowledge_lost,
     approve_pending,
     confirm_uninstall,
     dismiss_uninstall,
@@ -174,6 +175,7 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         approve_pending,
         confirm_uninstall,
         dismiss_uninstall,
+        acknowledge_lost,
         purge_data,
     ]
     change_form_template = "admin/portals/portal/change_form.html"

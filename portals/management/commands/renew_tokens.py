@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import signal
+from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from portals import errors, renewal, selectors, stopping
 from portals.masking import fingerprint
-from portals.models import Portal, RenewalTrigger, TokenPair
+from portals.models import CommandRun, Portal, RenewalTrigger, TokenPair
+
+COMMAND = "renew_tokens"
 
 
 class Command(BaseCommand):
@@ -20,20 +24,61 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--portal", metavar="MEMBER_ID", help="only this portal's pairs")
         parser.add_argument("--force", action="store_true", help="renew even pairs that are not due")
+        parser.add_argument(
+            "--all-unacknowledged",
+            action="store_true",
+            help="exit 1 while any pair is lost and not acknowledged by staff (default: only pairs flagged "
+            "lost since the previous run started)",
+        )
 
     def _stop_now(self, signum: int) -> None:
         # Nothing is in flight: stopping here loses nothing.
         self.stderr.write(f"Stopped by {signal.Signals(signum).name}.")
         raise SystemExit(128 + signum)
 
-    def handle(self, *args: Any, portal: str | None = None, force: bool = False, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        portal: str | None = None,
+        force: bool = False,
+        all_unacknowledged: bool = False,
+        **options: Any,
+    ) -> None:
         stopping.install_poller(self._stop_now)
+        run = CommandRun.objects.create(command=COMMAND)
+        previous = (
+            CommandRun.objects.filter(command=COMMAND).exclude(pk=run.pk).order_by("-started_at").first()
+        )
+        exit_code = 1
         try:
-            self._handle(portal, force)
+            self._handle(portal, force, previous.started_at if previous else None, all_unacknowledged)
+            exit_code = 0
         finally:
+            CommandRun.objects.filter(pk=run.pk).update(finished_at=timezone.now(), exit_code=exit_code)
             stopping.uninstall_poller()
 
-    def _handle(self, portal: str | None, force: bool) -> None:
+    def _flagged(self, since: datetime | None, all_unacknowledged: bool) -> int:
+        """Pairs flagged lost by any process (the sweep, a resolver, a worker) since the previous run started,
+        or, with --all-unacknowledged, every lost pair staff have not acknowledged: named, and counted."""
+        lost = selectors.lost_pairs().select_related("portal")
+        if all_unacknowledged:
+            lost = lost.filter(lost_acknowledged_at__isnull=True)
+        elif since is not None:
+            lost = lost.filter(lost_at__gte=since)
+        else:
+            lost = lost.filter(lost_at__isnull=False, lost_acknowledged_at__isnull=True)
+        flagged = list(lost.order_by("lost_at"))
+        for pair in flagged:
+            when = f"{pair.lost_at:%Y-%m-%d %H:%M:%S} UTC" if pair.lost_at else "before lost pairs were dated"
+            self.stderr.write(
+                f"LOST: {pair.portal.domain} ({pair.portal.member_id}) pair of user {pair.user_id}, flagged {when}: "
+                f"{pair.last_error} (the portal needs a reinstall; acknowledge it in the admin)"
+            )
+        return len(flagged)
+
+    def _handle(
+        self, portal: str | None, force: bool, since: datetime | None = None, all_unacknowledged: bool = False
+    ) -> None:
         target = None
         if portal:
             target = Portal.objects.filter(member_id=portal).first()
@@ -44,12 +89,16 @@ class Command(BaseCommand):
             renewed, skipped, failed, total, stopped = self._renew(target, force)
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
+        flagged = self._flagged(since, all_unacknowledged)
         summary = f"{renewed} renewed, {skipped} skipped, {failed} failed, of {total}."
         if lost:
             summary += f" {lost} portal pair(s) found LOST in interrupted renewals: they need a reinstall."
+        if flagged:
+            which = "not acknowledged" if all_unacknowledged else "flagged since the previous run"
+            summary += f" {flagged} pair(s) LOST, {which}."
         if stopped:
             raise CommandError(f"Stopped by a signal after the renewal in hand. {summary}")
-        if failed or lost:
+        if failed or lost or flagged:
             raise CommandError(summary)
         self.stdout.write(self.style.SUCCESS(summary))
 
