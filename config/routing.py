@@ -31,6 +31,7 @@ ROUTES: dict[str, str] = {
     "portals.tasks.resolve_attempt_task": CUSTODY,
     "portals.tasks.carry_out_task": CUSTODY,  # APP for a bindings sync (kind bind_events)
     "portals.tasks.sweep_due_pairs": CUSTODY,
+    "portals.tasks.resolve_interrupted": CUSTODY,  # beat, every minute
     "portals.tasks.payment_hint_task": CUSTODY,  # an anonymous ONAPPPAYMENT: look the portal up, check it
     "install.tasks.apply_deferred_task": CUSTODY,  # install and update events kept while unverifiable
     # the app's work

@@ -127,3 +127,13 @@ def test_a_custody_task_that_needs_a_fresh_token_renews_it_itself(standin, monke
     assert queued == []  # not handed to a worker
     portal.refresh_from_db()
     assert portal.state == PortalState.INSTALLED  # and Bitrix24 said the app is still there
+
+
+@pytest.mark.django_db
+def test_interrupted_renewals_are_resolved_every_minute_not_at_the_sweep():
+    """The time from a lost answer to the portal being flagged is the lease and a minute, not the sweep's 15."""
+    from django_celery_beat.models import PeriodicTask
+
+    entry = PeriodicTask.objects.select_related("interval").get(task="portals.tasks.resolve_interrupted")
+    assert entry.enabled and (entry.interval.every, entry.interval.period) == (1, "minutes")
+    assert _queue("portals.tasks.resolve_interrupted") == f"{settings.CELERY_TASK_DEFAULT_QUEUE}.custody"
