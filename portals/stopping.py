@@ -55,7 +55,9 @@ def _hold(signum: int, frame: FrameType | None) -> None:
     if signum in STOPS:
         _requested.set()
     _pending.append(signum)
-    logger.warning("%s received: finishing the token refresh in flight first", signal.Signals(signum).name)
+    # INFO: this is the polite stop working as designed (a process manager's stop during a refresh, an
+    # install's first renewal still trying a stand-in that is gone), not a problem for anyone to look into.
+    logger.info("%s received: finishing the token refresh in flight first", signal.Signals(signum).name)
 
 
 def _deliver(signum: int, previous: Any) -> bool:
