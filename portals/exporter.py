@@ -63,6 +63,29 @@ class DatabaseCollector(Collector):
         for flag, count in sorted(flags.items()):
             flagged.add_metric([flag], count)
         yield flagged
+        try:
+            lag = selectors.custody_lag()
+            claims = selectors.uninstall_claims()
+        except DatabaseError as exc:
+            logger.warning("Metrics: custody gauges left out (%s)", type(exc).__name__)
+            return
+        behind = GaugeMetricFamily(
+            "bitrix24_custody_lag_seconds",
+            "How far custody is behind: since the oldest due pair became due (oldest_due_pair), since the "
+            "oldest renewal still in flight started (oldest_unresolved_attempt); 0 when nothing waits.",
+            labels=["what"],
+        )
+        for what, seconds in sorted(lag.items()):
+            behind.add_metric([what], seconds)
+        yield behind
+        unsettled = GaugeMetricFamily(
+            "bitrix24_uninstall_claims",
+            "ONAPPUNINSTALL claims not settled: open (Bitrix24 being asked), held (no proof: waiting for staff).",
+            labels=["state"],
+        )
+        for state, count in sorted(claims.items()):
+            unsettled.add_metric([state], count)
+        yield unsettled
 
 
 class _ThisProcess(Collector):

@@ -15,7 +15,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, TypeAlias
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 from django_celery_beat.models import (
@@ -27,9 +27,11 @@ from django_celery_beat.models import (
 )
 
 from .models import (
+    AttemptState,
     PairState,
     Portal,
     PortalState,
+    RenewalAttempt,
     RenewalLog,
     RenewalOutcome,
     TokenPair,
@@ -58,6 +60,30 @@ def due_pairs(*, now: datetime | None = None) -> QuerySet[TokenPair]:
         .exclude(portal__state=PortalState.UNINSTALLED)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
     )
+
+
+def custody_lag(*, now: datetime | None = None) -> dict[str, float]:
+    """How far custody is behind, in seconds (0 when it is not): since the oldest due pair became due, and
+    since the oldest renewal still in flight started (a holder that died leaves one until it is resolved)."""
+    now = now or timezone.now()
+    oldest_issued = (
+        due_pairs(now=now)
+        .filter(refresh_issued_at__lte=now)
+        .aggregate(oldest=Min("refresh_issued_at"))["oldest"]
+    )
+    oldest_attempt = RenewalAttempt.objects.filter(state=AttemptState.IN_FLIGHT).aggregate(
+        oldest=Min("started_at")
+    )["oldest"]
+    due_since = (renewal_due_before(now) - oldest_issued).total_seconds() if oldest_issued else 0.0
+    in_flight = (now - oldest_attempt).total_seconds() if oldest_attempt else 0.0
+    return {"oldest_due_pair": max(0.0, due_since), "oldest_unresolved_attempt": max(0.0, in_flight)}
+
+
+def uninstall_claims() -> dict[str, int]:
+    """Uninstall claims not settled: open (Bitrix24 being asked) and held (waiting for staff)."""
+    claims = WantedAction.objects.filter(kind=WantedKind.CONFIRM_UNINSTALL, done_at__isnull=True)
+    held = claims.filter(held_at__isnull=False).count()
+    return {"open": claims.count() - held, "held": held}
 
 
 def pairs_issued_in_the_future(*, now: datetime | None = None) -> QuerySet[TokenPair]:

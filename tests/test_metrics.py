@@ -427,3 +427,38 @@ def test_without_sentry_dsn_no_tracker_runs():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_custody_lag_and_uninstall_claims_are_gauges(client, db, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portals.models import AttemptState, RenewalAttempt, WantedAction, WantedKind
+
+    settings.BITRIX24_METRICS_TOKEN = METRICS_TOKEN
+    samples = _samples(_get(client).content.decode())
+    assert _value(samples, "bitrix24_custody_lag_seconds", what="oldest_due_pair") == 0
+    assert _value(samples, "bitrix24_uninstall_claims", state="held") == 0
+
+    overdue = TokenPairFactory(issued_days_ago=25)  # due for the sweep for days already
+    RenewalAttempt.objects.create(
+        pair=overdue,
+        portal_id=overdue.portal_id,
+        trigger="beat",
+        state=AttemptState.IN_FLIGHT,
+        old_fingerprint="x",
+        holder_host="gone.example",
+        holder_pid=1,
+        holder_start="",
+        started_at=timezone.now() - timedelta(minutes=10),
+        lease_expires_at=timezone.now() - timedelta(minutes=5),
+    )
+    WantedAction.objects.create(
+        kind=WantedKind.CONFIRM_UNINSTALL, portal=overdue.portal, held_at=timezone.now()
+    )
+    samples = _samples(_get(client).content.decode())
+    assert _value(samples, "bitrix24_custody_lag_seconds", what="oldest_due_pair") > 86400
+    assert 590 < _value(samples, "bitrix24_custody_lag_seconds", what="oldest_unresolved_attempt") < 700
+    assert _value(samples, "bitrix24_uninstall_claims", state="held") == 1
+    assert _value(samples, "bitrix24_uninstall_claims", state="open") == 0
