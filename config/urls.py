@@ -3,7 +3,7 @@ from django.urls import include, path
 
 from portals.admin.dashboard import dashboard
 from portals.exporter import metrics_view
-from portals.views import healthz, home
+from portals.views import healthz, home, livez
 
 urlpatterns = [
     path("", home, name="home"),
@@ -12,5 +12,6 @@ urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="admin_dashboard"),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("livez", livez, name="livez"),
     path("metrics", metrics_view, name="metrics"),
 ]

@@ -23,7 +23,7 @@ def _is_staff(request: HttpRequest) -> bool:
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Liveness and readiness: the database and the broker answer, and the token keys work.
+    """Readiness, for load balancers: the database and the broker answer, and the token keys work.
 
     Anonymous callers (load balancers) learn only ok / unavailable: which database, which broker and what
     is misconfigured is for staff (a logged-in staff session, while the database answers), /api/health/
@@ -41,6 +41,14 @@ def healthz(request: HttpRequest) -> JsonResponse:
     if not result.ok:
         response["Retry-After"] = "10"
     return response
+
+
+@require_safe
+def livez(request: HttpRequest) -> JsonResponse:
+    """Liveness, for restarts: this process answers. Nothing else is asked (not the database, not the
+    broker): a process manager must not restart every web process because PostgreSQL is away; /healthz
+    (readiness) is what a load balancer asks."""
+    return JsonResponse({"status": "ok"})
 
 
 @require_safe

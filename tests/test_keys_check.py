@@ -113,3 +113,18 @@ def test_public_answers_say_only_not_configured(client, settings, other_key):
         "error": "not_configured",
         "error_description": "the backend is not configured",
     }
+
+
+def test_livez_answers_while_the_database_is_away(client, settings, monkeypatch):
+    """Liveness asks nothing: with the database (and the token keys) unusable, /healthz says unavailable and
+    /livez still ok, so a process manager does not restart every web process for an outage elsewhere."""
+    from django.db import connection
+    from django.db.utils import OperationalError
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("the database is away")
+
+    monkeypatch.setattr(connection, "ensure_connection", refuse)
+    monkeypatch.setattr(connection, "cursor", refuse)
+    assert client.get("/livez").json() == {"status": "ok"}
+    assert client.get("/healthz").status_code == 503
