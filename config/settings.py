@@ -428,7 +428,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's schedule (in the database), sending only while this beat holds the lease: a second
+# beat started by mistake sends nothing (portals.beat).
+CELERY_BEAT_SCHEDULER = "portals.beat:LeaderScheduler"
+# How long the beat holding the lease keeps it without renewing (it renews at every tick, every few seconds):
+# a second beat takes over within it and a tick once the holder is gone.
+BITRIX24_BEAT_LEASE_SECONDS = env_float("BITRIX24_BEAT_LEASE_SECONDS", 30.0)
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 

@@ -616,3 +616,18 @@ class CommandRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.command} at {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class SchedulerLease(models.Model):
+    """Which beat sends the scheduled tasks (portals.beat): a second beat started by mistake, or on another
+    machine, waits while the holder keeps renewing its lease, and takes over once the lease runs out."""
+
+    name = models.CharField(max_length=32, primary_key=True, help_text="The lease's name (one: beat).")
+    holder = models.CharField(max_length=300, help_text="host|pid|start of the beat process holding it.")
+    until = models.DateTimeField(help_text="The lease ends then unless its holder renews it.")
+
+    class Meta:
+        verbose_name = "scheduler lease"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.holder} until {self.until:%H:%M:%S}"
