@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import re_path
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
@@ -23,21 +23,28 @@ class DealNotes(FrontendAPIView):
     """The deal's title and how many timeline notes it has, read as the user who opened the tab."""
 
     @extend_schema(responses={200: DealNotesSerializer, **FRONTEND_ERRORS})
-    def get(self, request: Request, deal_id: int) -> Response:
+    def get(self, request: Request, deal_id: str) -> Response:
+        number = int(deal_id)  # the URL lets only a deal's id through
         client = self.client()
         with bitrix24_errors():  # Bitrix24's refusals as the API's JSON errors (502/503)
             try:
-                deal = client.call("crm.deal.get", {"id": deal_id}, fail_fast=True)
+                deal = client.call("crm.deal.get", {"id": number}, fail_fast=True)
             except RestError as exc:
                 if exc.code.upper() == "NOT_FOUND":  # no such deal, or not one this user may see
-                    raise NotFound(f"No deal {deal_id} for this user.") from exc
+                    raise NotFound(f"No deal {number} for this user.") from exc
                 raise
             notes = client.call(
                 "crm.timeline.comment.list",
-                {"filter": {"ENTITY_ID": deal_id, "ENTITY_TYPE": "deal"}},
+                {"filter": {"ENTITY_ID": number, "ENTITY_TYPE": "deal"}},
                 fail_fast=True,
             )
-        return Response({"id": deal_id, "title": deal.get("TITLE", ""), "notes": len(notes or [])})
+        return Response({"id": number, "title": deal.get("TITLE", ""), "notes": len(notes or [])})
 
 
-urlpatterns = [path("example/deals/<int:deal_id>/", DealNotes.as_view(), name="example-deal-notes")]
+# A deal's id as Bitrix24 writes it (0 for "none": the tab's page links it then): anything else is a 404
+# here, never a call to Bitrix24 with a 400-digit number.
+urlpatterns = [
+    re_path(
+        r"^example/deals/(?P<deal_id>0|[1-9][0-9]{0,17})/$", DealNotes.as_view(), name="example-deal-notes"
+    )
+]

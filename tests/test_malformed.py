@@ -397,3 +397,11 @@ def test_the_example_deal_tab_answers_400_to_what_is_not_a_deal_id(backend, b24,
             b24, b24.issue_tokens(1), placement="CRM_DEAL_DETAIL_TAB", options={"ID": "1"}
         )
         assert backend.post("/app/", params=query, data=body).status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("deal_id", ["9" * 400, "007", "-1"])
+def test_the_example_endpoint_answers_404_to_what_is_not_a_deal_id_without_asking_bitrix24(client, deal_id):
+    response = client.get(f"/api/app/example/deals/{deal_id}/")
+    assert response.status_code == 404, response.content[:200]
+    assert response.json()["error"] == "not_found"
