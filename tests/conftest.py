@@ -76,6 +76,19 @@ def installed_portal(db: None, b24: FakePortal) -> Any:
 
 
 @pytest.fixture
+def fresh_minute() -> Iterator[None]:
+    """The test starts at the beginning of a minute (the clock then runs on as usual): the budgets of
+    unverified requests count per minute, and a test that crossed into the next one would see them reset."""
+    import datetime as dt
+
+    import time_machine
+
+    start = dt.datetime.now(dt.UTC).replace(second=1, microsecond=0) + dt.timedelta(minutes=1)
+    with time_machine.travel(start, tick=True):
+        yield
+
+
+@pytest.fixture
 def fake_clock() -> Iterator[clock.FakeClock]:
     """The product's waits (backoffs, the rate governor, the sweep's budget) on a clock that moves only when
     slept on: retries happen at once, and the test reads what was slept in `fake_clock.slept`."""

@@ -275,7 +275,7 @@ def test_thirty_anonymous_payment_events_cost_no_refresh_and_at_most_one_app_inf
 
 
 def test_forged_launches_beyond_the_budget_get_429_without_asking(
-    backend, b24, installed_portal, standin, settings
+    backend, b24, installed_portal, standin, settings, fresh_minute
 ):
     settings.BITRIX24_UNVERIFIED_BUDGET = 5
     before = standin.stats["app_info"]
@@ -298,7 +298,7 @@ def _launch_from(backend, b24, tokens, address: str):
 
 
 def test_junk_naming_a_portal_never_locks_out_its_genuine_users(
-    backend, b24, installed_portal, standin, settings
+    backend, b24, installed_portal, standin, settings, fresh_minute
 ):
     """The red-team's lockout: anyone who knows a member_id sent junk AUTH_IDs for it until every genuine
     launch answered 429. Refusals now count against the sender's source, not the portal."""
@@ -322,7 +322,9 @@ def test_junk_naming_a_portal_never_locks_out_its_genuine_users(
     )
 
 
-def test_strangers_together_cannot_spend_what_known_sources_need(backend, b24, installed_portal, settings):
+def test_strangers_together_cannot_spend_what_known_sources_need(
+    backend, b24, installed_portal, settings, fresh_minute
+):
     """Many sources, each within its budget, spend the total; half of it is kept for sources verified in the
     last day (Bitrix24's servers, returning users)."""
     settings.FORWARDED_ALLOW_IPS = ["127.0.0.1"]

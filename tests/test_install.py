@@ -267,7 +267,9 @@ def test_the_install_frame_while_the_oauth_server_is_down_answers_503_and_stores
     assert _nothing_stored(b24.member_id)
 
 
-def test_deferred_install_and_update_are_applied_in_bitrix24s_order(backend, b24, standin, settings):
+def test_deferred_install_and_update_are_applied_in_bitrix24s_order(
+    backend, b24, standin, settings, fresh_minute
+):
     """Over the source's budget of refused verifications, lifecycle events are kept, not refused; a worker
     applies one portal's in `ts` order, whatever order they came in."""
     from install.models import DeferredEvent
@@ -292,7 +294,7 @@ def test_deferred_install_and_update_are_applied_in_bitrix24s_order(backend, b24
     ]
 
 
-def test_deferred_events_are_bounded_per_portal(backend, b24, settings):
+def test_deferred_events_are_bounded_per_portal(backend, b24, settings, fresh_minute):
     settings.BITRIX24_UNVERIFIED_BUDGET = 0  # every verification is over budget: every install is kept
     answers = [backend.install_event(b24).status_code for _ in range(7)]
     assert answers == [200] * 5 + [429] * 2
