@@ -4,6 +4,7 @@ only staff learn which setting."""
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlencode
 
 import pytest
@@ -128,3 +129,25 @@ def test_livez_answers_while_the_database_is_away(client, settings, monkeypatch)
     monkeypatch.setattr(connection, "cursor", refuse)
     assert client.get("/livez").json() == {"status": "ok"}
     assert client.get("/healthz").status_code == 503
+
+
+@pytest.mark.needs_redis("the check asks the Redis at REDIS_URL")
+@pytest.mark.parametrize(
+    "config, ids",
+    [
+        ({"appendonly": "no", "save": "", "maxmemory-policy": "noeviction"}, ["portals.W003"]),
+        ({"appendonly": "yes", "save": "", "maxmemory-policy": "noeviction"}, []),
+        ({"appendonly": "no", "save": "3600 1", "maxmemory-policy": "allkeys-lru"}, ["portals.W004"]),
+    ],
+)
+def test_check_deploy_warns_about_a_redis_that_keeps_nothing_or_evicts(config, ids, monkeypatch):
+    """`check --deploy` on this machine's Redis (CI's keeps nothing on disk, on purpose): what Redis answers
+    to CONFIG GET decides the warnings."""
+    import redis
+
+    from portals import checks
+
+    real = redis.Redis.config_get
+    assert real(redis.Redis.from_url(os.environ["REDIS_URL"]), "appendonly")  # it answers CONFIG GET
+    monkeypatch.setattr(redis.Redis, "config_get", lambda self, name: {name: config[name]})
+    assert [message.id for message in checks.redis_keeps_what_it_holds()] == ids
