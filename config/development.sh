@@ -22,6 +22,10 @@ if [ -z "${BITRIX24_CLIENT_ID:-}" ] && [ "$debugging" = 1 ]; then
   export BITRIX24_ALLOW_HTTP=${BITRIX24_ALLOW_HTTP:-1}
   # Bitrix24's JS library as the stand-in serves it, so the app's pages work offline against it.
   export BITRIX24_JS_URL=${BITRIX24_JS_URL:-http://127.0.0.1:$BITRIX24_STANDIN_PORTAL_PORT/api/v1/}
-  # The example app (a deal tab, event handlers, a frontend endpoint) on the stand-in's portal only.
-  export BITRIX24_EXAMPLE_APP=${BITRIX24_EXAMPLE_APP:-1}
+  # The example app (a deal tab, event handlers, a frontend endpoint) on the stand-in's portal only, while
+  # no app of your own is named: yours (BITRIX24_APPS=myapp, docs: Build your app) registers the same
+  # placement, and two views for one placement refuse to start. BITRIX24_EXAMPLE_APP=1 keeps both.
+  if [ -z "${BITRIX24_APPS:-}" ]; then
+    export BITRIX24_EXAMPLE_APP=${BITRIX24_EXAMPLE_APP:-1}
+  fi
 fi

@@ -314,6 +314,27 @@ def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on(tmp_path):
     ).stdout
     assert "BITRIX24_OAUTH_SERVERS" not in printed and "BITRIX24_ALLOW_HTTP" not in printed
 
+    # An app of one's own named (docs: Build your app): the example, which registers the same deal tab, is off.
+    printed = subprocess.run(
+        ["bash", "-c", "source config/development.sh && env"],
+        cwd=ROOT,
+        env=env | {"BITRIX24_APPS": "myapp"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "BITRIX24_EXAMPLE_APP" not in printed and "BITRIX24_CLIENT_ID=app.standin" in printed
+    assert (
+        "BITRIX24_EXAMPLE_APP=1"
+        in subprocess.run(
+            ["bash", "-c", "source config/development.sh && env"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+
     # Debug off: nothing of the stand-in is trusted either, and a server given its credentials refuses to start.
     printed = subprocess.run(
         ["bash", "-c", "source config/development.sh && env"],
