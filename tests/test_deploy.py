@@ -167,3 +167,22 @@ def test_gunicorn_does_not_start_with_a_contradicting_timeout(tmp_path):
     )
     assert done.returncode != 0
     assert "gunicorn's worker timeout (10 s) is shorter than a request may wait" in done.stderr
+
+
+@pytest.mark.django_db
+def test_beat_health_follows_what_beat_recorded():
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.utils import timezone
+    from django_celery_beat.models import PeriodicTask
+
+    sweep = PeriodicTask.objects.get(task="events.tasks.sweep_events")  # created by a migration
+    with pytest.raises(CommandError, match=r"has not sent events\.tasks\.sweep_events since ever"):
+        call_command("beat_health")
+    PeriodicTask.objects.filter(pk=sweep.pk).update(last_run_at=timezone.now() - timedelta(minutes=4))
+    call_command("beat_health")  # beat records its sends every three minutes: still fine
+    PeriodicTask.objects.filter(pk=sweep.pk).update(last_run_at=timezone.now() - timedelta(minutes=7))
+    with pytest.raises(CommandError, match="has not sent"):
+        call_command("beat_health")
