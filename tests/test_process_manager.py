@@ -112,6 +112,12 @@ class Run:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def output_when_done(self, timeout: float = 15) -> str:
+        """The whole output once every process that held the pipe has ended: the last lines supervisord
+        prints as it exits may still be in the pipe when the processes are gone."""
+        self._reader.join(timeout)
+        return self.output
+
     def processes(self) -> dict[int, str]:
         found = _descendants(self.proc.pid)
         self.seen.update(found)
@@ -185,7 +191,7 @@ def test_a_stop_of_bin_run_finishes_the_refresh_in_flight_and_ends_every_process
         run.proc.wait(timeout=GRACE_SECONDS + 30)
         _wait(lambda: not _alive(processes), 10, "every process bin/run started to end")
         took = time.monotonic() - stopped
-        output = run.output
+        output = run.output_when_done()
         print(f"{signal.Signals(signum).name}: every process ended {took:.1f} s after the signal")
 
     assert took < GRACE_SECONDS, output
