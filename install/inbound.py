@@ -274,7 +274,7 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
     row = InboundRequest(
         kind=kind,
         remote_addr=request.META.get("REMOTE_ADDR") or None,
-        source=sources.source_of(request.META)[:64],
+        source=sources.current()[:64],  # set by portals.middleware.RequestSource
         headers={h: _fit(request.headers[h], HEADER_BYTES) for h in KEPT_HEADERS if h in request.headers},
     )
     inbound = Inbound(row=row, sizes=_sizes(request))

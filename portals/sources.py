@@ -16,7 +16,7 @@ it with `current()` (empty outside a request: a worker's own calls are not budge
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -35,11 +35,6 @@ def _proxies(listed: tuple[str, ...]) -> tuple[Network, ...] | None:
     if "*" in listed:
         return None
     return tuple(ipaddress.ip_network(item, strict=False) for item in listed if item)
-
-
-def parse_proxies(listed: Sequence[str]) -> tuple[Network, ...] | None:
-    """Validate FORWARDED_ALLOW_IPS (settings call it at start-up: a typo must not start a server)."""
-    return _proxies(tuple(item.strip() for item in listed))
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

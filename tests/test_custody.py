@@ -202,11 +202,15 @@ def test_killed_while_the_server_works_the_portal_is_flagged_lost(
     assert portal.state_reason == pair.last_error[:255]
 
 
-@pytest.mark.parametrize("holder", HOLDERS)
-def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
-    holder, installed_portal, b24, standin, child_env, capsys
-):
-    pair = installed_portal.token_pairs.get(user_id=1)
+def _killed_with_the_answer_unstored(
+    holder: str,
+    pair: TokenPair,
+    standin,
+    child_env,
+    meanwhile: Callable[[RenewalAttempt], None] | None = None,
+) -> RenewalAttempt:
+    """A holder whose refresh got its answer and kept its second copy is SIGKILLed while its store is blocked
+    by a row lock (`meanwhile` runs right after the kill); returns the attempt it left in flight."""
     standin.oauth_latency = 1.0
     rotated_before = standin.stats["refresh_ok"]
     stack: list = []
@@ -221,11 +225,22 @@ def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
             )
             time.sleep(0.3)  # the holder is now waiting on the held store
             os.kill(attempt.holder_pid, signal.SIGKILL)
+            if meanwhile is not None:
+                meanwhile(attempt)
             _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
     finally:
         for context in stack:
             context.__exit__(None, None, None)
     standin.oauth_latency = 0.0
+    return attempt
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_killed_after_the_answer_before_the_store_the_pair_is_recovered(
+    holder, installed_portal, b24, standin, child_env, capsys
+):
+    pair = installed_portal.token_pairs.get(user_id=1)
+    attempt = _killed_with_the_answer_unstored(holder, pair, standin, child_env)
     assert _in_flight(pair) is not None  # the store never happened
     requests_before = standin.stats["oauth_requests"]
 
@@ -250,27 +265,13 @@ def test_a_worker_killed_with_its_store_blocked_while_redis_loses_everything_kee
     Redis went down together (a power cut; Redis keeps nothing on disk): the copy was only in Redis, and the
     portal was lost. Now the fsynced file holds it too, and the resolver recovers the pair from it."""
     pair = installed_portal.token_pairs.get(user_id=1)
-    standin.oauth_latency = 1.0
-    rotated_before = standin.stats["refresh_ok"]
-    stack: list = []
-    try:
-        _start_holder("worker", standin, child_env, pair, stack)
-        attempt = _wait(lambda: _in_flight(pair), what="the journaled attempt")
-        with _store_held(pair):
-            _wait(lambda: standin.stats["refresh_ok"] > rotated_before, what="the server's answer")
-            _wait(
-                lambda: journal.find(attempt.pk, pair_id=pair.pk, old_fingerprint=attempt.old_fingerprint),
-                what="the second copy",
-            )
-            time.sleep(0.3)  # the holder is now waiting on the held store
-            os.kill(attempt.holder_pid, signal.SIGKILL)
-            # ...and Redis comes back empty: the copy it held is gone.
-            assert journal._redis(settings.REDIS_URL).delete(journal._redis_key(attempt.pk)) == 1
-            _wait(lambda: journal.process_start(attempt.holder_pid) is None, what="the holder's death")
-    finally:
-        for context in stack:
-            context.__exit__(None, None, None)
-    standin.oauth_latency = 0.0
+
+    def redis_comes_back_empty(attempt: RenewalAttempt) -> None:
+        assert journal._redis(settings.REDIS_URL).delete(journal._redis_key(attempt.pk)) == 1
+
+    attempt = _killed_with_the_answer_unstored(
+        "worker", pair, standin, child_env, meanwhile=redis_comes_back_empty
+    )
     requests_before = standin.stats["oauth_requests"]
 
     output, failed = _resolve(capsys)

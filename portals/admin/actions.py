@@ -95,18 +95,35 @@ def mark_needs_reinstall(
         )
 
 
+def _each(
+    modeladmin: admin.ModelAdmin[Portal],
+    request: HttpRequest,
+    queryset: QuerySet[Portal],
+    run: Callable[[Portal], str],
+    *,
+    refused: str,
+) -> None:
+    """`run` on each selected portal: what it says on success, `refused: why` when the operation refuses."""
+    for portal in queryset:
+        try:
+            said = run(portal)
+        except operations.OperationRefused as exc:
+            modeladmin.message_user(request, f"{refused}: {exc}", messages.WARNING)
+            continue
+        modeladmin.message_user(request, f"{portal.domain}: {said}", messages.SUCCESS)
+
+
 @admin.action(description="Approve pending installs", permissions=["change"])
 def approve_pending(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
 ) -> None:
     """Vouch for a portal first seen through a user who is not a portal admin."""
-    for portal in queryset:
-        try:
-            operations.approve_pending(portal=portal)
-        except operations.OperationRefused as exc:
-            modeladmin.message_user(request, f"Not approved: {exc}", messages.WARNING)
-            continue
-        modeladmin.message_user(request, f"{portal.domain}: approved, now installed.", messages.SUCCESS)
+
+    def approve(portal: Portal) -> str:
+        operations.approve_pending(portal=portal)
+        return "approved, now installed."
+
+    _each(modeladmin, request, queryset, approve, refused="Not approved")
 
 
 @admin.action(description="Confirm uninstall (a claim held for want of proof)", permissions=["change"])
@@ -137,13 +154,12 @@ def dismiss_uninstall(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
 ) -> None:
     """The app is still wanted on the portal (a forged or mistaken ONAPPUNINSTALL): nothing is deleted."""
-    for portal in queryset:
-        try:
-            operations.dismiss_uninstall(portal=portal)
-        except operations.OperationRefused as exc:
-            modeladmin.message_user(request, f"Not dismissed: {exc}", messages.WARNING)
-            continue
-        modeladmin.message_user(request, f"{portal.domain}: uninstall claim dismissed.", messages.SUCCESS)
+
+    def dismiss(portal: Portal) -> str:
+        operations.dismiss_uninstall(portal=portal)
+        return "uninstall claim dismissed."
+
+    _each(modeladmin, request, queryset, dismiss, refused="Not dismissed")
 
 
 @admin.action(description="Acknowledge lost pairs", permissions=["change"])
@@ -151,15 +167,13 @@ def acknowledge_lost(
     modeladmin: admin.ModelAdmin[Portal], request: HttpRequest, queryset: QuerySet[Portal]
 ) -> None:
     """Staff know the portal needs a reinstall: `renew_tokens --all-unacknowledged` stops naming its pairs."""
-    for portal in queryset:
-        try:
-            done = operations.acknowledge_lost(portal=portal)
-        except operations.OperationRefused as exc:
-            modeladmin.message_user(request, f"Not acknowledged: {exc}", messages.WARNING)
-            continue
-        modeladmin.message_user(
-            request, f"{portal.domain}: {done} lost pair(s) acknowledged.", messages.SUCCESS
-        )
+    _each(
+        modeladmin,
+        request,
+        queryset,
+        lambda portal: f"{operations.acknowledge_lost(portal=portal)} lost pair(s) acknowledged.",
+        refused="Not acknowledged",
+    )
 
 
 @admin.action(description="Purge data of uninstalled portals", permissions=["change"])
