@@ -23,6 +23,7 @@ from portals.errors import TooManyEvents
 from portals.verification import TooManyUnverified, UpstreamUnavailable, VerificationError
 
 from .models import DeferredEvent
+from .parsing import BadRequest
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +48,19 @@ AUTH_KEYS = (
 DATA_KEYS = ("VERSION", "LANGUAGE_ID")
 
 
-class TooLarge(ValueError):
-    """The event's fields are more than a deferred event may keep."""
-
-
 def defer(
     *, name: str, auth: Mapping[str, Any], data: Mapping[str, Any], ts: Any, reason: str
 ) -> DeferredEvent:
-    """Keep the event for a worker; raises TooManyEvents past the bounds, TooLarge past 1 KB."""
+    """Keep the event for a worker; raises TooManyEvents past the bounds, BadRequest (413) past 1 KB."""
     kept = {
         "auth": {key: auth[key] for key in AUTH_KEYS if isinstance(auth.get(key), str | int)},
         "data": {key: data[key] for key in DATA_KEYS if isinstance(data.get(key), str | int)},
     }
     blob = json.dumps(kept, separators=(",", ":"))
     if len(blob.encode()) > MAX_BYTES:
-        raise TooLarge(f"the event's auth and data fields take more than {MAX_BYTES} bytes")
+        raise BadRequest(
+            f"the event's auth and data fields take more than {MAX_BYTES} bytes", status=413, code="too_large"
+        )
     member_id = str(auth.get("member_id", ""))[:64]
     source = sources.current()[:64]
     pending = DeferredEvent.objects.filter(done_at__isnull=True)

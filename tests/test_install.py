@@ -557,3 +557,10 @@ def test_an_employee_cannot_take_over_a_portal_whose_background_pair_died(backen
     # The installer coming back (a reinstall by an admin) takes the background pair again.
     backend.install_event(b24, b24.issue_tokens(1, admin=True))
     assert TokenPair.objects.get(portal=portal, is_background=True).user_id == 1
+
+
+def test_a_deferred_event_over_a_kilobyte_is_refused_with_413_not_a_500(backend, b24, settings, fresh_minute):
+    settings.BITRIX24_UNVERIFIED_BUDGET = 0  # every install is kept for later
+    tokens = {**b24.issue_tokens(1), "access_token": "a" * 500, "refresh_token": "r" * 500}
+    answer = backend.install_event(b24, tokens)
+    assert answer.status_code == 413 and answer.json()["error"] == "too_large"
