@@ -364,6 +364,15 @@ BITRIX24_EVENT_RETENTION_DAYS = env_int("BITRIX24_EVENT_RETENTION_DAYS", 7)
 # A confirmed uninstall with CLEAN=1 deletes the tokens at once and the portal's data this many days later,
 # so that a reinstall (or a customer who uninstalled by mistake) meanwhile finds it all.
 BITRIX24_PURGE_DELAY_DAYS = env_int("BITRIX24_PURGE_DELAY_DAYS", 7)
+# While the database is away, /events/ deliveries wait in the spool (portals.spool): Redis, else files under
+# DJANGO_VAR_DIR/spool/. Bounds: in bytes, per delivery, and per source address and per portal; deliveries
+# nothing has proved yet (install and update events, verified when the database returns) have tighter ones.
+BITRIX24_SPOOL_MAX_BYTES = env_int("BITRIX24_SPOOL_MAX_BYTES", 64 * 1024 * 1024)
+BITRIX24_SPOOL_MAX_ENTRY_BYTES = env_int("BITRIX24_SPOOL_MAX_ENTRY_BYTES", 64 * 1024)
+BITRIX24_SPOOL_PER_SOURCE = env_int("BITRIX24_SPOOL_PER_SOURCE", 20000)
+BITRIX24_SPOOL_PER_PORTAL = env_int("BITRIX24_SPOOL_PER_PORTAL", 2000)
+BITRIX24_SPOOL_UNVERIFIED_PER_SOURCE = env_int("BITRIX24_SPOOL_UNVERIFIED_PER_SOURCE", 50)
+BITRIX24_SPOOL_UNVERIFIED_PER_PORTAL = env_int("BITRIX24_SPOOL_UNVERIFIED_PER_PORTAL", 5)
 BITRIX24_FAILED_EVENT_RETENTION_DAYS = env_int("BITRIX24_FAILED_EVENT_RETENTION_DAYS", 30)
 # Portals with offline handlers are asked for their queue this often even without an ONOFFLINEEVENT
 # notification (a notification lost while the backend was down).

@@ -1,10 +1,18 @@
-"""Lifecycle events that could not be verified when they came, kept and applied later.
+"""Events kept to be handled later: one store (`DeferredEvent`), one drain (`apply_due`).
 
-ONAPPINSTALL and ONAPPUPDATE carry a new pair and a new application token; Bitrix24 does not deliver an
-event twice. When one cannot be verified now (its source is over the budget of refused verifications, or
-the OAuth server cannot be reached), dropping it would lose the portal's new tokens, so it is kept: what it
-needs, encrypted, at most 1 KB, bounded per source and per portal. A worker verifies it, as if it had just
-come, within its access token's hour, one portal's events in Bitrix24's `ts` order, and applies it.
+Bitrix24 delivers an event once. Two kinds of delivery cannot be handled when they come, and are kept:
+
+- ONAPPINSTALL and ONAPPUPDATE that cannot be verified now (their source is over the budget of refused
+  verifications, or the OAuth server cannot be reached): dropping one would lose the portal's new tokens.
+  What it needs is kept, encrypted, at most 1 KB, bounded per source and per portal (`defer`).
+- Any event that comes while the database is away (`spool_delivery`): kept in the spool (portals.spool,
+  Redis or local files) when it can be admitted without the database. An event of the app is admitted by
+  the application-token mirror (an HMAC per portal, kept beside the spool); an install or update is kept
+  unverified, within the same tight bounds as above. `drain_spool` moves the spool into `DeferredEvent`
+  once the database is back (each entry once: its spool key is unique).
+
+A worker then handles each as if it had just come (an install verified with Bitrix24, an event's
+application token checked against the database), one portal's events in Bitrix24's `ts` order.
 """
 
 from __future__ import annotations
@@ -12,14 +20,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from portals import clock, sources
+from portals import clock, sources, spool
 from portals.errors import TooManyEvents
+from portals.models import Portal, PortalState
 from portals.verification import TooManyUnverified, UpstreamUnavailable, VerificationError
 
 from .models import DeferredEvent
@@ -28,6 +37,11 @@ from .parsing import BadRequest
 logger = logging.getLogger(__name__)
 
 LIFECYCLE = ("ONAPPINSTALL", "ONAPPUPDATE")
+# An event of the app kept in the spool is handled within this long, or dropped (and logged).
+SPOOLED_EVENT_LIFE = timedelta(days=7)
+SPOOLED_REASON = "came while the database was away (kept in the spool)"
+# The application-token mirror is rewritten from the database at most this often (and on every change).
+MIRROR_EVERY = 600
 APPLY_TASK = "install.tasks.apply_deferred_task"  # by name: the task module imports the endpoints' handlers
 MAX_BYTES = 1024
 PER_SOURCE = 50  # pending at once from one source
@@ -48,10 +62,8 @@ AUTH_KEYS = (
 DATA_KEYS = ("VERSION", "LANGUAGE_ID")
 
 
-def defer(
-    *, name: str, auth: Mapping[str, Any], data: Mapping[str, Any], ts: Any, reason: str
-) -> DeferredEvent:
-    """Keep the event for a worker; raises TooManyEvents past the bounds, BadRequest (413) past 1 KB."""
+def _lifecycle_kept(auth: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """What an unverified install or update keeps, as JSON; BadRequest (413) past 1 KB."""
     kept = {
         "auth": {key: auth[key] for key in AUTH_KEYS if isinstance(auth.get(key), str | int)},
         "data": {key: data[key] for key in DATA_KEYS if isinstance(data.get(key), str | int)},
@@ -61,6 +73,28 @@ def defer(
         raise BadRequest(
             f"the event's auth and data fields take more than {MAX_BYTES} bytes", status=413, code="too_large"
         )
+    return blob
+
+
+def _stamp(ts: Any) -> int | None:
+    try:
+        return int(str(ts))
+    except (TypeError, ValueError):
+        return None
+
+
+def _token_life(auth: Mapping[str, Any]) -> int:
+    try:
+        return max(60, min(int(str(auth.get("expires_in", 3600))), 3600))
+    except ValueError:
+        return 3600
+
+
+def defer(
+    *, name: str, auth: Mapping[str, Any], data: Mapping[str, Any], ts: Any, reason: str
+) -> DeferredEvent:
+    """Keep the event for a worker; raises TooManyEvents past the bounds, BadRequest (413) past 1 KB."""
+    blob = _lifecycle_kept(auth, data)
     member_id = str(auth.get("member_id", ""))[:64]
     source = sources.current()[:64]
     pending = DeferredEvent.objects.filter(done_at__isnull=True)
@@ -68,30 +102,96 @@ def defer(
         raise TooManyEvents(f"{PER_SOURCE} events from this address wait for verification", retry_after=60)
     if pending.filter(member_id=member_id).count() >= PER_PORTAL:
         raise TooManyEvents(f"{PER_PORTAL} events of this portal wait for verification", retry_after=60)
-    try:
-        expires_in = max(60, min(int(str(auth.get("expires_in", 3600))), 3600))
-    except ValueError:
-        expires_in = 3600
-    try:
-        stamp = int(str(ts))
-    except (TypeError, ValueError):
-        stamp = None
     now = timezone.now()
     row = DeferredEvent.objects.create(
         event=name,
         member_id=member_id,
         source=source,
-        ts=stamp,
+        ts=_stamp(ts),
         payload=blob,
         reason=reason[:200],
         received_at=now,
-        expires_at=now + timedelta(seconds=expires_in),
+        expires_at=now + timedelta(seconds=_token_life(auth)),
     )
     logger.warning("%s for portal %s kept for later verification: %s", name, member_id, reason)
     return row
 
 
-Replay = Callable[[str, dict[str, Any], dict[str, Any]], Any]
+# --- the spool: while the database is away ----------------------------------------------------------
+
+
+def spool_delivery(*, name: str, auth: dict[str, Any], data: dict[str, Any], ts: Any) -> str:
+    """Keep an event that came while the database is away; returns the member_id it names.
+
+    Raises VerificationError when the mirror says its application token is not the portal's (the answer
+    the database would give), spool.SpoolFull past a bound, spool.SpoolUnavailable when it cannot be
+    kept (no mirror to admit it, nowhere to write)."""
+    member_id = str(auth.get("member_id", ""))[:64]
+    if name in LIFECYCLE:
+        # Nothing can prove it now: kept as an unverified install would be in the database, verified later.
+        payload: dict[str, Any] = json.loads(_lifecycle_kept(auth, data))
+        trust = spool.UNVERIFIED
+    else:
+        matches = spool.mirror_matches(member_id, str(auth.get("application_token", "")))
+        if matches is None:
+            raise spool.SpoolUnavailable("no application-token mirror to admit events with")
+        if not matches:
+            raise VerificationError(
+                "application token does not match this portal", code="bad_application_token"
+            )
+        payload = {"auth": {key: auth[key] for key in AUTH_KEYS if key in auth}, "data": data}
+        trust = spool.VERIFIED
+    payload.update(event=name, member_id=member_id, ts=ts, source=sources.current()[:64])
+    spool.put(payload, member_id=member_id, source=sources.current(), trust=trust)
+    logger.warning("%s for portal %s kept in the spool: the database is away", name, member_id)
+    return member_id
+
+
+def drain_spool(limit: int = 500) -> int:
+    """Move what waits in the spool into `DeferredEvent` (each entry once); returns how many moved.
+    Stops at the first database error: the rest waits for the next run."""
+    moved = 0
+    for entry in spool.entries(limit):
+        kept = entry.payload
+        name = str(kept.get("event", ""))[:64]
+        received = datetime.fromtimestamp(entry.received, tz=UTC)
+        life = (
+            timedelta(seconds=_token_life(kept.get("auth", {}))) if name in LIFECYCLE else SPOOLED_EVENT_LIFE
+        )
+        row = DeferredEvent(
+            event=name,
+            member_id=str(kept.get("member_id", ""))[:64],
+            source=str(kept.get("source", ""))[:64],
+            ts=_stamp(kept.get("ts")),
+            payload=json.dumps({"auth": kept.get("auth", {}), "data": kept.get("data", {})}),
+            reason=SPOOLED_REASON,
+            spool_key=entry.key,
+            received_at=received,
+            expires_at=received + life,
+        )
+        try:
+            DeferredEvent.objects.bulk_create([row], ignore_conflicts=True)
+        except DatabaseError as exc:
+            logger.warning("The spool waits: the database refused an entry (%s)", exc)
+            break
+        spool.remove(entry.key)
+        moved += 1
+    if moved:
+        logger.info("Moved %d delivery(ies) from the spool into the database", moved)
+    return moved
+
+
+def sync_mirror(*, force: bool = False) -> bool:
+    """Rewrite the application-token mirror from the database when it is older than MIRROR_EVERY."""
+    synced = spool.mirror_synced_at()
+    if not force and synced is not None and timezone.now().timestamp() - synced < MIRROR_EVERY:
+        return False
+    installed = Portal.objects.exclude(application_token="").exclude(state=PortalState.UNINSTALLED)
+    spool.mirror_replace({portal.member_id: portal.application_token for portal in installed.iterator()})
+    return True
+
+
+Replay = Callable[[str, dict[str, Any], dict[str, Any], Any], Any]
 
 
 def apply_due(*, replay: Replay, limit: int = 100, now: Any = None) -> int:
@@ -131,7 +231,7 @@ def _settle(row: DeferredEvent, replay: Replay, now: Any) -> bool:
     try:
         # A worker's own verification: not counted against any source's budget.
         with sources.using(""), transaction.atomic():
-            replay(row.event, dict(kept["auth"]), dict(kept["data"]))
+            replay(row.event, dict(kept["auth"]), dict(kept["data"]), row.ts)
     except (UpstreamUnavailable, TooManyUnverified) as exc:
         wait = timedelta(seconds=clock.backoff(attempts, base=30, cap=600))
         DeferredEvent.objects.filter(pk=row.pk).update(

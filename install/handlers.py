@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from celery import current_app
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import translation
 
 from events import tasks as event_tasks
-from portals import licence, registry, services, tasks, verification
+from portals import licence, registry, services, spool, tasks, verification
 from portals.client import PortalClient
+from portals.errors import TooManyEvents
 from portals.models import Portal
 from portals.tasks import publish
 
 from . import deferred, parsing, placements
-from .inbound import Inbound, record_request, set_frame_policy
+from .inbound import Inbound, LogUnavailable, record_request, set_frame_policy
 
 
 def _claimed(data: dict[str, Any], *keys: str) -> str:
@@ -232,46 +233,95 @@ def _on_app_event(
     return portal.member_id, outcome
 
 
+def _handle_event(
+    inbound: Inbound, name: str, params: dict[str, Any], auth: dict[str, Any], data: dict[str, Any]
+) -> tuple[str, str]:
+    handler = EVENT_HANDLERS.get(name)
+    if handler is None:
+        member_id, result = _on_app_event(name, params, auth, data)
+        inbound.verified()  # its application token matched
+        if result == "ignored":
+            inbound.summary_only()  # nothing handles it: its body is not worth keeping
+        return member_id, result
+    try:
+        member_id, result = handler(auth, data)
+    except (verification.TooManyUnverified, verification.UpstreamUnavailable) as exc:
+        if name not in deferred.LIFECYCLE:
+            raise
+        # Bitrix24 delivers it once: kept and verified by a worker later, never dropped for a budget.
+        row = deferred.defer(name=name, auth=auth, data=data, ts=params.get("ts"), reason=str(exc))
+        transaction.on_commit(_drain_soon)
+        return row.member_id, "deferred"
+    if name not in UNPROVEN:
+        inbound.verified()
+    return member_id, result
+
+
+def _drain_soon() -> None:
+    publish(current_app.signature(deferred.APPLY_TASK), countdown=30)
+
+
+def _spooled(params: dict[str, Any]) -> HttpResponse:
+    """An event that came while the database is away: kept in the spool (200), refused as the database
+    would refuse it, or, when it cannot be kept anywhere, 503 (LogUnavailable)."""
+    name = parsing.text(params, "event", pattern=parsing.EVENT, max_length=64).upper()
+    auth = parsing.section(params, "auth")
+    data = parsing.section(params, "data", required=False)
+    if name in UNPROVEN:
+        member_id, result = EVENT_HANDLERS[name](auth, data)  # a hint for a worker: needs no database
+    else:
+        try:
+            member_id = deferred.spool_delivery(name=name, auth=auth, data=data, ts=params.get("ts"))
+        except spool.SpoolUnavailable as exc:
+            raise LogUnavailable(str(exc)) from exc
+        except spool.SpoolFull as exc:
+            if not exc.sender:  # full, or too large for it: nowhere to keep it
+                raise LogUnavailable(str(exc)) from exc
+            raise TooManyEvents(f"the database is away and {exc}", retry_after=exc.retry_after) from exc
+        result = "spooled"
+        _drain_soon()
+    answer = {"result": result, "event": name}
+    if member_id:
+        answer["member_id"] = member_id
+    return JsonResponse(answer)
+
+
 def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
     query, body = parsing.read_params(request)
     params = {**query, **body}
     maybe_auth = params.get("auth")
     raw_auth: dict[str, Any] = maybe_auth if isinstance(maybe_auth, dict) else {}
-    record_request(
-        inbound,
-        query=query,
-        body=body,
-        event=_claimed(params, "event").upper(),
-        member_id=_claimed(raw_auth, "member_id"),
-        domain=_claimed(raw_auth, "domain"),
-    )
+    try:
+        record_request(
+            inbound,
+            query=query,
+            body=body,
+            event=_claimed(params, "event").upper(),
+            member_id=_claimed(raw_auth, "member_id"),
+            domain=_claimed(raw_auth, "domain"),
+        )
+    except LogUnavailable:
+        # The database is away: kept in the spool when it can be admitted without it, else 503.
+        inbound.spooled = True
+        return _spooled(params)
     name = parsing.text(params, "event", pattern=parsing.EVENT, max_length=64).upper()
     auth = parsing.section(params, "auth")
     data = parsing.section(params, "data", required=False)
-    handler = EVENT_HANDLERS.get(name)
-    if handler is not None:
-        try:
-            member_id, result = handler(auth, data)
-            if name not in UNPROVEN:
-                inbound.verified()
-        except (verification.TooManyUnverified, verification.UpstreamUnavailable) as exc:
-            if name not in deferred.LIFECYCLE:
-                raise
-            # Bitrix24 delivers it once: kept and verified by a worker later, never dropped for a budget.
-            row = deferred.defer(name=name, auth=auth, data=data, ts=params.get("ts"), reason=str(exc))
-            transaction.on_commit(lambda: publish(current_app.signature(deferred.APPLY_TASK), countdown=30))
-            member_id, result = row.member_id, "deferred"
-    else:
-        member_id, result = _on_app_event(name, params, auth, data)
-        inbound.verified()  # its application token matched
-        if result == "ignored":
-            inbound.summary_only()  # nothing handles it: its body is not worth keeping
+    try:
+        member_id, result = _handle_event(inbound, name, params, auth, data)
+    except (OperationalError, InterfaceError):
+        # The database went away while the event was handled (its transaction rolled back): spooled too.
+        inbound.spooled = True
+        return _spooled(params)
     answer = {"result": result, "event": name}
     if member_id:  # not for an anonymous ONAPPPAYMENT: the answer says nothing of whether it is ours
         answer["member_id"] = member_id
     return JsonResponse(answer)
 
 
-def replay_lifecycle(name: str, auth: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
-    """A deferred lifecycle event, handled as if it had just come (install.deferred)."""
-    return EVENT_HANDLERS[name](auth, data)
+def replay_event(name: str, auth: dict[str, Any], data: dict[str, Any], ts: Any) -> tuple[str, str]:
+    """A deferred event, handled as if it had just come (install.deferred)."""
+    handler = EVENT_HANDLERS.get(name)
+    if handler is not None:
+        return handler(auth, data)
+    return _on_app_event(name, {"ts": ts}, auth, data)

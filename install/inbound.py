@@ -212,6 +212,8 @@ class Inbound:
     valid: bool | None = None
     # Worth its whole body once verified and carried out: not an event nothing handles (`summary_only()`).
     whole: bool = True
+    # The database was away: the request went to the spool (install.deferred) and no row can be written.
+    spooled: bool = False
 
     def verified(self) -> None:
         self.valid = True
@@ -323,6 +325,10 @@ def receive(request: HttpRequest, *, kind: str, handler: Handler) -> HttpRespons
                 message="internal error; it has been logged",
                 html=html,
             )
+    if inbound.spooled:
+        # Nothing to write the outcome to: the spool entry is the record until the database is back.
+        metrics.inbound(kind, "spooled" if response.status_code == 200 else InboundStatus.FAILED)
+        return response
     status = _outcome(processed=row.processed, ours=ours)
     row.status = status
     row.valid = inbound.valid

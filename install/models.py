@@ -98,23 +98,34 @@ class InboundRequest(models.Model):
 
 
 class DeferredEvent(models.Model):
-    """An ONAPPINSTALL or ONAPPUPDATE that could not be verified when it came (its source over the budget of
-    refused verifications, or Bitrix24's OAuth server unreachable): kept, never dropped for a budget, and
-    verified by a worker within its access token's hour, the events of one portal in Bitrix24's `ts` order
-    (install.deferred). Bounded per source and per portal, each at most 1 KB."""
+    """An event kept to be handled later (install.deferred): an ONAPPINSTALL or ONAPPUPDATE that could not be
+    verified when it came (its source over the budget of refused verifications, or Bitrix24's OAuth server
+    unreachable), or any event that came while the database was away and waited in the spool
+    (portals.spool). Never dropped for a budget; handled by a worker, the events of one portal in Bitrix24's
+    `ts` order. Bounded per source and per portal."""
 
-    event = models.CharField(max_length=16, help_text="ONAPPINSTALL or ONAPPUPDATE.")
+    event = models.CharField(max_length=64, help_text="The event's name, e.g. ONAPPINSTALL or ONCRMDEALADD.")
     member_id = models.CharField(max_length=64, db_index=True, help_text="The portal it claims to come from.")
     source = models.CharField(max_length=64, help_text="Where it came from (portals.sources).")
     ts = models.BigIntegerField(
         null=True, blank=True, help_text="Bitrix24's ts: one portal's are applied in its order."
     )
     payload = EncryptedTextField(
-        help_text="The event's auth and data fields it needs, tokens included: encrypted, at most 1 KB before."
+        help_text="The event's auth and data fields it needs, tokens included: encrypted. At most 1 KB for an "
+        "event nothing proved yet, BITRIX24_SPOOL_MAX_ENTRY_BYTES for one its application token admitted."
     )
-    reason = models.CharField(max_length=200, help_text="Why it could not be verified when it came.")
+    spool_key = models.CharField(
+        max_length=100,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="Its key in the spool when it came while the database was away: moved in once, never twice.",
+    )
+    reason = models.CharField(max_length=200, help_text="Why it was not handled when it came.")
     received_at = models.DateTimeField(default=timezone.now, help_text="When it came.")
-    expires_at = models.DateTimeField(help_text="When its access token expires: verified before, or dropped.")
+    expires_at = models.DateTimeField(
+        help_text="When it is dropped if not handled yet: an install's access token expiry, a week for other events."
+    )
     next_attempt_at = models.DateTimeField(
         default=timezone.now, db_index=True, help_text="When a worker tries it next."
     )
@@ -128,7 +139,7 @@ class DeferredEvent(models.Model):
 
     class Meta:
         ordering = ["-received_at"]
-        verbose_name = "deferred lifecycle event"
+        verbose_name = "deferred event"
 
     def __str__(self) -> str:
         return f"{self.event} {self.member_id} {'done' if self.done_at else 'pending'}"

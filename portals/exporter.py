@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Iterable, Iterator
 
 from django.conf import settings
@@ -23,7 +24,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from . import metrics, selectors
+from . import metrics, selectors, spool
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,32 @@ class DatabaseCollector(Collector):
         yield unsettled
 
 
+class SpoolCollector(Collector):
+    """What waits in the spool for the database (portals.spool): read from Redis and the local folder,
+    so it is reported while the database is away, when it matters."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            depth = spool.depth()
+        except Exception as exc:  # a scrape must not fail for it
+            logger.warning("Metrics: spool depth unknown (%s)", type(exc).__name__)
+            return
+        waiting = GaugeMetricFamily(
+            "bitrix24_spool_entries",
+            "Deliveries kept in the spool while the database was away, not moved in yet.",
+        )
+        waiting.add_metric([], depth.entries)
+        yield waiting
+        size = GaugeMetricFamily("bitrix24_spool_bytes", "Bytes the spool holds (encrypted entries).")
+        size.add_metric([], depth.bytes)
+        yield size
+        age = GaugeMetricFamily(
+            "bitrix24_spool_oldest_seconds", "Age of the oldest delivery waiting in the spool; 0 when none."
+        )
+        age.add_metric([], max(0.0, time.time() - depth.oldest) if depth.oldest else 0.0)
+        yield age
+
+
 class _ThisProcess(Collector):
     """The in-process registry's metrics, for a process that keeps its counts to itself."""
 
@@ -103,6 +130,7 @@ def registry() -> CollectorRegistry:
     else:
         scraped.register(_ThisProcess())
     scraped.register(DatabaseCollector())
+    scraped.register(SpoolCollector())
     return scraped
 
 

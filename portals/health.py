@@ -1,5 +1,5 @@
-"""Whether the parts the product needs answer: the database, the Celery broker, and token keys that
-can decrypt what is stored.
+"""Whether the parts the product needs answer: the database (or, while it is away, the spool that keeps
+deliveries for it), the Celery broker, and token keys that can decrypt what is stored.
 
 One check for `/healthz` (load balancers), `/api/health/` (staff) and the system check
 (`portals.checks`), so all say the same.
@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connection
 
-from . import crypto
+from . import crypto, spool
 from .models import TokenPair
 
 
@@ -29,6 +29,8 @@ class Health:
     database: str  # the vendor, or "vendor: ErrorName" when it did not answer
     broker: str  # "redis" / "filesystem", or "redis: ErrorName"
     keys: str = "ok"  # or what is wrong with BITRIX24_TOKEN_KEYS
+    spool: str = ""  # where deliveries are kept while the database is away ("redis", "disk"), "" nowhere
+    database_ok: bool = True
 
 
 def sample_ciphertext() -> str | None:
@@ -118,7 +120,17 @@ def check() -> Health:
     # Keys that cannot read the tokens make every renewal and every staff page about tokens fail: the
     # process must not be sent traffic as if it worked.
     problem = keys_problem(sample)
-    return Health(ok=db_ok and broker_ok and not problem, database=db, broker=broker, keys=problem or "ok")
+    # Ready while events can be taken: by the database, or while it is away by the spool (portals.spool);
+    # a process that can do neither must not be sent deliveries Bitrix24 will not send again.
+    kept = spool.can_take() if not db_ok else ""
+    return Health(
+        ok=(db_ok or bool(kept)) and broker_ok and not problem,
+        database=db,
+        broker=broker,
+        keys=problem or "ok",
+        spool=kept,
+        database_ok=db_ok,
+    )
 
 
 def connection_vendor() -> str:

@@ -139,6 +139,7 @@ def approve_pending(*, portal: Portal) -> Portal:
             locked.pending_application_token = ""
         lifecycle.approved_by_staff(locked)
         locked.save()
+        services.mirror_application_token(locked)
     logger.info("Staff approved pending portal %s", locked.member_id)
     return locked
 

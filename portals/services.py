@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import licence, lifecycle, pairs, renewal, statements, verification
+from . import licence, lifecycle, pairs, renewal, spool, statements, verification
 from .client import PortalClient
 from .models import (
     AttemptState,
@@ -115,6 +115,13 @@ def install_is_trusted(*, verified: Verified, access_token: str) -> bool:
     return PortalClient(probe, access_token=access_token).is_admin()
 
 
+def mirror_application_token(portal: Portal) -> None:
+    """Once committed, the application-token mirror (portals.spool) follows the portal's token: events keep
+    being admitted while the database is away."""
+    member_id, token = portal.member_id, portal.application_token
+    transaction.on_commit(lambda: spool.mirror_set(member_id, token))
+
+
 @transaction.atomic
 def install_portal(
     *,
@@ -152,6 +159,8 @@ def install_portal(
     if version:
         portal.app_version = version[:32]
     portal.save()
+    if application_token and trusted:
+        mirror_application_token(portal)
     user_id = verified.info.user_id
     if user_id is not None:
         pairs.store_issued(
@@ -310,6 +319,7 @@ def uninstall_portal(*, portal: Portal, clean: bool) -> Portal:
     portal.uninstall_claimed_at = None
     portal.purge_at = timezone.now() + timedelta(days=settings.BITRIX24_PURGE_DELAY_DAYS) if clean else None
     portal.save()
+    mirror_application_token(portal)
     return portal
 
 

@@ -23,17 +23,24 @@ def _is_staff(request: HttpRequest) -> bool:
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Readiness, for load balancers: the database and the broker answer, and the token keys work.
+    """Readiness, for load balancers: the database (or, while it is away, the spool) and the broker answer,
+    and the token keys work.
 
     Anonymous callers (load balancers) learn only ok / unavailable: which database, which broker and what
     is misconfigured is for staff (a logged-in staff session, while the database answers), /api/health/
     and the server log.
     """
     result = health.check()
-    body = {"status": "ok" if result.ok else "unavailable"}
-    if not result.ok:
+    # "degraded": the database is away and the spool keeps deliveries for it; ready all the same.
+    body = {"status": "ok" if result.database_ok else "degraded"} if result.ok else {"status": "unavailable"}
+    if not result.ok or not result.database_ok:
         logger.warning(
-            "Health check failed: database=%s broker=%s keys=%s", result.database, result.broker, result.keys
+            "Health check %s: database=%s broker=%s keys=%s spool=%s",
+            body["status"],
+            result.database,
+            result.broker,
+            result.keys,
+            result.spool or "none",
         )
     if result.database == health.connection_vendor() and _is_staff(request):
         body.update(database=result.database, broker=result.broker, keys=result.keys)

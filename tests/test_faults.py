@@ -97,6 +97,14 @@ def assert_unavailable(backend: BackendProcess, failing: str) -> dict[str, Any]:
     return body
 
 
+def assert_degraded(backend: BackendProcess) -> None:
+    """The database is away and the spool keeps deliveries for it: still ready for a load balancer."""
+    started = time.monotonic()
+    response = http.get(backend.url + "/healthz", timeout=HEALTH_DEADLINE + 5)
+    assert (response.status_code, response.json()) == (200, {"status": "degraded"})
+    assert time.monotonic() - started < HEALTH_DEADLINE
+
+
 def wait_until(condition: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -176,7 +184,27 @@ def test_healthz_postgres_stopped_then_restarted(
     assert_healthy(backend)
 
     private_postgres.stop()
+    assert_degraded(backend)
+
+    private_postgres.start()
+    assert_healthy(backend)
+
+
+def test_healthz_postgres_stopped_with_the_spool_full_is_unavailable(
+    private_postgres: PrivatePostgres, private_redis: PrivateRedis, backend_process: BackendFactory
+) -> None:
+    """Nowhere to keep a delivery: a load balancer must send Bitrix24's deliveries to another process."""
+    backend = backend_process(private_postgres.url, private_redis.url, BITRIX24_SPOOL_MAX_BYTES="0")
+    assert_healthy(backend)
+
+    private_postgres.stop()
     assert_unavailable(backend, failing="database")
+    event = http.post(
+        backend.url + "/events/",
+        data={"event": "ONAPPINSTALL", "auth[member_id]": "a" * 32, "auth[access_token]": "b" * 32},
+        timeout=10,
+    )
+    assert event.status_code == 503 and event.headers["Retry-After"], event.text
 
     private_postgres.start()
     assert_healthy(backend)
@@ -189,7 +217,7 @@ def test_healthz_postgres_killed_then_restarted(
     assert_healthy(backend)
 
     private_postgres.kill()
-    assert_unavailable(backend, failing="database")
+    assert_degraded(backend)
 
     private_postgres.start()
     # It really was a crash: the restart had to recover.
@@ -208,8 +236,7 @@ def test_healthz_postgres_not_answering(
     assert_healthy(backend)
 
     proxy.blackhole()
-    status, body, _ = health(backend, timeout=HEALTH_DEADLINE)
-    assert status == 503, body
+    assert_degraded(backend)
 
 
 # --- The proxy in front of Redis and PostgreSQL ---------------------------------------------

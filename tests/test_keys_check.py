@@ -116,9 +116,10 @@ def test_public_answers_say_only_not_configured(client, settings, other_key):
     }
 
 
-def test_livez_answers_while_the_database_is_away(client, settings, monkeypatch):
-    """Liveness asks nothing: with the database (and the token keys) unusable, /healthz says unavailable and
-    /livez still ok, so a process manager does not restart every web process for an outage elsewhere."""
+def test_livez_answers_while_the_database_is_away(client, settings, monkeypatch, tmp_path):
+    """Liveness asks nothing: with the database (and the token keys) unusable, /livez still says ok, so a
+    process manager does not restart every web process for an outage elsewhere; /healthz (readiness) says
+    degraded while the spool can keep deliveries for the database, unavailable once it cannot."""
     from django.db import connection
     from django.db.utils import OperationalError
 
@@ -127,8 +128,15 @@ def test_livez_answers_while_the_database_is_away(client, settings, monkeypatch)
 
     monkeypatch.setattr(connection, "ensure_connection", refuse)
     monkeypatch.setattr(connection, "cursor", refuse)
+    settings.VAR_DIR = tmp_path
     assert client.get("/livez").json() == {"status": "ok"}
+    assert (client.get("/healthz").status_code, client.get("/healthz").json()) == (
+        200,
+        {"status": "degraded"},
+    )
+    settings.BITRIX24_SPOOL_MAX_BYTES = 0
     assert client.get("/healthz").status_code == 503
+    assert client.get("/livez").json() == {"status": "ok"}
 
 
 @pytest.mark.needs_redis("the check asks the Redis at REDIS_URL")

@@ -156,3 +156,105 @@ def test_redis_killed_and_restarted(standin, child_env, private_redis, backend_p
     renewed = TokenPair.objects.get(portal=portal, user_id=7)
     assert renewed.refresh_token in standin._refresh
     assert Portal.objects.filter(member_id__in=[b.member_id, c.member_id]).count() == 2
+
+
+# --- PostgreSQL away: deliveries wait in the spool ------------------------------------------------
+
+_SEED = """
+from portals.models import Portal
+from install import deferred
+Portal.objects.create(member_id={member_id!r}, domain="spool.bitrix24.com", application_token={token!r},
+                      state="installed")
+deferred.sync_mirror(force=True)  # what the beat tick does every few minutes
+"""
+
+_DRAIN = """
+from events import services
+from install.tasks import apply_deferred_task
+print("settled", apply_deferred_task())
+while services.handle_next() is not None:
+    pass
+"""
+
+
+def _rows(url: str, sql: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return list(conn.execute(sql).fetchall())
+
+
+def test_events_and_an_uninstall_posted_while_postgresql_is_stopped_are_handled_once_each_after_it_returns(
+    private_postgres, private_redis, backend_process, tmp_path
+):
+    """Bitrix24 delivers an event once: with PostgreSQL stopped, /events/ used to answer 503 and keep
+    nothing, ONAPPUNINSTALL included. Now what the application-token mirror admits waits in the spool
+    (Redis), answered 200, and is handled once when the database is back; a forged token is still refused;
+    /healthz stays ready ("degraded") while the spool can take deliveries."""
+    handled_dir = tmp_path / "handled"
+    handled_dir.mkdir()
+    web = backend_process(
+        private_postgres.url,
+        private_redis.url,
+        BITRIX24_APPS="tests.eventapp",
+        B24_TEST_EVENTAPP_DIR=str(handled_dir),
+    )
+    member_id, token = "f" * 32, "spool-application-token-0123456789"
+    web.manage("shell", "-c", _SEED.format(member_id=member_id, token=token))
+    http = requests.Session()
+    http.trust_env = False
+
+    def post(event: str, number: int, application_token: str = token) -> requests.Response:
+        return _call(
+            http,
+            "POST",
+            web.url + "/events/",
+            data={
+                "event": event,
+                "data[FIELDS][ID]": str(number),
+                "ts": str(1_700_000_000 + number),
+                "auth[member_id]": member_id,
+                "auth[domain]": "spool.bitrix24.com",
+                "auth[application_token]": application_token,
+            },
+        )
+
+    assert post("ONCRMCOMPANYADD", 1).json()["result"] == "queued"  # the database answers: as always
+
+    private_postgres.stop()
+    answers = [post("ONCRMCOMPANYADD", n) for n in (2, 3, 4)]
+    uninstall = post("ONAPPUNINSTALL", 5)
+    forged = post("ONCRMCOMPANYADD", 6, application_token="forged-token-0123456789")
+    health = _call(http, "GET", web.url + "/healthz")
+    print("while PostgreSQL is stopped:", [(a.status_code, a.json()) for a in [*answers, uninstall, forged]])
+    assert [(a.status_code, a.json()["result"]) for a in answers] == [(200, "spooled")] * 3
+    assert (uninstall.status_code, uninstall.json()["result"]) == (200, "spooled")
+    assert forged.status_code == 401, forged.text
+    assert (health.status_code, health.json()) == (200, {"status": "degraded"})
+    launch = _call(http, "POST", web.url + "/app/", data={"AUTH_ID": "x" * 32, "member_id": member_id})
+    assert launch.status_code == 503 and launch.headers["Retry-After"]  # a person can try again
+
+    private_postgres.start()
+    drained = web.manage("shell", "-c", _DRAIN)
+    assert "settled 4" in drained.stdout, drained.stdout + drained.stderr
+    again = web.manage("shell", "-c", _DRAIN)  # a second drain finds nothing more to do
+    assert "settled 0" in again.stdout, again.stdout + again.stderr
+
+    handled = sorted(int(line["id"]) for line in _eventapp_handled(handled_dir))
+    assert handled == [1, 2, 3, 4]  # each once; the forged one never
+    claims = _rows(
+        private_postgres.url,
+        "SELECT count(*) FROM portals_wantedaction w JOIN portals_portal p ON p.id = w.portal_id "
+        f"WHERE w.kind = 'confirm_uninstall' AND p.member_id = '{member_id}'",
+    )
+    assert claims == [(1,)]
+    outcomes = _rows(private_postgres.url, "SELECT event, outcome FROM install_deferredevent ORDER BY ts")
+    assert outcomes == [("ONCRMCOMPANYADD", "applied")] * 3 + [("ONAPPUNINSTALL", "applied")]
+    assert _call(http, "GET", web.url + "/healthz").json() == {"status": "ok"}
+
+
+def _eventapp_handled(folder: Path) -> list[dict]:
+    import json
+
+    path = folder / "handled.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
