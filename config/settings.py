@@ -314,6 +314,9 @@ BITRIX24_OAUTH_BACKOFF = env_float("BITRIX24_OAUTH_BACKOFF", 0.5)
 # one worker task renews BITRIX24_RENEW_BATCH of them, one after the other.
 BITRIX24_RENEW_PER_SWEEP = env_int("BITRIX24_RENEW_PER_SWEEP", 5000)
 BITRIX24_RENEW_BATCH = env_int("BITRIX24_RENEW_BATCH", 25)
+# A handed-out batch holds its pairs this long while queued (portals.batches); past it, unstarted, the beat
+# tick gives them back to the sweep and hands them out again.
+BITRIX24_RENEW_BATCH_LEASE_SECONDS = env_int("BITRIX24_RENEW_BATCH_LEASE_SECONDS", 600)
 # A pair whose access token has less than this left is renewed before it is handed out.
 BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS", 60)
 # The longest a web request waits for a Celery worker to renew a token it needs before answering 503

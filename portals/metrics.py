@@ -56,6 +56,12 @@ EVENTS_HANDLED = Counter(
     ["event", "outcome"],
 )
 _EVENT_NAME = re.compile(r"^ON[A-Z0-9_]{2,60}$")
+BATCHES_RELEASED = Counter(
+    "bitrix24_renewal_batches_released",
+    "Renewal batches that gave pairs back to the sweep unrenewed, by cause (not_started, interrupted, "
+    "database, not_queued; portals.batches).",
+    ["cause"],
+)
 
 
 @functools.cache
@@ -110,6 +116,12 @@ def refusal(kind: str, code: str) -> None:
 def inbound(kind: str, status: str) -> None:
     """An inbound request ended: `kind` is an InboundKind, `status` an InboundStatus."""
     INBOUND_REQUESTS.labels(kind=str(kind), status=str(status)).inc()
+
+
+@_never_fails
+def batch_released(cause: str) -> None:
+    """A renewal batch gave pairs back to the sweep unrenewed (portals.batches: `cause` is one of its causes)."""
+    BATCHES_RELEASED.labels(cause=cause).inc()
 
 
 @_never_fails

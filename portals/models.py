@@ -332,7 +332,17 @@ class TokenPair(models.Model):
         default=0, help_text="Renewal attempts that failed in a row; reset by a success."
     )
     next_attempt_at = models.DateTimeField(
-        null=True, blank=True, help_text="After a transient failure, the earliest time to try again."
+        null=True,
+        blank=True,
+        help_text="After a transient failure, the earliest time to try again; while handed to a batch, its lease.",
+    )
+    batch = models.ForeignKey(
+        "RenewalBatch",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="pairs",
+        help_text="The renewal batch it is handed to, until that batch renews or releases it.",
     )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the pair was first stored.")
     updated_at = models.DateTimeField(auto_now=True, help_text="When this row last changed.")
@@ -365,6 +375,41 @@ class RenewalTrigger(models.TextChoices):
     ON_DEMAND = "on_demand", "On demand"
     STAFF = "staff", "Staff"
     COMMAND = "command", "Command"
+
+
+class RenewalBatch(models.Model):
+    """Pairs the renewal sweep handed to one worker task, with a short lease (portals.batches).
+
+    The broker's message is not the only record of handed-out work: each pair handed out points here and
+    is held until the lease ends. A task that stops early or loses its database hands the rest back or
+    releases it, saying why; a batch whose lease ended unfinished (its message lost with Redis, its worker
+    killed) is released by the beat tick every minute, so no pair stays held past the lease and a minute.
+    """
+
+    trigger = models.CharField(
+        max_length=16, choices=RenewalTrigger.choices, help_text="What asked for the renewals."
+    )
+    size = models.PositiveIntegerField(help_text="Pairs handed out in it.")
+    created_at = models.DateTimeField(default=timezone.now, help_text="When it was handed out.")
+    started_at = models.DateTimeField(null=True, blank=True, help_text="When a worker took it.")
+    lease_expires_at = models.DateTimeField(
+        db_index=True,
+        help_text="Its pairs are held until then: BITRIX24_RENEW_BATCH_LEASE_SECONDS after the hand-out while "
+        "queued, the task's time limit once a worker took it.",
+    )
+    finished_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When it ended: done, handed back or released."
+    )
+    released = models.PositiveIntegerField(
+        default=0, help_text="Pairs given back to the sweep without being renewed."
+    )
+    cause = models.CharField(max_length=300, blank=True, help_text="Why pairs were released, when they were.")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"batch {self.pk} of {self.size} ({'finished' if self.finished_at else 'open'})"
 
 
 class RenewalOutcome(models.TextChoices):

@@ -467,10 +467,17 @@ class Batch:
     outcomes: Counter[str] = field(default_factory=Counter)
     left: list[int] = field(default_factory=list)
     stopped: bool = False  # `left` is not empty because the process was asked to stop
+    cause: str = ""  # DATABASE_UNAVAILABLE when the database stayed unreachable
 
     def summary(self) -> str:
         done = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes.items())) or "nothing"
-        return done + (f"; {len(self.left)} handed back" if self.left else "")
+        if not self.left:
+            return done
+        return done + (
+            f"; {len(self.left)} released (database unavailable)"
+            if self.cause
+            else f"; {len(self.left)} handed back"
+        )
 
 
 def _drop_connection() -> None:
@@ -480,8 +487,14 @@ def _drop_connection() -> None:
         logger.debug("closing a broken database connection failed", exc_info=True)
 
 
+# A pair the database refused (a restart, a failover) is tried again within its batch after these waits,
+# on a new connection each time, before the batch gives up and releases the rest (portals.batches).
+DATABASE_RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
+DATABASE_UNAVAILABLE = "database"
+
+
 def _renew_one(pair_id: int, trigger: str) -> str:
-    for attempt in (1, 2):
+    for attempt in range(len(DATABASE_RETRY_WAITS) + 1):
         try:
             result = renew_pair(pair_id, trigger=trigger, wait=False)
         except TokenPair.DoesNotExist:
@@ -489,13 +502,16 @@ def _renew_one(pair_id: int, trigger: str) -> str:
         except RenewalFailed as exc:
             return "failed" if exc.transient else "refused"
         except (OperationalError, InterfaceError) as exc:
-            # A connection that broke since the last pair (a database restart): a new one, and this
-            # pair once more. Nothing was sent: the claim's transaction had not committed, or the pair
-            # stays journaled in flight under this live process and its lease resolves it.
+            # A connection that broke (a database restart): a new one, and this pair again after a wait.
+            # Nothing was sent: the claim's transaction had not committed, or the pair stays journaled in
+            # flight under this live process and its lease resolves it.
             _drop_connection()
-            if attempt == 2:
+            if attempt == len(DATABASE_RETRY_WAITS) or stopping.stop_requested():
                 logger.warning("Renewal of pair %s: the database is unreachable (%s)", pair_id, exc)
-                return "failed"
+                return DATABASE_UNAVAILABLE
+            wait = DATABASE_RETRY_WAITS[attempt]
+            logger.info("Renewal of pair %s: the database refused (%s); again in %.0f s", pair_id, exc, wait)
+            clock.sleep(wait)
             continue
         if result.busy:
             return "busy"
@@ -503,14 +519,22 @@ def _renew_one(pair_id: int, trigger: str) -> str:
     raise AssertionError("unreachable")
 
 
-def renew_batch(pair_ids: Sequence[int], *, trigger: str, budget: float) -> Batch:
+def renew_batch(
+    pair_ids: Sequence[int],
+    *,
+    trigger: str,
+    budget: float,
+    done: Callable[[int], None] | None = None,
+) -> Batch:
     """Renew pairs one after the other, each exactly as `renew_pair` does (its own journal entry, its
     own lease, short transactions, no transaction open during its refresh). A pair that another live
-    process is renewing is skipped, not waited for.
+    process is renewing is skipped, not waited for. `done(pair_id)` is called after each pair is settled
+    (renewed, failed with its own back-off, refused).
 
     Between pairs, and only there: a stop signal ends the batch (the pair in hand is finished first,
     see `portals.stopping`), and so does `budget` seconds spent, so that a pair is started only while
-    its whole renewal still fits in the caller's time limit. The pairs not started are in `left`."""
+    its whole renewal still fits in the caller's time limit. A database that stays unreachable through
+    DATABASE_RETRY_WAITS ends it too (`cause`). The pairs not started or not settled are in `left`."""
     batch = Batch()
     ends = clock.monotonic() + budget
     for index, pair_id in enumerate(pair_ids):
@@ -518,7 +542,17 @@ def renew_batch(pair_ids: Sequence[int], *, trigger: str, budget: float) -> Batc
             batch.left = list(pair_ids[index:])
             batch.stopped = stopping.stop_requested()
             break
-        batch.outcomes[_renew_one(pair_id, trigger)] += 1
+        outcome = _renew_one(pair_id, trigger)
+        if outcome == DATABASE_UNAVAILABLE:
+            batch.left = list(pair_ids[index:])
+            batch.cause = DATABASE_UNAVAILABLE
+            break
+        batch.outcomes[outcome] += 1
+        if done is not None:
+            try:
+                done(pair_id)
+            except (OperationalError, InterfaceError):
+                _drop_connection()  # the mark stays; the batch's release gives the pair back, harmlessly
     return batch
 
 

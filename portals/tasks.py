@@ -22,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bindings, clock, renewal, selectors, services, sources
+from . import batches, bindings, clock, renewal, selectors, services, sources
 from .models import (
     Portal,
     PortalState,
@@ -116,39 +116,49 @@ def queue_on_demand_renewal(pair_id: int, rejected_fingerprint: str = "") -> boo
 # go back to the queue as a new task. Its time limit is that plus one whole renewal.
 BATCH_BUDGET = 120
 BATCH_TIME_LIMIT = BATCH_BUDGET + RENEW_TIME_LIMIT
-# A pair handed to a batch task is not handed out again for this long (its `next_attempt_at`): time
-# for the queue ahead of it and for its task. Only a task that was lost leaves it that long.
-RELEASE_HOLD = timedelta(hours=1)
-_UPDATE_BATCH = 900  # ids per UPDATE (SQLite's limit on parameters)
 
 
 @shared_task(acks_late=True, soft_time_limit=BATCH_TIME_LIMIT - 30, time_limit=BATCH_TIME_LIMIT)
-def renew_pairs_task(pair_ids: list[int], trigger: str = RenewalTrigger.BEAT) -> str:
+def renew_pairs_task(
+    pair_ids: list[int], trigger: str = RenewalTrigger.BEAT, batch_id: int | None = None
+) -> str:
     """Renew a batch of pairs one by one (each under its own journal entry and lease). Stopped or out
-    of time, it hands the pairs it did not start back to the queue."""
-    batch = renewal.renew_batch(pair_ids, trigger=trigger, budget=BATCH_BUDGET)
-    if batch.left and not publish(renew_pairs_task, batch.left, trigger):
-        # Not queued: the next sweep hands them out again.
-        TokenPair.objects.filter(pk__in=batch.left).update(next_attempt_at=None)
+    of time, it hands the pairs it did not start back as a new batch; a database that stays away makes it
+    release them, saying why (portals.batches). A message without `batch_id` (queued by an earlier
+    release, or by hand) gets its record when a worker takes it."""
+    if batch_id is None:
+        batch_id = batches.adopt(pair_ids, trigger=trigger, time_limit=BATCH_TIME_LIMIT)
+    elif not batches.start(batch_id, time_limit=BATCH_TIME_LIMIT):
+        return "released before it started"
+    batch = renewal.renew_batch(
+        pair_ids, trigger=trigger, budget=BATCH_BUDGET, done=lambda pair_id: batches.unmark(batch_id, pair_id)
+    )
+    if batch.left:
+        cause = batches.DATABASE if batch.cause else ""
+        batches.hand_back(batch_id, batch.left, trigger=trigger, cause=cause, publish=_publish_batch)
+    else:
+        batches.finish(batch_id)
     return batch.summary()
 
 
-def queue_due_renewals(limit: int | None = None) -> int:
+def _publish_batch(pair_ids: list[int], trigger: str, batch_id: int) -> bool:
+    return publish(renew_pairs_task, pair_ids, trigger, batch_id)
+
+
+def queue_due_renewals(limit: int | None = None, *, only: list[int] | None = None) -> int:
     """The sweep's hand-out: the most urgent due pairs, at most BITRIX24_RENEW_PER_SWEEP a run (how
-    the load on the OAuth server is spread), in tasks of BITRIX24_RENEW_BATCH pairs, queued at once.
-    Each pair handed out is held (`next_attempt_at`) for RELEASE_HOLD, so the following sweeps leave
-    it to its task; a renewal that fails sets its own back-off, one that succeeds clears it."""
+    the load on the OAuth server is spread), in batches of BITRIX24_RENEW_BATCH pairs, queued at once.
+    Each batch is recorded and holds its pairs for its lease (portals.batches); a renewal that fails sets
+    its own back-off, one that succeeds clears it. `only`: of these pairs (released ones), the due."""
     now = timezone.now()
     limit = settings.BITRIX24_RENEW_PER_SWEEP if limit is None else limit
-    due = selectors.due_pairs(now=now).order_by("refresh_issued_at", "pk").values_list("pk", flat=True)
-    ids = list(due[:limit])
-    for start in range(0, len(ids), _UPDATE_BATCH):
-        TokenPair.objects.filter(pk__in=ids[start : start + _UPDATE_BATCH]).update(
-            next_attempt_at=now + RELEASE_HOLD
-        )
+    due = selectors.due_pairs(now=now)
+    if only is not None:
+        due = due.filter(pk__in=only)
+    ids = list(due.order_by("refresh_issued_at", "pk").values_list("pk", flat=True)[:limit])
     size = max(settings.BITRIX24_RENEW_BATCH, 1)
-    _publish_each(renew_pairs_task, [ids[i : i + size] for i in range(0, len(ids), size)])
-    return len(ids)
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    return batches.hand_out(chunks, trigger=RenewalTrigger.BEAT, publish=_publish_batch)
 
 
 @shared_task(acks_late=True, soft_time_limit=RENEW_TIME_LIMIT - 30, time_limit=RENEW_TIME_LIMIT)
@@ -169,7 +179,11 @@ def queue_resolutions() -> int:
 def resolve_interrupted() -> int:
     """Beat, every minute: resolve every renewal whose holder is gone or whose lease ran out, so that a pair
     whose answer was lost is recovered, or flagged lost, within its lease and a minute, not at the next
-    renewal sweep (every 15 minutes)."""
+    renewal sweep (every 15 minutes); and release every renewal batch whose lease ended unfinished, handing
+    its pairs out again at once."""
+    released = batches.release_expired()
+    if released:
+        queue_due_renewals(len(released), only=released)
     return queue_resolutions()
 
 

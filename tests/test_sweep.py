@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,11 +17,12 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.celery import app as celery_app
-from portals import journal, renewal, selectors, stopping, tasks
+from portals import batches, journal, renewal, selectors, stopping, tasks
 from portals.models import (
     AttemptState,
     PairState,
     RenewalAttempt,
+    RenewalBatch,
     RenewalLog,
     RenewalOutcome,
     RenewalTrigger,
@@ -110,9 +112,17 @@ def test_the_sweep_hands_out_due_pairs_in_batches_at_once_capped_per_run(standin
         assert tasks.queue_due_renewals() == 10
         assert [pk for args, _ in published for pk in args[0]] == [p.pk for p in due[50:]]
         assert tasks.queue_due_renewals() == 0
-        # A task that was lost: once the hold is over, its pairs are handed out again.
-        with time_machine.travel(timezone.now() + tasks.RELEASE_HOLD + timedelta(minutes=1)):
-            assert tasks.queue_due_renewals() == 50
+        # Tasks that were lost (Redis lost their messages): once their batches' lease is over, the beat tick
+        # releases them, saying why, and hands their pairs out again at once.
+        published.clear()
+        lease = timedelta(seconds=settings.BITRIX24_RENEW_BATCH_LEASE_SECONDS)
+        with time_machine.travel(timezone.now() + lease + timedelta(minutes=1)):
+            tasks.resolve_interrupted()
+        assert sorted(pk for args, _ in published for pk in args[0]) == sorted(p.pk for p in due)
+        released = RenewalBatch.objects.exclude(released=0)
+        assert sorted(released.values_list("released", flat=True)) == [10, 25, 25]
+        assert {b.cause for b in released} == {batches.CAUSES[batches.NOT_STARTED]}
+        assert RenewalBatch.objects.filter(finished_at__isnull=True).count() == 3  # the new ones
     finally:
         before_task_publish.disconnect(record)
         celery_app.control.purge()
@@ -304,3 +314,231 @@ def test_a_sweep_over_many_portals_runs_through_a_real_worker(standin, settings,
         assert pair.refresh_token != old[pair.pk]
         assert pair.refresh_issued_at > timezone.now() - timedelta(minutes=5)
     assert not selectors.due_pairs().exists()
+
+
+# --- handed-out work has a record (portals.batches) ------------------------------------------------
+
+
+def _hand_out(pairs: list[TokenPair]) -> int:
+    handed: list[int] = []
+    batches.hand_out(
+        [[p.pk for p in pairs]], trigger=RenewalTrigger.BEAT, publish=lambda i, t, b: not handed.append(b)
+    )
+    return handed[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_released_before_a_worker_took_it_renews_nothing_when_its_message_comes_late(
+    standin, settings
+):
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(2)]
+    old = {p.pk: p.refresh_token for p in pairs}
+    batch_id = _hand_out(pairs)
+    held = TokenPair.objects.filter(batch_id=batch_id)
+    lease = RenewalBatch.objects.get(pk=batch_id).lease_expires_at
+    assert held.count() == 2 and set(held.values_list("next_attempt_at", flat=True)) == {lease}
+    assert not selectors.due_pairs().exists()  # held: the next sweep leaves them to their batch
+
+    with time_machine.travel(lease + timedelta(seconds=1)):
+        assert sorted(batches.release_expired()) == sorted(p.pk for p in pairs)
+    assert selectors.due_pairs().count() == 2  # due again at once, not an hour later
+    # The lost message turns up after all (a worker that was down, Redis restored from a snapshot).
+    assert tasks.renew_pairs_task.apply(args=([p.pk for p in pairs], "beat", batch_id)).get() == (
+        "released before it started"
+    )
+    assert {p.pk: p.refresh_token for p in TokenPair.objects.filter(pk__in=old)} == old
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_killed_mid_batch_leaves_the_rest_held_only_until_the_lease(standin):
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(3)]
+    batch_id = _hand_out(pairs)
+    assert batches.start(batch_id, time_limit=300)
+    # The worker renews the first pair, then is killed (SIGKILL: nothing more runs in it).
+    renewal.renew_batch(
+        [pairs[0].pk], trigger=RenewalTrigger.BEAT, budget=60, done=lambda pk: batches.unmark(batch_id, pk)
+    )
+    lease = RenewalBatch.objects.get(pk=batch_id).lease_expires_at
+    assert set(TokenPair.objects.filter(batch_id=batch_id).values_list("pk", flat=True)) == {
+        pairs[1].pk,
+        pairs[2].pk,
+    }
+    with time_machine.travel(lease - timedelta(seconds=1)):
+        assert batches.release_expired() == []  # the worker may still live: its lease holds
+    with time_machine.travel(lease + timedelta(seconds=1)):
+        assert sorted(batches.release_expired()) == [pairs[1].pk, pairs[2].pk]
+    batch = RenewalBatch.objects.get(pk=batch_id)
+    assert (batch.released, batch.cause) == (2, batches.CAUSES[batches.INTERRUPTED])
+    assert not TokenPair.objects.filter(batch__isnull=False).exists()
+    pairs[0].refresh_from_db()
+    assert pairs[0].pk not in set(selectors.due_pairs().values_list("pk", flat=True))  # renewed, not released
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_that_stays_away_ends_the_batch_and_releases_the_rest_saying_why(
+    standin, monkeypatch, caplog, fake_clock
+):
+    """The second pair's database stays unreachable through every retry (here: what `_renew_one` reports
+    after them); the batch stops there, and its pairs not renewed are due again, with the cause logged."""
+    from prometheus_client import REGISTRY
+
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(4)]
+    renew_one = renewal._renew_one
+    monkeypatch.setattr(
+        renewal,
+        "_renew_one",
+        lambda pk, trigger: renewal.DATABASE_UNAVAILABLE if pk == pairs[1].pk else renew_one(pk, trigger),
+    )
+    before = REGISTRY.get_sample_value("bitrix24_renewal_batches_released_total", {"cause": "database"}) or 0
+    batch_id = _hand_out(pairs)
+    summary = tasks.renew_pairs_task.apply(args=([p.pk for p in pairs], "beat", batch_id)).get()
+    assert summary == "1 renewed; 3 released (database unavailable)"
+    batch = RenewalBatch.objects.get(pk=batch_id)
+    assert (batch.released, batch.cause) == (3, batches.CAUSES[batches.DATABASE])
+    assert batch.finished_at is not None
+    assert sorted(selectors.due_pairs().values_list("pk", flat=True)) == [p.pk for p in pairs[1:]]
+    assert (
+        f"Renewal batch {batch_id} released 3 pair(s) unrenewed: the database was unavailable" in caplog.text
+    )
+    after = REGISTRY.get_sample_value("bitrix24_renewal_batches_released_total", {"cause": "database"})
+    assert after == before + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_refusing_a_pair_is_retried_with_backoff_inside_the_batch(
+    standin, monkeypatch, fake_clock
+):
+    from django.db.utils import OperationalError
+
+    pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(2)]
+    real = renewal.renew_pair
+    refusals = [3]
+
+    def restarting(pair_id, **kwargs):
+        if pair_id == pairs[1].pk and refusals[0]:
+            refusals[0] -= 1
+            raise OperationalError("the database system is starting up")
+        return real(pair_id, **kwargs)
+
+    monkeypatch.setattr(renewal, "renew_pair", restarting)
+    batch = renewal.renew_batch([p.pk for p in pairs], trigger=RenewalTrigger.BEAT, budget=60)
+    assert batch.outcomes == {"renewed": 2} and not batch.left
+    assert fake_clock.slept == [1.0, 2.0, 4.0]
+
+
+_SEED_MANY = """
+import json, sys
+import django
+django.setup()
+from datetime import timedelta
+from django.core.management import call_command
+from django.utils import timezone
+from portals.models import Portal, TokenPair
+call_command("migrate", verbosity=0)
+for item in json.loads(sys.stdin.read()):
+    portal = Portal.objects.create(
+        member_id=item["member_id"], domain=item["domain"], protocol="http", oauth_server=item["oauth_server"]
+    )
+    TokenPair.objects.create(
+        portal=portal, user_id=1, is_background=True, access_token=item["access_token"],
+        refresh_token=item["refresh_token"], access_expires_at=timezone.now() + timedelta(hours=1),
+        refresh_issued_at=timezone.now() - timedelta(days=25),
+    )
+"""
+
+_ONE_BATCH = """
+import django
+django.setup()
+from portals import batches, selectors, tasks
+ids = sorted(selectors.due_pairs().values_list("pk", flat=True))
+handed = []
+batches.hand_out([ids], trigger="beat", publish=lambda i, t, b: not handed.append(b))
+print("batch", handed[0], len(ids), flush=True)
+print("summary:", tasks.renew_pairs_task(ids, "beat", handed[0]), flush=True)
+"""
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("down_for", [3.0, 45.0], ids=["restart", "down-45s"])
+def test_a_postgresql_restart_mid_batch_leaves_no_pair_held_and_every_release_logged(
+    standin, child_env, private_postgres, down_for
+):
+    """PostgreSQL stopped while a worker renews a batch of 60 pairs, and started again `down_for` seconds
+    later. Before, the pair in hand was tried once more at once and the batch dropped every remaining pair in
+    milliseconds, silently, held for an hour. Now every pair is renewed, or released with its cause logged
+    and due again; none is left marked with the batch or held past its lease."""
+    fakes = [standin.add_portal() for _ in range(60)]
+    seed = []
+    for fake in fakes:
+        tokens = fake.issue_tokens(1, admin=True)
+        seed.append(
+            {
+                "member_id": fake.member_id,
+                "domain": fake.domain,
+                "oauth_server": standin.oauth_url,
+                "access_token": tokens["access_token"],
+                "refresh_token": tokens["refresh_token"],
+            }
+        )
+    env = {**child_env(standin), "DATABASE_URL": private_postgres.url, "DATABASE_CONN_MAX_AGE": "0"}
+    seeded = subprocess.run(
+        [sys.executable, "-c", _SEED_MANY],
+        input=json.dumps(seed),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    standin.oauth_latency = 0.05
+    ok_before = standin.stats["refresh_ok"]
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _ONE_BATCH],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while standin.stats["refresh_ok"] - ok_before < 15:
+        assert time.monotonic() < deadline and worker.poll() is None, "the batch did not get going"
+        time.sleep(0.01)
+    private_postgres.stop()
+    stopped = time.monotonic()
+    time.sleep(down_for)
+    private_postgres.start()
+    output = worker.communicate(timeout=300)[0]
+    took = time.monotonic() - stopped
+    print(f"PostgreSQL down {down_for:.0f} s; the batch ended {took:.1f} s after the stop:\n{output[-3000:]}")
+    assert worker.returncode == 0, output
+
+    with psycopg.connect(private_postgres.url) as conn:
+        marked = conn.execute("SELECT count(*) FROM portals_tokenpair WHERE batch_id IS NOT NULL").fetchone()[
+            0
+        ]
+        batch = conn.execute(
+            "SELECT released, cause, finished_at IS NOT NULL, lease_expires_at FROM portals_renewalbatch"
+        ).fetchall()
+        held = conn.execute(
+            "SELECT count(*) FROM portals_tokenpair p, portals_renewalbatch b "
+            "WHERE p.next_attempt_at > b.lease_expires_at"
+        ).fetchone()[0]
+        renewed = conn.execute(
+            "SELECT count(*) FROM portals_tokenpair WHERE last_renewed_at IS NOT NULL"
+        ).fetchone()[0]
+        due_again = conn.execute(
+            "SELECT count(*) FROM portals_tokenpair WHERE last_renewed_at IS NULL AND next_attempt_at IS NULL"
+        ).fetchone()[0]
+    assert marked == 0  # nothing left marked with the batch
+    assert held == 0  # nor held past its lease (a pair failed by the OAuth server keeps its own back-off)
+    ((released, cause, finished, _),) = batch
+    assert finished
+    assert renewed + released == 60 and due_again == released, (renewed, released, due_again)
+    if released:
+        assert cause == batches.CAUSES[batches.DATABASE]
+        assert f"released {released} pair(s) unrenewed: the database was unavailable" in output
+    else:
+        assert f"summary: {renewed} renewed" in output
+    assert standin.stats["refresh_ok"] - ok_before == renewed  # no refresh was sent for a released pair
