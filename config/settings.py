@@ -325,6 +325,9 @@ BITRIX24_ACCESS_TOKEN_MIN_SECONDS = env_int("BITRIX24_ACCESS_TOKEN_MIN_SECONDS",
 BITRIX24_WEB_TOKEN_WAIT_SECONDS = env_int("BITRIX24_WEB_TOKEN_WAIT_SECONDS", timeouts.WEB_TOKEN_WAIT_DEFAULT)
 # How long a renewal whose answer arrived keeps trying to store it while the database is unreachable
 # (the new pair waits in the second copy meanwhile; see portals.journal).
+# Each renewal's answer is kept (encrypted, Redis and local files) this long after it is stored, the pair's
+# latest only: `recover_after_restore` puts it back after a database restore older than it. 0 keeps none.
+BITRIX24_RENEWAL_COPY_DAYS = env_float("BITRIX24_RENEWAL_COPY_DAYS", 7.0)
 BITRIX24_STORE_RETRY_SECONDS = env_int("BITRIX24_STORE_RETRY_SECONDS", 300)
 # A wanted action (event bindings, a staff renewal) is queued when recorded; the beat sweep queues it
 # again when it is still open this long after (its message was lost, or never sent).

@@ -90,8 +90,14 @@ def holder_is_dead(host: str, pid: int, start: str) -> bool:
     id is not running or is running as another process. A lost database session proves nothing."""
     if host != socket.gethostname() or not start:
         return False
-    if start.split("|", 1)[0] != _pid_namespace():
+    namespace, boot_id, *_ = [*start.split("|"), "", ""]
+    if namespace != _pid_namespace():
         return False  # another container on this kernel: its processes are not ours to see
+    if boot_id != _boot_id():
+        # Another machine with the same host name (containers with host networking take the host's), whose
+        # root PID namespace has the same number as ours: its process ids mean nothing here. Or this
+        # machine before a reboot: then the holder is gone, but its lease says so soon enough.
+        return False
     running = process_start(pid)
     return running is None or (running != "" and running != start)
 
@@ -116,8 +122,13 @@ def _encode(grant: TokenGrant, pair_id: int, old_fingerprint: str) -> str:
     data = asdict(grant)
     data["expires_at"] = grant.expires_at.isoformat()
     # Which pair and which old token it answers: a copy found under a reused attempt id (a restored
-    # database, two deployments on one Redis) must not be taken for another pair's.
-    return crypto.encrypt(json.dumps({"pair_id": pair_id, "old_fingerprint": old_fingerprint, "grant": data}))
+    # database, two deployments on one Redis) must not be taken for another pair's. When: a restored
+    # database older than the copy gets it back (`kept_copies`).
+    return crypto.encrypt(
+        json.dumps(
+            {"pair_id": pair_id, "old_fingerprint": old_fingerprint, "grant": data, "kept_at": time.time()}
+        )
+    )
 
 
 def _decode(blob: str, pair_id: int, old_fingerprint: str) -> TokenGrant | None:
@@ -203,30 +214,123 @@ def find(attempt_id: int, *, pair_id: int, old_fingerprint: str) -> TokenGrant |
     return None
 
 
-def forget(attempt_id: int) -> None:
-    """Drop the second copy once the database holds the pair (best effort: it expires anyway)."""
+def _stored_folder() -> Path:
+    return _folder() / "stored"
+
+
+def _stored_key(pair_id: int | str) -> str:
+    return f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-stored:{pair_id}"
+
+
+def retention_seconds() -> int:
+    return int(settings.BITRIX24_RENEWAL_COPY_DAYS * 86400)
+
+
+def forget(attempt_id: int, *, pair_id: int | None = None) -> None:
+    """The database holds the pair: the copy is no longer needed to resolve the attempt. It is kept, as
+    the pair's latest, for BITRIX24_RENEWAL_COPY_DAYS (`pair_id` given and the setting above 0): a database
+    restored from a backup brings back refresh tokens already used, and `recover_after_restore` puts the
+    live ones back from these. Best effort: the resolver's copy expires anyway."""
+    keep_for = retention_seconds() if pair_id is not None else 0
+    path = _folder() / f"{attempt_id}.grant"
     try:
-        (_folder() / f"{attempt_id}.grant").unlink(missing_ok=True)
+        if keep_for and path.exists():
+            _stored_folder().mkdir(parents=True, exist_ok=True)
+            path.replace(_stored_folder() / f"{pair_id}.grant")  # the pair's latest replaces the one before
+        else:
+            path.unlink(missing_ok=True)
     except OSError as exc:
-        logger.warning("Cannot remove the second copy of renewal %s: %s", attempt_id, exc)
+        logger.warning("Cannot retire the second copy of renewal %s: %s", attempt_id, exc)
     if settings.REDIS_URL:
         try:
-            _redis(settings.REDIS_URL).delete(_redis_key(attempt_id))
+            client = _redis(settings.REDIS_URL)
+            if keep_for:
+                with client.pipeline(transaction=True) as pipe:
+                    pipe.rename(_redis_key(attempt_id), _stored_key(pair_id or 0))
+                    pipe.expire(_stored_key(pair_id or 0), keep_for)
+                    pipe.execute()
+            else:
+                client.delete(_redis_key(attempt_id))
+        except redis.ResponseError:
+            pass  # no such key: the copy went to the file only
         except redis.RedisError as exc:
-            logger.warning("Cannot remove the second copy of renewal %s from Redis: %s", attempt_id, exc)
+            logger.warning("Cannot retire the second copy of renewal %s in Redis: %s", attempt_id, exc)
+
+
+@dataclass(frozen=True)
+class KeptCopy:
+    """A pair's latest renewal answer, kept after it was stored (`forget`)."""
+
+    pair_id: int
+    where: str  # "redis" or the file's path
+    grant: TokenGrant | None  # None when the copy cannot be read (a key since removed, a damaged file)
+    kept_at: float | None
+    error: str = ""
+    old_fingerprint: str = ""  # of the refresh token it replaced
+
+
+def _read_kept(pair_id: int, blob: str, where: str) -> KeptCopy:
+    try:
+        data = json.loads(crypto.decrypt(blob))
+        if data.get("pair_id") != pair_id:
+            raise ValueError(f"it names pair {data.get('pair_id')}")
+        grant = data["grant"]
+        grant["expires_at"] = datetime.fromisoformat(grant["expires_at"])
+        found = TokenGrant(**grant)
+        kept_at = float(data.get("kept_at") or found.expires_at.timestamp() - 3600)
+        return KeptCopy(
+            pair_id=pair_id,
+            where=where,
+            grant=found,
+            kept_at=kept_at,
+            old_fingerprint=str(data.get("old_fingerprint", "")),
+        )
+    except Exception as exc:
+        return KeptCopy(
+            pair_id=pair_id, where=where, grant=None, kept_at=None, error=f"{type(exc).__name__}: {exc}"
+        )
+
+
+def kept_copies() -> dict[int, KeptCopy]:
+    """Every pair's latest kept copy, from Redis and this host's folder: the newer of the two when both
+    have one; an unreadable one only when no readable one is found."""
+    found: list[KeptCopy] = []
+    folder = _stored_folder()
+    for path in folder.glob("*.grant") if folder.is_dir() else []:
+        try:
+            found.append(_read_kept(int(path.stem), path.read_text(), str(path)))
+        except (OSError, ValueError) as exc:
+            logger.error("Unreadable kept copy %s: %s", path, exc)
+    if settings.REDIS_URL:
+        client = _redis(settings.REDIS_URL)
+        prefix = _stored_key("")
+        for key in client.scan_iter(match=f"{prefix}*"):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            blob = client.get(name)
+            if isinstance(blob, bytes | str) and blob:
+                text = blob.decode() if isinstance(blob, bytes) else blob
+                found.append(_read_kept(int(name[len(prefix) :]), text, "redis"))
+    latest: dict[int, KeptCopy] = {}
+    for copy in found:
+        current = latest.get(copy.pair_id)
+        if current is None or (copy.kept_at or 0) > (current.kept_at or 0):
+            latest[copy.pair_id] = copy
+    return latest
 
 
 def sweep_files(older_than: float = TTL_SECONDS) -> int:
-    """Remove local copies past their usefulness (Redis expires its own)."""
+    """Remove local copies past their usefulness (Redis expires its own): an attempt's after TTL_SECONDS,
+    a pair's kept one after BITRIX24_RENEWAL_COPY_DAYS."""
     removed = 0
-    cutoff = time.time() - older_than
-    for path in _folder().glob("*.grant") if _folder().is_dir() else []:
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-        except OSError:
-            continue
+    now = time.time()
+    for folder, age in ((_folder(), older_than), (_stored_folder(), retention_seconds())):
+        for path in folder.glob("*.grant") if folder.is_dir() else []:
+            try:
+                if path.stat().st_mtime < now - age:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
     return removed
 
 
@@ -234,8 +338,8 @@ def rotate_copies(rotate: Callable[[str], str]) -> int:
     """Re-encrypt the second copies still kept (rotate_token_keys), so that dropping the old key does
     not make them unreadable."""
     done = 0
-    folder = _folder()
-    for path in folder.glob("*.grant") if folder.is_dir() else []:
+    paths = [*_folder().glob("*.grant"), *_stored_folder().glob("*.grant")] if _folder().is_dir() else []
+    for path in paths:
         try:
             path.write_text(rotate(path.read_text()))
             done += 1
@@ -244,7 +348,10 @@ def rotate_copies(rotate: Callable[[str], str]) -> int:
     if settings.REDIS_URL:
         try:
             client = _redis(settings.REDIS_URL)
-            for key in client.scan_iter(match=f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-grant:*"):
+            for key in [
+                *client.scan_iter(match=f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-grant:*"),
+                *client.scan_iter(match=f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-stored:*"),
+            ]:
                 blob = client.get(key)
                 left = client.ttl(key)
                 ttl = left if isinstance(left, int) and left > 0 else TTL_SECONDS

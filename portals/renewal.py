@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
@@ -301,7 +301,7 @@ def _claim(
             )
             return _Claim(attempt.pk, pair.portal.oauth_server, pair.refresh_token, interrupted_at)
     assert recovered is not None
-    journal.forget(recovered)
+    journal.forget(recovered, pair_id=pair_id)
     return Renewal(pair, renewed=True)
 
 
@@ -456,7 +456,7 @@ def renew_pair(
             claim.attempt_id, grant, pair_id=pair_id, old_fingerprint=fingerprint(claim.old_refresh)
         )
         pair = _store(claim, pair_id, grant, trigger, started, kept=kept)
-        journal.forget(claim.attempt_id)
+        journal.forget(claim.attempt_id, pair_id=pair_id)
     return Renewal(pair, renewed=True)
 
 
@@ -554,6 +554,40 @@ def renew_batch(
             except (OperationalError, InterfaceError):
                 _drop_connection()  # the mark stays; the batch's release gives the pair back, harmlessly
     return batch
+
+
+def restore_from_copy(copy: journal.KeptCopy) -> str:
+    """After a database restore: put a pair's latest renewal answer back when the database holds an older
+    pair (whose refresh token was used since the backup: it would be refused). Returns "restored",
+    "current" (the database has this pair), "newer" (a launch or reinstall stored a newer one since the
+    copy) or "gone" (no such pair in the restored database)."""
+    assert copy.grant is not None and copy.kept_at is not None
+    started = time.monotonic()
+    kept_at = datetime.fromtimestamp(copy.kept_at, tz=UTC)
+    with transaction.atomic():
+        pair = TokenPair.objects.select_for_update().select_related("portal").filter(pk=copy.pair_id).first()
+        if pair is None:
+            return "gone"
+        if pair.refresh_token == copy.grant.refresh_token:
+            return "current"
+        if fingerprint(pair.refresh_token) != copy.old_fingerprint and pair.refresh_issued_at >= kept_at:
+            # Neither the token the copy replaced nor one older than it: stored since (a launch, a reinstall).
+            return "newer"
+        old = pair.refresh_token
+        _apply_grant(pair, copy.grant, kept_at)  # its refresh token's life counts from when it was issued
+        _log(
+            pair,
+            RenewalTrigger.COMMAND,
+            RenewalOutcome.RENEWED,
+            started,
+            old=old,
+            new=copy.grant.refresh_token,
+            error=f"restored from the copy kept at {kept_at:%Y-%m-%d %H:%M:%S} UTC, after a database restore",
+        )
+    logger.warning(
+        "Token pair %s (portal %s) restored from its kept renewal copy", pair.pk, pair.portal.member_id
+    )
+    return "restored"
 
 
 def unfinished_attempts(portal: Portal | None = None) -> QuerySet[RenewalAttempt]:

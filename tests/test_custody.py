@@ -794,3 +794,21 @@ def _staff_call(url: str, b24) -> requests.Response:
         headers={"Authorization": f"Token {token}"},
         timeout=120,
     )
+
+
+def test_a_holder_is_proven_dead_only_on_this_machine_in_this_pid_namespace():
+    """Two machines may share a host name (containers with host networking take the host's) and the number
+    of their root PID namespace; only the boot id tells them apart. A process id that runs nothing here
+    proves nothing about a holder on another machine: its lease decides."""
+    holder = journal.current_holder()
+    namespace, boot_id, started = holder.start.split("|")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    gone = next(pid for pid in range(pid_max - 1, 1, -1) if journal.process_start(pid) is None)
+    here = f"{namespace}|{boot_id}|{started}"
+    assert journal.holder_is_dead(holder.host, gone, here)  # this machine, no such process: dead
+    assert not journal.holder_is_dead(holder.host, holder.pid, here)  # this very process: alive
+    assert journal.holder_is_dead(holder.host, holder.pid, f"{namespace}|{boot_id}|1")  # pid reused since
+    other_machine = f"{namespace}|00000000-0000-0000-0000-000000000000|{started}"
+    assert not journal.holder_is_dead(holder.host, gone, other_machine)
+    assert not journal.holder_is_dead(holder.host, gone, f"pid:[1]|{boot_id}|{started}")  # another container
+    assert not journal.holder_is_dead("another-host", gone, here)

@@ -186,3 +186,17 @@ def test_beat_health_follows_what_beat_recorded():
     PeriodicTask.objects.filter(pk=sweep.pk).update(last_run_at=timezone.now() - timedelta(minutes=7))
     with pytest.raises(CommandError, match="has not sent"):
         call_command("beat_health")
+
+
+def test_supervisord_gives_every_worker_the_stop_grace_bin_run_computes():
+    """bin/run's supervisord: each worker's stopwaitsecs is the grace `python -m config.timeouts` prints
+    (bin/run exports it), so a refresh in hand is never killed by the process manager."""
+    conf = (ROOT / "config" / "supervisord.conf").read_text()
+    run = (ROOT / "bin" / "run").read_text()
+    assert "BITRIX24_STOP_GRACE_SECONDS=$(.venv/bin/python -m config.timeouts)" in run
+    assert "export BITRIX24_STOP_GRACE_SECONDS" in run
+    programs = {block.split("]", 1)[0]: block for block in conf.split("[program:")[1:]}
+    for name in ("worker-custody", "worker-app"):
+        assert "stopsignal=INT" in programs[name], name
+        assert "stopasgroup=true" in programs[name], name
+        assert "stopwaitsecs=%(ENV_BITRIX24_STOP_GRACE_SECONDS)s" in programs[name], name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from portals.models import (
 )
 from portals.tasks import sweep_due_pairs
 from tests.factories import PortalFactory, TokenPairFactory
+from tests.processes import seed_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = timedelta(days=1)
@@ -426,26 +426,6 @@ def test_the_database_refusing_a_pair_is_retried_with_backoff_inside_the_batch(
     assert fake_clock.slept == [1.0, 2.0, 4.0]
 
 
-_SEED_MANY = """
-import json, sys
-import django
-django.setup()
-from datetime import timedelta
-from django.core.management import call_command
-from django.utils import timezone
-from portals.models import Portal, TokenPair
-call_command("migrate", verbosity=0)
-for item in json.loads(sys.stdin.read()):
-    portal = Portal.objects.create(
-        member_id=item["member_id"], domain=item["domain"], protocol="http", oauth_server=item["oauth_server"]
-    )
-    TokenPair.objects.create(
-        portal=portal, user_id=1, is_background=True, access_token=item["access_token"],
-        refresh_token=item["refresh_token"], access_expires_at=timezone.now() + timedelta(hours=1),
-        refresh_issued_at=timezone.now() - timedelta(days=25),
-    )
-"""
-
 _ONE_BATCH = """
 import django
 django.setup()
@@ -467,30 +447,8 @@ def test_a_postgresql_restart_mid_batch_leaves_no_pair_held_and_every_release_lo
     later. Before, the pair in hand was tried once more at once and the batch dropped every remaining pair in
     milliseconds, silently, held for an hour. Now every pair is renewed, or released with its cause logged
     and due again; none is left marked with the batch or held past its lease."""
-    fakes = [standin.add_portal() for _ in range(60)]
-    seed = []
-    for fake in fakes:
-        tokens = fake.issue_tokens(1, admin=True)
-        seed.append(
-            {
-                "member_id": fake.member_id,
-                "domain": fake.domain,
-                "oauth_server": standin.oauth_url,
-                "access_token": tokens["access_token"],
-                "refresh_token": tokens["refresh_token"],
-            }
-        )
     env = {**child_env(standin), "DATABASE_URL": private_postgres.url, "DATABASE_CONN_MAX_AGE": "0"}
-    seeded = subprocess.run(
-        [sys.executable, "-c", _SEED_MANY],
-        input=json.dumps(seed),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert seeded.returncode == 0, seeded.stderr
+    seed_pairs(standin, 60, env)
     standin.oauth_latency = 0.05
     ok_before = standin.stats["refresh_ok"]
     worker = subprocess.Popen(
