@@ -114,12 +114,20 @@ def unmark(batch_id: int, pair_id: int) -> None:
 
 
 def finish(batch_id: int) -> None:
-    RenewalBatch.objects.filter(pk=batch_id, finished_at__isnull=True).update(finished_at=timezone.now())
+    """Every pair of the batch was settled: a mark a lost connection left behind is taken off too."""
+    with transaction.atomic():
+        TokenPair.objects.filter(batch_id=batch_id).update(batch=None)
+        RenewalBatch.objects.filter(pk=batch_id, finished_at__isnull=True).update(finished_at=timezone.now())
 
 
 def _release(batch: RenewalBatch, cause: str, *, now: datetime) -> list[int]:
     """Give the batch's unrenewed pairs back to the sweep (due again now) and say why."""
-    ids = list(TokenPair.objects.filter(batch=batch).values_list("pk", flat=True))
+    marked = TokenPair.objects.filter(batch=batch)
+    if batch.started_at is not None:
+        # Renewed by the batch, but its mark was not taken off (the database went away right after): not
+        # released, only unmarked.
+        marked.filter(last_renewed_at__gte=batch.started_at).update(batch=None)
+    ids = list(marked.values_list("pk", flat=True))
     if not ids:  # every pair was settled; only the end was not recorded
         RenewalBatch.objects.filter(pk=batch.pk).update(finished_at=now)
         return []
@@ -178,7 +186,8 @@ def hand_back(batch_id: int, left: Sequence[int], *, trigger: str, cause: str, p
             logger.warning(
                 "Renewal batch %s: the rest could not be handed out again", batch_id, exc_info=True
             )
-    release(batch_id, cause, waits=RELEASE_RETRY_WAITS if cause == DATABASE else ())
+    # The database is away (or refused the hand-out): the rest is released once it lets us say so.
+    release(batch_id, cause or DATABASE, waits=RELEASE_RETRY_WAITS)
 
 
 def release_expired(*, now: datetime | None = None) -> list[int]:

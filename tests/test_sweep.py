@@ -227,7 +227,7 @@ def test_a_batch_starts_no_pair_once_its_time_budget_is_spent(standin, monkeypat
     "terminates this process's PostgreSQL backend between two pairs: SQLite has no server connection to lose"
 )
 @pytest.mark.django_db(transaction=True)
-def test_a_connection_broken_between_pairs_fails_no_pair(standin, monkeypatch):
+def test_a_connection_broken_between_pairs_fails_no_pair(standin, monkeypatch, fake_clock):
     """A PostgreSQL restart (here: the backend of this process's session terminated) between two pairs:
     the next pair opens a new connection and renews."""
     pairs = [TokenPairFactory.for_standin(standin.add_portal(), issued_days_ago=25) for _ in range(3)]
