@@ -220,6 +220,11 @@ else:
             "keepalives_count": 3,
         }
     )
+    # Behind PgBouncer in transaction mode a server-side cursor may outlive its transaction's server
+    # connection: Django reads in one go instead (docs/scaling.md).
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = env_bool(
+        "DATABASE_DISABLE_SERVER_SIDE_CURSORS", False
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

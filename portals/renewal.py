@@ -138,7 +138,16 @@ def _log(
 
 def _locked(pair_id: int, trigger: str) -> TokenPair:
     """The pair under its row lock, with its portal. The sweep reads only the columns it needs; the
-    other triggers hand the pair back to a caller, which gets it whole."""
+    other triggers hand the pair back to a caller, which gets it whole.
+
+    The portal's row is locked first: every writer takes the portal, then its pair (a launch updates the
+    portal, then the user's pair). A renewal that took the pair first and then marked the portal (proven
+    again, or needing a reinstall) deadlocked with a launch of the same portal."""
+    list(
+        Portal.objects.select_for_update(no_key=True, of=("self",))
+        .filter(token_pairs__pk=pair_id)
+        .values_list("pk", flat=True)
+    )
     if trigger == RenewalTrigger.BEAT:
         return pairs.locked_for_sweep(pair_id)
     return TokenPair.objects.select_for_update(of=("self",)).select_related("portal").get(pk=pair_id)

@@ -135,7 +135,7 @@ class PrivatePostgres:
     `url` is a DATABASE_URL for the database `dbname`, created at the first start.
     """
 
-    def __init__(self, dbname: str = "app", start_timeout: float = 30.0) -> None:
+    def __init__(self, dbname: str = "app", start_timeout: float = 30.0, also_listen: str = "") -> None:
         bindir = postgres_bindir()
         if bindir is None:
             raise FaultToolError(postgres_missing_reason() or "PostgreSQL binaries not found")
@@ -145,6 +145,8 @@ class PrivatePostgres:
         self.start_timeout = start_timeout
         self.port = free_port()
         self.host = LOOPBACK
+        # Another address of this machine to listen on (a bridge to network namespaces: tests/machines.py).
+        self.also_listen = also_listen
         self.dir = Path(tempfile.mkdtemp(prefix="faults-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
@@ -188,6 +190,9 @@ class PrivatePostgres:
         )
         if result.returncode != 0:
             raise FaultToolError(f"initdb failed ({result.returncode}):\n{result.stderr[-2000:]}")
+        if self.also_listen:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.also_listen}/24 trust\n")
         self._initialised = True
 
     @property
@@ -229,7 +234,7 @@ class PrivatePostgres:
                     "-p",
                     str(self.port),
                     "-c",
-                    f"listen_addresses={LOOPBACK}",
+                    f"listen_addresses={','.join(filter(None, (LOOPBACK, self.also_listen)))}",
                     # The socket lives in our directory, not the system's (which may be absent or
                     # belong to the shared server).
                     "-c",
@@ -395,13 +400,14 @@ class PrivateRedis:
     """A `redis-server` of the test's own on a free loopback port, without persistence.
     A restart keeps the port, so clients configured with `url` reconnect to it."""
 
-    def __init__(self, start_timeout: float = 10.0) -> None:
+    def __init__(self, start_timeout: float = 10.0, also_listen: str = "") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FaultToolError("redis-server not found on PATH")
         self.binary = binary
         self.start_timeout = start_timeout
         self.host = LOOPBACK
+        self.also_listen = also_listen  # as PrivatePostgres's
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="faults-redis-"))
         self.log = self.dir / "redis.log"
@@ -427,7 +433,9 @@ class PrivateRedis:
                 [
                     self.binary,
                     "--bind",
-                    LOOPBACK,
+                    *filter(None, (LOOPBACK, self.also_listen)),
+                    "--protected-mode",
+                    "no",
                     "--port",
                     str(self.port),
                     "--save",

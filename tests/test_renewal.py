@@ -162,6 +162,7 @@ def test_the_same_race_without_the_lock_burns_refresh_tokens(b24, standin, monke
     before_bad = standin.stats["refresh_invalid_grant"]
     monkeypatch.setattr(renewal.transaction, "atomic", contextlib.nullcontext)
     monkeypatch.setattr(TokenPair.objects, "select_for_update", lambda **kw: TokenPair.objects.all())
+    monkeypatch.setattr(Portal.objects, "select_for_update", lambda **kw: Portal.objects.all())
     # …and the lease: every claimer takes the attempt in flight for an abandoned one.
     monkeypatch.setattr(renewal, "holder_may_live", lambda attempt, now=None: False)
 

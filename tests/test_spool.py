@@ -40,7 +40,8 @@ def store(request: pytest.FixtureRequest, settings: Any, tmp_path: Path) -> Iter
     settings.CELERY_TASK_DEFAULT_QUEUE = f"spool-test-{uuid.uuid4().hex[:8]}"
     yield "redis"
     client = redis.Redis.from_url(settings.REDIS_URL)
-    for key in client.scan_iter(match=f"{settings.CELERY_TASK_DEFAULT_QUEUE}:*"):
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    for key in [*client.scan_iter(match=f"{queue}:*"), *client.scan_iter(match=f"{{{queue}:spool}}*")]:
         client.delete(key)
 
 
@@ -70,7 +71,7 @@ def test_entries_are_kept_encrypted_in_order_and_forgotten(store: str, settings:
     else:
         client = redis.Redis.from_url(settings.REDIS_URL)
         texts = [
-            blob.decode() for blob in client.hvals(f"{settings.CELERY_TASK_DEFAULT_QUEUE}:spool:entries")
+            blob.decode() for blob in client.hvals(f"{{{settings.CELERY_TASK_DEFAULT_QUEUE}:spool}}:entries")
         ]
     assert len(texts) == 3 and not any(secret in text or "ONCRMDEALADD" in text for text in texts)
 
@@ -145,7 +146,7 @@ def _save_spool(store: str) -> Any:
     if store == "disk":
         return {path.name: path.read_bytes() for path in spool.folder().glob("*.spool")}
     client = redis.Redis.from_url(django_settings.REDIS_URL)
-    prefix = f"{django_settings.CELERY_TASK_DEFAULT_QUEUE}:spool"
+    prefix = f"{{{django_settings.CELERY_TASK_DEFAULT_QUEUE}:spool}}"
     return {key: client.dump(key) for key in (f"{prefix}:entries", f"{prefix}:order", f"{prefix}:counts")}
 
 

@@ -109,8 +109,9 @@ def test_the_sweeps_locked_read_gives_what_the_orm_gives():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_launch_and_sweep_reads_lock_only_their_own_row():
-    """Held by one connection, the sweep's read locks the pair (not its portal) and the launch's read
-    locks the portal (not its pairs): what the ORM's select_for_update(of=("self",)) locked."""
+    """Held by one connection, a renewal locks its portal (no key update: a launch's update of the portal
+    waits, a row that only points to it does not) and then its pair, the order every writer takes them in;
+    the launch's read locks the portal (not its pairs)."""
     if connection.vendor != "postgresql":
         pytest.skip("row locks are PostgreSQL's; SQLite locks the whole database for a write")
     pair = TokenPairFactory(portal=PortalFactory())
@@ -134,10 +135,12 @@ def test_the_launch_and_sweep_reads_lock_only_their_own_row():
 
     pair_nowait = f"SELECT 1 FROM {pair_table} WHERE id = %s FOR UPDATE NOWAIT"
     portal_nowait = f"SELECT 1 FROM {portal_table} WHERE id = %s FOR UPDATE NOWAIT"
+    portal_key_share = f"SELECT 1 FROM {portal_table} WHERE id = %s FOR KEY SHARE NOWAIT"
     with transaction.atomic():
         renewal._locked(pair.pk, RenewalTrigger.BEAT)
         other("pair, in a renewal", pair_nowait, pair.pk)
         other("portal, in a renewal", portal_nowait, pair.portal_id)
+        other("portal's key, in a renewal", portal_key_share, pair.portal_id)
     with transaction.atomic():
         assert pairs.launch_portal(pair.portal.member_id, pair.user_id) is not None
         other("portal, in a launch", portal_nowait, pair.portal_id)
@@ -145,7 +148,8 @@ def test_the_launch_and_sweep_reads_lock_only_their_own_row():
 
     assert locked == {
         "pair, in a renewal": True,
-        "portal, in a renewal": False,
+        "portal, in a renewal": True,
+        "portal's key, in a renewal": False,
         "portal, in a launch": True,
         "pair, in a launch": False,
     }

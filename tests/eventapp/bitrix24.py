@@ -25,7 +25,10 @@ def _folder() -> Path:
 
 
 def _record(**fields: Any) -> None:
-    line = json.dumps({**fields, "pid": os.getpid()}) + "\n"
+    # B24_TEST_MACHINE: which of the test's machines ran it (tests/test_machines.py).
+    line = (
+        json.dumps({**fields, "pid": os.getpid(), "machine": os.environ.get("B24_TEST_MACHINE", "")}) + "\n"
+    )
     with open(_folder() / "handled.jsonl", "a", encoding="utf-8") as out:
         out.write(line)
 
