@@ -1,8 +1,8 @@
 """Separate machines in one test: network namespaces on a bridge of their own, each process tree in a PID
 and UTS namespace of its own (its own host name, its own process ids), as containers on separate hosts are.
 
-`Network()` makes a bridge (10.77.<n>.1/24) in this machine's namespace, where the test's own PostgreSQL,
-Redis and stand-in listen; `network.host(name, hostname)` adds a namespace on a veth pair (10.77.<n>.<k>),
+`Network()` makes a bridge (a free 10.x.y.1/24) in this machine's namespace, where the test's own PostgreSQL,
+Redis and stand-in listen; `network.host(name, hostname)` adds a namespace on a veth pair (10.x.y.<k>),
 with no default route: nothing leaves the machine. Everything is removed on `close()`, in a `finally` (and
 the names are unique per test run, so a killed run leaves nothing another run trips on).
 
@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-_NEXT_SUBNET = [77]
+
+def _free_subnet() -> str:
+    """A 10.x.y.0/24 no interface of this machine is on: tests in parallel (pytest-xdist) each get their own."""
+    taken = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    while True:
+        subnet = f"10.{secrets.randbelow(150) + 100}.{secrets.randbelow(256)}"
+        if f" {subnet}." not in taken:
+            return subnet
 
 
 def missing_reason() -> str | None:
@@ -103,11 +110,10 @@ class Host:
 
 class Network:
     def __init__(self) -> None:
-        self.subnet = _NEXT_SUBNET[0]
-        _NEXT_SUBNET[0] += 1
+        self.subnet = _free_subnet()
         self.tag = secrets.token_hex(2)
         self.bridge = f"b24br{self.tag}"
-        self.gateway = f"10.{self.subnet}.0.1"
+        self.gateway = f"{self.subnet}.1"
         self.hosts: list[Host] = []
         _ip("link", "add", "name", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -121,7 +127,7 @@ class Network:
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         _ip("link", "set", inside, "netns", netns)
         _ip("link", "set", outside, "master", self.bridge, "up")
-        address = f"10.{self.subnet}.0.{index}"
+        address = f"{self.subnet}.{index}"
         _ip("-n", netns, "addr", "add", f"{address}/24", "dev", inside)
         _ip("-n", netns, "link", "set", inside, "up")
         _ip("-n", netns, "link", "set", "lo", "up")
