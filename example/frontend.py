@@ -30,7 +30,11 @@ class DealNotes(FrontendAPIView):
             try:
                 deal = client.call("crm.deal.get", {"id": number}, fail_fast=True)
             except RestError as exc:
-                if exc.code.upper() == "NOT_FOUND":  # no such deal, or not one this user may see
+                # No such deal, or not one this user may see: crm.deal.get says so with an empty error code
+                # and "Not found" (crm-deal-get.md); crm.item.get with NOT_FOUND.
+                if exc.code.upper() == "NOT_FOUND" or (
+                    not exc.code and exc.description.lower().startswith("not found")
+                ):
                     raise NotFound(f"No deal {number} for this user.") from exc
                 raise
             notes = client.call(

@@ -133,7 +133,7 @@ _ERRORS: dict[str, type[RestError]] = {
 
 def error_from(code: str, description: str = "", status: int = 0, **kwargs: Any) -> RestError:
     cls = _ERRORS.get(code.lower(), RestError)
-    message = f"{code}: {description}" if description else code
+    message = f"{code}: {description}" if code and description else description or code or "error"
     if code.upper() == "OPERATION_TIME_LIMIT":
         return OperationTimeLimit(
             message, code=code, status=status, description=description, reset_at=kwargs.get("reset_at")
@@ -468,10 +468,12 @@ class PortalClient:
         renewed = waited_operating = False
         while True:
             answer = self._deliver(method, {**params, "auth": token}, transport)
-            code = str(answer.body.get("error") or "")
-            if not code:
+            # An error is an answer with an `error` key and no `result`: its code may be empty (a CRM record
+            # that does not exist: `{"error": "", "error_description": "Not found"}`, crm-deal-get.md).
+            if "error" not in answer.body or "result" in answer.body:
                 self._remember_operating(method, answer.body)
                 return answer.body
+            code = str(answer.body.get("error") or "")
             description = str(answer.body.get("error_description") or "")
             upper = code.upper()
             if code == "expired_token" and not renewed and self._pair is not None:

@@ -464,7 +464,7 @@ def test_an_app_in_a_deal_tab_reads_the_deal_through_the_js_library(
         expect(frame.locator("#placement")).to_have_text(f"CRM_DEAL_DETAIL_TAB deal {deal}")
         expect(frame.locator("#auth")).to_have_text(f"member {portal.member_id} valid")
         expect(frame.locator("#deal")).to_have_text("Deal: Kitchen renovation")
-        expect(frame.locator("#missing")).to_have_text("error NOT_FOUND: Not found")
+        expect(frame.locator("#missing")).to_have_text("error Not found")  # crm-deal-get.md: an empty code
         # The portal page shows that the app finished its install, and the portal knows.
         expect(browser_page.locator("#standin-status")).to_have_text("installFinish called")
         browser_page.screenshot(path=str(tmp_path / "deal-tab.png"), full_page=True)

@@ -45,6 +45,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +53,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .. import phpform
-from . import console, payloads
+from . import console, crm, payloads
 from . import placements as widgets
 from .base import RestError as _RestError
 from .base import iso as _iso
@@ -1394,6 +1395,24 @@ class FakePortal:
             }, {}
         if method == "server.time":
             return _iso(self.standin.now()), {}
+        if method == "scope":
+            # scope.md: the scopes granted to the app on this portal.
+            return sorted(_split_scope(self.scope)), {}
+        if method == "method.get":
+            # method-get.md: `name` in lower case; both false when it is empty.
+            name = _text(params.get("name")).lower()
+            existing = bool(name) and self._implements(name)
+            needed = name.split(".")[0]
+            available = existing and (needed not in KNOWN_SCOPES or needed in _split_scope(self.scope))
+            return {"isExisting": existing, "isAvailable": available}, {}
+        if method in ("user.current", "user.get"):
+            if not _split_scope(self.scope) & {"user", "user_brief", "user_basic"}:
+                raise _RestError(
+                    403, "insufficient_scope", "The request requires higher privileges than provided."
+                )
+            if method == "user.current":
+                return self._user(grant.user_id), {}
+            return self._users(params)
         if method == "event.bind":
             return self._event_bind(params, grant), {}
         if method == "event.get":
@@ -1413,28 +1432,101 @@ class FakePortal:
         if method.startswith("placement."):
             return self._placement_method(method, params, grant), {}
         entity, _, action = method.rpartition(".")
-        if entity in self.items and action in ("list", "add", "get", "update", "delete"):
+        if entity in self.items and action in ("list", "add", "get", "update", "delete", "fields"):
             needed = entity.split(".")[0]
             if needed in KNOWN_SCOPES and needed not in _split_scope(self.scope):
                 raise _RestError(
                     403, "insufficient_scope", "The request requires higher privileges than provided."
                 )
+            if action == "fields":
+                if not crm.handles(entity):
+                    raise _RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+                return crm.describe(entity), {}
             if action == "list":
                 return self._entity_list(entity, params)
             if action == "get":
                 return self._entity_get(entity, params), {}
             if action == "add":
-                new_id = self._entity_add(entity, params)
+                new_id = self._entity_add(entity, params, grant.user_id)
                 self._changed(entity, new_id, action, params, hit)
                 return new_id, {}
             if action == "update":
-                done = self._entity_update(entity, params)
+                done = self._entity_update(entity, params, grant.user_id)
                 self._changed(entity, self._id_param(params), action, params, hit)
                 return done, {}
             done = self._entity_delete(entity, params)
             self._changed(entity, self._id_param(params), action, params, hit)
             return done, {}
         raise _RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+
+    # Methods answered here besides the CRM entities' (method.get tells a caller which exist).
+    _METHODS = frozenset(
+        {
+            "app.info",
+            "profile",
+            "server.time",
+            "scope",
+            "method.get",
+            "user.current",
+            "user.get",
+            "batch",
+            "event.bind",
+            "event.get",
+            "event.unbind",
+            "event.offline.get",
+            "event.offline.clear",
+            "event.offline.error",
+            "event.offline.list",
+            "feature.get",
+            "placement.bind",
+            "placement.unbind",
+            "placement.get",
+            "placement.list",
+        }
+    )
+
+    def _implements(self, name: str) -> bool:
+        entity, _, action = name.rpartition(".")
+        if entity in self.items and action in ("list", "add", "get", "update", "delete"):
+            return True
+        return name in self._METHODS or (action == "fields" and crm.handles(entity))
+
+    def _user(self, user_id: int) -> JSON:
+        """user-current.md: ID as a string, ACTIVE a boolean, IS_ONLINE "Y"/"N", UF_DEPARTMENT integers."""
+        joined = _iso(self.standin.now() - 86400 * 30)
+        return {
+            "ID": str(user_id),
+            "ACTIVE": True,
+            "NAME": f"User{user_id}",
+            "LAST_NAME": "Standin",
+            "SECOND_NAME": "",
+            "EMAIL": f"user{user_id}@{self.domain.split(':')[0]}.test",
+            "LAST_LOGIN": _iso(self.standin.now()),
+            "DATE_REGISTER": joined,
+            "TIME_ZONE": "",
+            "IS_ONLINE": "Y",
+            "PERSONAL_GENDER": "",
+            "PERSONAL_BIRTHDAY": "",
+            "WORK_POSITION": "",
+            "UF_EMPLOYMENT_DATE": "",
+            "UF_DEPARTMENT": [1],
+            "USER_TYPE": "employee",
+        }
+
+    def _users(self, params: JSON) -> tuple[Any, JSON]:
+        """user-get.md: the portal's users (every user tokens were issued for, and user 1), `FILTER` (or
+        `filter`) with the list filter prefixes, `ID` on its own too; 50 a page with `total`."""
+        with self.standin._lock:
+            known = {
+                grant.user_id for grant in self.standin._access.values() if grant.member_id == self.member_id
+            }
+        users = [self._user(user_id) for user_id in sorted(known | {1})]
+        raw = params.get("FILTER", params.get("filter"))
+        filters: JSON = dict(raw) if isinstance(raw, dict) else {}
+        if params.get("ID") not in (None, ""):
+            filters["ID"] = params["ID"]
+        rows = [user for user in users if crm.matches(user, filters)]
+        return rows[:PAGE_SIZE], {"total": len(rows)}
 
     def _app_info(self) -> JSON:
         """The portal's own app.info (api-reference/common/system/app-info.md, appinfo-portal-docs.json)."""
@@ -1862,10 +1954,10 @@ class FakePortal:
             raise ValueError(f"{entity!r} is not one of {', '.join(CRM_EVENTS)}")
         try:
             if action == "add":
-                item = str(self._entity_add(entity, {"fields": dict(fields or {})}))
+                item = str(self._entity_add(entity, {"fields": dict(fields or {})}, user_id))
             elif action == "update":
                 item = self._id_param({"id": item_id})
-                self._entity_update(entity, {"id": item, "fields": dict(fields or {})})
+                self._entity_update(entity, {"id": item, "fields": dict(fields or {})}, user_id)
             elif action == "delete":
                 item = self._id_param({"id": item_id})
                 self._entity_delete(entity, {"id": item})
@@ -1974,38 +2066,6 @@ class FakePortal:
     def _max_id(self, entity: str) -> int:
         return max((int(row["ID"]) for row in self.items.get(entity, [])), default=0)
 
-    @staticmethod
-    def _compare(left: Any, op: str, right: Any) -> bool:
-        if isinstance(right, list):
-            hit = any(FakePortal._compare(left, "=", item) for item in right)
-            return not hit if op in ("!", "!=") else hit
-        try:
-            a: Any = float(left)
-            b: Any = float(right)
-        except (TypeError, ValueError):
-            a, b = str(left), str(right)
-        if op in ("", "="):
-            return bool(a == b)
-        if op in ("!", "!="):
-            return bool(a != b)
-        if op == ">":
-            return bool(a > b)
-        if op == ">=":
-            return bool(a >= b)
-        if op == "<":
-            return bool(a < b)
-        return bool(a <= b)
-
-    def _matches(self, row: JSON, filters: JSON) -> bool:
-        for key, value in filters.items():
-            match = re.match(r"^(>=|<=|!=|>|<|=|!)?(.+)$", str(key))
-            if match is None:
-                continue
-            op, field = match.group(1) or "", match.group(2)
-            if not self._compare(row.get(field), op, value):
-                return False
-        return True
-
     def _entity_list(self, entity: str, params: JSON) -> tuple[Any, JSON]:
         """List methods (settings/how-to-call-rest-api/list-methods-pecularities.md): 50 a page, ``start``
         picks the page, the answer carries ``next`` (when more follow) and ``total``. ``start=-1`` is the fast
@@ -2014,12 +2074,14 @@ class FakePortal:
             start = int(params.get("start") or 0)
         except (TypeError, ValueError):
             start = 0
-        raw_filter, raw_order = params.get("filter"), params.get("order")
+        # Either case (the docs write `filter`, their examples and many callers `FILTER`).
+        raw_filter = params.get("filter", params.get("FILTER"))
+        raw_order = params.get("order", params.get("ORDER"))
         filters: JSON = raw_filter if isinstance(raw_filter, dict) else {}
         order: JSON = raw_order if isinstance(raw_order, dict) else {}
-        select = params.get("select")
+        select = params.get("select", params.get("SELECT"))
         with self._lock:
-            rows = [dict(row) for row in self.items[entity] if self._matches(row, filters)]
+            rows = [dict(row) for row in self.items[entity] if crm.matches(row, filters)]
         field, direction = next(iter(order.items()), ("ID", "ASC"))
 
         def sort_key(row: JSON) -> tuple[int, float, str]:
@@ -2056,12 +2118,20 @@ class FakePortal:
             raise _RestError(400, "ERROR_ARGUMENT", "Parameter 'fields' must be an object.")
         return fields
 
-    def _entity_add(self, entity: str, params: JSON) -> int:
+    def _moment(self) -> datetime:
+        return datetime.fromtimestamp(self.standin.now(), tz=UTC).astimezone()
+
+    def _entity_add(self, entity: str, params: JSON, user_id: int = 1) -> int:
         fields = self._fields_param(params)
         with self._lock:
             new_id = self._max_id(entity) + 1
-            row = {key: value for key, value in fields.items() if key != "ID"}
-            self.items[entity].append({"ID": str(new_id), **row})
+            if crm.handles(entity):
+                self.items[entity].append(
+                    crm.new_record(entity, new_id, fields, user_id=user_id, now=self._moment())
+                )
+            else:
+                row = {key: value for key, value in fields.items() if key != "ID"}
+                self.items[entity].append({"ID": str(new_id), **row})
         if self.write_delay > 0:
             time.sleep(self.write_delay)  # the write has landed; only the answer is late
         return new_id
@@ -2070,19 +2140,23 @@ class FakePortal:
         for row in self.items[entity]:
             if row["ID"] == item_id:
                 return row
-        raise _RestError(400, "NOT_FOUND", "Not found")
+        # crm-deal-get.md (and contact, company, lead): HTTP 400, an empty error code, "Not found".
+        raise _RestError(400, "", "Not found")
 
     def _entity_get(self, entity: str, params: JSON) -> JSON:
         item_id = self._id_param(params)
         with self._lock:
             return dict(self._find(entity, item_id))
 
-    def _entity_update(self, entity: str, params: JSON) -> bool:
+    def _entity_update(self, entity: str, params: JSON, user_id: int = 1) -> bool:
         item_id = self._id_param(params)
         fields = self._fields_param(params)
         with self._lock:
             row = self._find(entity, item_id)
-            row.update({key: value for key, value in fields.items() if key != "ID"})
+            if crm.handles(entity):
+                crm.update_record(entity, row, fields, user_id=user_id, now=self._moment())
+            else:
+                row.update({key: value for key, value in fields.items() if key != "ID"})
         if self.write_delay > 0:
             time.sleep(self.write_delay)
         return True

@@ -102,6 +102,10 @@
     this.ex = { error: code, error_description: description };
   }
   RestError.prototype.toString = function () {
+    // Some errors have an empty code (a CRM record that does not exist): the description alone then.
+    if (!this.ex.error) {
+      return this.ex.error_description;
+    }
     return this.ex.error + (this.ex.error_description ? ": " + this.ex.error_description : "");
   };
 
@@ -111,11 +115,13 @@
     this.query = { method: method, data: params, callback: callback };
   }
   Result.prototype.error = function () {
-    if (this.status === 200 && this.answer && !this.answer.error) {
+    // An error is an answer with an `error` key (its code may be empty) and no `result`.
+    if (this.status === 200 && this.answer && !("error" in this.answer && !("result" in this.answer))) {
       return undefined;
     }
     var answer = this.answer || {};
-    return new RestError(this.status, answer.error || "NETWORK_ERROR", answer.error_description || "");
+    var code = typeof answer.error === "string" ? answer.error : "NETWORK_ERROR";
+    return new RestError(this.status, code, answer.error_description || "");
   };
   Result.prototype.error_description = function () {
     var error = this.error();
