@@ -28,7 +28,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from config.celery import app as celery_app
 from install.models import InboundKind, InboundRequest, InboundStatus
 from portals.models import Portal, PortalState
-from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
+from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 
 CHROMIUM = "/usr/bin/chromium"
 # As the machine notes say: without the background-networking flags Chromium keeps trying to reach
@@ -205,7 +205,7 @@ def test_the_app_opens_in_the_portals_frame_and_nowhere_else(page, live_server, 
 
     # As the portal shows it: the portal's page posts the launch into its iframe.
     page.goto(f"{b24.url}{APP_FRAME_PATH}?handler={quote(handler, safe='')}&user_id=1")
-    app = page.frame_locator(f'iframe[name="{APP_FRAME_NAME}"]').locator("#app")
+    app = page.frame_locator(APP_FRAME_SELECTOR).locator("#app")
     expect(app).to_contain_text(f"Connected to {b24.domain}")
     expect(app).to_have_attribute("data-member-id", b24.member_id)
     assert answers == [(200, f"frame-ancestors http://{b24.domain}")]
@@ -221,7 +221,8 @@ def test_the_app_opens_in_the_portals_frame_and_nowhere_else(page, live_server, 
         deadline = time.monotonic() + TIMEOUT_MS / 1000
         while time.monotonic() < deadline and not answers:
             page.wait_for_timeout(100)
-        frame = page.frame(name=APP_FRAME_NAME)
+        element = page.query_selector(APP_FRAME_SELECTOR)
+        frame = element.content_frame() if element is not None else None
         assert frame is not None
         while time.monotonic() < deadline and not frame.url.startswith("chrome-error://"):
             page.wait_for_timeout(100)
@@ -232,7 +233,7 @@ def test_the_app_opens_in_the_portals_frame_and_nowhere_else(page, live_server, 
         assert [(row.status, row.http_status) for row in launch] == [(InboundStatus.ACCEPTED, 200)]
         # … and Chromium put its error page in the frame instead of the app.
         assert frame.url.startswith("chrome-error://"), frame.url
-        assert page.frame_locator(f'iframe[name="{APP_FRAME_NAME}"]').locator("#app").count() == 0
+        assert page.frame_locator(APP_FRAME_SELECTOR).locator("#app").count() == 0
         assert "Connected to" not in frame.content()
     finally:
         other.close()

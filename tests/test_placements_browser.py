@@ -17,7 +17,7 @@ import pytest
 from example import bitrix24 as example
 from portals import bindings, registry
 from portals.standin import FakePortal
-from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
+from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.test_browser import _shot, browser, page  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -60,7 +60,7 @@ def test_the_stand_in_opens_the_example_deal_tab_in_the_users_language(
     b24.items["crm.deal"][1]["TITLE"] = "Forty chairs for the canteen"
 
     page.goto(f"{b24.url}{APP_FRAME_PATH}?placement=CRM_DEAL_DETAIL_TAB&id=2&lang={lang}&user_id=1")
-    tab = page.frame_locator(f'iframe[name="{APP_FRAME_NAME}"]')
+    tab = page.frame_locator(APP_FRAME_SELECTOR)
     expect(tab.locator("#deal-title")).to_have_text("Forty chairs for the canteen")
     expect(tab.locator("#deal-tab")).to_contain_text(says)
     # The tab's JavaScript: AUTH_ID from BX24.getAuth(), then the example's frontend endpoint.

@@ -16,7 +16,7 @@ from django.core.management import call_command
 
 from portals.models import Portal, TokenPair
 from portals.standin import payloads as bx
-from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
+from portals.standin.server import APP_FRAME_PATH
 
 TIMEOUT = 5
 
@@ -58,10 +58,11 @@ def test_portal_page_posts_a_fresh_launch_into_its_own_iframe(b24, standin):
     [form] = page.forms
     [frame] = page.iframes
     assert form["method"] == "post"
-    assert form["target"] == frame["name"] == APP_FRAME_NAME
     action = urlsplit(str(form["action"]))
     assert (action.scheme, action.netloc, action.path) == ("http", "127.0.0.1:8000", "/app/")
     query = {key: values[0] for key, values in parse_qs(action.query).items()}
+    # The frame's name is what the official JS SDK reads: DOMAIN|PROTOCOL|APP_SID.
+    assert form["target"] == frame["name"] == f"{b24.domain}|0|{query['APP_SID']}"
     # Exactly the fields payloads.launch builds, split between query string and body the same way.
     expected_query, expected_body = bx.launch(b24, b24.issue_tokens(5), placement="CRM_DEAL_DETAIL_TAB")
     assert set(query) == set(expected_query)

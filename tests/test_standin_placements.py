@@ -18,7 +18,7 @@ import requests
 
 from portals import phpform
 from portals.standin import FakePortal, StandIn
-from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH, BX24_JS_PATH
+from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR, BX24_JS_PATH
 
 TIMEOUT = 5
 APP = "http://127.0.0.1:8000/widgets/deal/"
@@ -252,7 +252,8 @@ def test_frame_page_posts_placement_and_its_options(portal: FakePortal) -> None:
     assert response.status_code == 200
     page = _parse(response.text)
     [form] = page.forms
-    assert form["target"] == APP_FRAME_NAME
+    sid = parse_qs(urlsplit(str(form["action"])).query)["APP_SID"][0]
+    assert form["target"] == f"{portal.domain}|0|{sid}"  # DOMAIN|PROTOCOL|APP_SID, as the JS SDK reads it
     assert parse_qs(urlsplit(str(form["action"])).query)["LANG"] == ["de"]
     assert page.inputs["PLACEMENT"] == "CRM_DEAL_DETAIL_TAB"
     assert page.inputs["PLACEMENT_OPTIONS"] == '{"ID": "8"}'
@@ -460,7 +461,7 @@ def test_an_app_in_a_deal_tab_reads_the_deal_through_the_js_library(
         browser_page.goto(
             f"{portal.url}{APP_FRAME_PATH}?placement=CRM_DEAL_DETAIL_TAB&options={quote(json.dumps({'ID': deal}))}"
         )
-        frame = browser_page.frame_locator(f'iframe[name="{APP_FRAME_NAME}"]')
+        frame = browser_page.frame_locator(APP_FRAME_SELECTOR)
         expect(frame.locator("#placement")).to_have_text(f"CRM_DEAL_DETAIL_TAB deal {deal}")
         expect(frame.locator("#auth")).to_have_text(f"member {portal.member_id} valid")
         expect(frame.locator("#deal")).to_have_text("Deal: Kitchen renovation")

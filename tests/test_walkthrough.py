@@ -22,7 +22,7 @@ import requests
 
 from config.celery import app as celery_app
 from portals.standin import FakePortal, StandIn
-from portals.standin.server import APP_FRAME_NAME, APP_FRAME_PATH
+from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.processes import ROOT, celery_worker
 from tests.test_browser import _shot, browser, page  # noqa: F401  (fixtures)
 
@@ -118,7 +118,7 @@ def test_the_readme_walkthrough_builds_an_app_that_works(
     b24.seed("crm.deal", 1)
     b24.items["crm.deal"][0]["TITLE"] = "Forty chairs for the canteen"
     page.goto(f"{b24.url}{APP_FRAME_PATH}?placement=CRM_DEAL_DETAIL_TAB&id=1&user_id=1")
-    tab = page.frame_locator(f'iframe[name="{APP_FRAME_NAME}"]')
+    tab = page.frame_locator(APP_FRAME_SELECTOR)
     expect(tab.locator("#title")).to_have_text("Forty chairs for the canteen")
     expect(tab.locator("#answer")).to_have_text("Forty chairs for the canteen")
     _shot(page, tmp_path, "walkthrough-deal-tab")

@@ -106,7 +106,10 @@ INVALID_GRANT: Answer = (400, {"error": "invalid_grant", "error_description": "I
 INVALID_CLIENT: Answer = (401, {"error": "invalid_client", "error_description": "Invalid client"})
 
 APP_FRAME_PATH = "/app-frame/"
-APP_FRAME_NAME = "app-frame"
+# The app's iframe on a portal page: found by this id; its name is `DOMAIN|PROTOCOL|APP_SID`, what the
+# official JS SDK reads (docs/bitrix24-protocol.md §8).
+APP_FRAME_ID = "app-frame"
+APP_FRAME_SELECTOR = f"iframe#{APP_FRAME_ID}"
 # The JS library, at the path of Bitrix24's own (//api.bitrix24.com/api/v1/, sdk/bx24-js-sdk/index.md).
 BX24_JS_PATH = "/api/v1/"
 # Where the portal page posts what the library in its frame asked for (see FakePortal.frame_report).
@@ -1112,22 +1115,33 @@ class FakePortal:
             query["APP_SID"],
             {"secret": secret, "user_id": user_id, "admin": admin, "placement": placement},
         )
+        raw_options = body.get("PLACEMENT_OPTIONS", "")
+        try:
+            parsed_options = json.loads(raw_options) if raw_options else {}
+        except ValueError:
+            parsed_options = {}
         init: JSON = {
             **query,
             "AUTH_ID": body["AUTH_ID"],
             "AUTH_EXPIRES": body["AUTH_EXPIRES"],
             "REFRESH_ID": body["REFRESH_ID"],
             "member_id": body["member_id"],
+            "MEMBER_ID": body["member_id"],
             "PLACEMENT": placement,
-            "PLACEMENT_OPTIONS": body.get("PLACEMENT_OPTIONS", ""),
+            "PLACEMENT_OPTIONS": raw_options,
             "USER_ID": user_id,
             "IS_ADMIN": admin,
             "INSTALL": not self.install_finished,
+            # What the official JS SDK's getInitData also reads: the options as an object, the REST path.
+            "SDK_PLACEMENT_OPTIONS": parsed_options if isinstance(parsed_options, dict) else {},
+            "FIRST_RUN": False,
+            "PATH": "/rest/",
         }
         frame_config = json.dumps(
             {"appOrigin": _origin(handler), "secret": secret, "reportUrl": FRAME_REPORT_PATH, "init": init}
         )
         domain = html.escape(self.domain)
+        frame_name = f"{self.domain}|{query['PROTOCOL']}|{query['APP_SID']}"
         finished = "installFinish called" if self.install_finished else "installFinish not called yet"
         return f"""<!doctype html>
 <html lang="en">
@@ -1144,11 +1158,11 @@ class FakePortal:
 <body>
   <header>Bitrix24 stand-in · portal <b>{domain}</b> · user {int(user_id)} · placement {html.escape(placement)}
     · <span id="standin-status">{finished}</span></header>
-  <form id="launch" method="post" action="{html.escape(action)}" target="{APP_FRAME_NAME}">
+  <form id="launch" method="post" action="{html.escape(action)}" target="{html.escape(frame_name)}">
 {inputs}
     <noscript><button type="submit">Open the app</button></noscript>
   </form>
-  <iframe name="{APP_FRAME_NAME}" id="{APP_FRAME_NAME}" title="Application"
+  <iframe name="{html.escape(frame_name)}" id="{APP_FRAME_ID}" title="Application"
           data-standin="{html.escape(frame_config)}"></iframe>
   <script>{_static("frame.js")}</script>
 </body>

@@ -8,6 +8,11 @@
 //   resizeWindow  -> sets the frame's height to message.height (fitWindow, resizeWindow)
 //   installFinish -> POSTs to the portal, which records it; answers {install_finished: true}
 //   refreshAuth   -> POSTs to the portal for fresh tokens; answers {AUTH_ID, REFRESH_ID, AUTH_EXPIRES}
+//
+// And Bitrix24's own protocol, which the official JS SDK (@bitrix24/b24jssdk) speaks: strings
+// "command:params:callbackKey:APP_SID" (params JSON, left out when empty), answered "callbackKey:JSON"
+// (docs/bitrix24-protocol.md §8): getInitData, refreshAuth, setInstallFinish, setInstall, resizeWindow,
+// setTitle, setScroll, reloadWindow, setAppOption, setUserOption, closeApplication, selectUser.
 (function () {
   "use strict";
   var frame = document.getElementById("app-frame");
@@ -29,8 +34,109 @@
     );
   }
 
+  var appOptions = {};
+  var userOptions = {};
+
+  function initData() {
+    var init = config.init;
+    return {
+      DOMAIN: init.DOMAIN,
+      PROTOCOL: Number(init.PROTOCOL),
+      LANG: init.LANG,
+      APP_SID: init.APP_SID,
+      PATH: init.PATH,
+      AUTH_ID: init.AUTH_ID,
+      AUTH_EXPIRES: Number(init.AUTH_EXPIRES),
+      REFRESH_ID: init.REFRESH_ID,
+      MEMBER_ID: init.MEMBER_ID,
+      IS_ADMIN: init.IS_ADMIN,
+      PLACEMENT: init.PLACEMENT,
+      PLACEMENT_OPTIONS: init.SDK_PLACEMENT_OPTIONS,
+      INSTALL: init.INSTALL,
+      FIRST_RUN: init.FIRST_RUN,
+      APP_OPTIONS: appOptions,
+      USER_OPTIONS: userOptions,
+    };
+  }
+
+  function resize(height) {
+    height = Number(height);
+    if (height > 0) {
+      frame.style.height = Math.min(height, 20000) + "px";
+    }
+  }
+
+  // Bitrix24's string protocol. The callback key is the next to last part, APP_SID the last; what lies
+  // between (JSON that may hold colons itself) is the command's parameters.
+  function onString(text) {
+    var parts = text.split(":");
+    if (parts.length < 3 || parts[parts.length - 1] !== sid) {
+      return;
+    }
+    var command = parts[0];
+    var key = parts[parts.length - 2];
+    var raw = parts.slice(1, parts.length - 2).join(":");
+    var params = {};
+    if (raw) {
+      try {
+        params = JSON.parse(raw);
+      } catch (error) {
+        params = raw;
+      }
+    }
+    function answer(data) {
+      frame.contentWindow.postMessage(key + ":" + JSON.stringify(data === undefined ? {} : data), config.appOrigin);
+    }
+    if (command === "getInitData") {
+      answer(initData());
+    } else if (command === "refreshAuth") {
+      report("refreshAuth").then(function (fresh) {
+        config.init.AUTH_ID = fresh.AUTH_ID;
+        config.init.REFRESH_ID = fresh.REFRESH_ID;
+        config.init.AUTH_EXPIRES = fresh.AUTH_EXPIRES;
+        answer({ AUTH_ID: fresh.AUTH_ID, REFRESH_ID: fresh.REFRESH_ID, AUTH_EXPIRES: Number(fresh.AUTH_EXPIRES) });
+      });
+    } else if (command === "setInstallFinish") {
+      report("installFinish").then(
+        function () {
+          status.textContent = "installFinish called";
+          answer({});
+        },
+        function (error) {
+          status.textContent = "installFinish not recorded: " + error.message;
+          answer({ error: error.message });
+        }
+      );
+    } else if (command === "resizeWindow") {
+      resize(params && params.height);
+      answer({});
+    } else if (command === "setAppOption" || command === "setUserOption") {
+      var store = command === "setAppOption" ? appOptions : userOptions;
+      if (params && typeof params === "object") {
+        for (var name in params) {
+          store[name] = params[name];
+        }
+      }
+      answer({});
+    } else if (command === "selectUser") {
+      // The portal's user picker: the stand-in picks the user who opened the app.
+      var user = { id: String(config.init.USER_ID), name: "User" + config.init.USER_ID };
+      answer(params && params.mult ? [user] : user);
+    } else if (command === "closeApplication") {
+      status.textContent = "closeApplication called";
+      answer({});
+    } else {
+      // setInstall, setTitle, setScroll, reloadWindow …: nothing to show here, acknowledged.
+      answer({});
+    }
+  }
+
   window.addEventListener("message", function (event) {
     if (event.source !== frame.contentWindow || event.origin !== config.appOrigin) {
+      return;
+    }
+    if (typeof event.data === "string") {
+      onString(event.data);
       return;
     }
     var message = event.data;
