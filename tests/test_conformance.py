@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -160,3 +161,71 @@ def test_the_official_js_sdk_starts_in_the_frame_and_calls_the_portal(
     assert result["missing"].startswith("thrown: 400"), result["missing"]
     assert result["refreshed"] is True and result["me"] == "1"
     assert result["finished"] is True and portal.install_finished is True
+
+
+# --- the Python SDKs, each in a venv of its own -------------------------------------------------------
+
+
+def _sdk_python(name: str) -> Path:
+    python = ROOT / "var" / "conformance" / name / "bin" / "python"
+    if not python.exists():
+        reason = f"{name} is not installed: run bin/conformance-deps (PyPI)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: the conformance suite must run)")
+        pytest.skip(reason)
+    return python
+
+
+def _run_checks(python: Path, script: str, config: dict[str, Any]) -> dict[str, Any]:
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    done = subprocess.run(
+        [str(python), str(ROOT / "tests" / "conformance" / script), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) -> None:
+    python = _sdk_python("b24pysdk")
+    portal = standin.add_portal()
+    tokens = portal.issue_tokens(1, admin=True)
+    standin._access[tokens["access_token"]].access_expires = 0  # the portal says it has expired
+    config = {
+        "domain": portal.domain,
+        "oauth": standin.oauth_url,
+        "webhook": portal.add_webhook(1).split("/rest/", 1)[1].strip("/"),
+        "client_id": standin.client_id,
+        "client_secret": standin.client_secret,
+        "access": tokens["access_token"],
+        "refresh": tokens["refresh_token"],
+    }
+    result = _run_checks(python, "b24pysdk_checks.py", config)
+    print("b24pysdk 1.3.2 against the stand-in:", result)
+    assert result["deal"] == ["Forty chairs", "100.00", "NEW", "N"]
+    assert result["list"] == 61 and result["fast"] == 61  # pages of 50, both ways of paging
+    assert result["filtered"] == ["Forty chairs"]
+    assert result["batch"] == ["deal", "me"]
+    assert (
+        result["missing"].startswith(("BitrixAPIError", "BitrixAPIBadRequest"))
+        and "Not found" in result["missing"]
+    )
+    assert (result["me"], result["fields"]) == ("1", "integer")
+    assert result["oauth_profile"] == "1" and result["refreshed"] is True
+    assert result["new_refresh"] in standin._refresh  # the SDK holds the live pair now
+
+
+def test_fast_bitrix24_works_against_the_stand_ins_webhook(standin: StandIn) -> None:
+    python = _sdk_python("fast-bitrix24")
+    portal = standin.add_portal()
+    for number in range(55):
+        portal.edit("crm.deal", "add", fields={"TITLE": f"Chair {number}"})
+    result = _run_checks(python, "fast_bitrix24_checks.py", {"webhook_url": portal.add_webhook(1)})
+    print("fast_bitrix24 1.8.14 against the stand-in:", result)
+    assert result["added"] == 3 and result["got"] == ["Table 0", "Table 1", "Table 2"]
+    assert result["all"] == 58  # over two pages, through batch
+    assert result["filtered"] == ["Table 1", "Table 2"]  # OPPORTUNITY 0 ("0.00") is not > 0
+    assert result["me"] == "1"

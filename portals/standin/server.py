@@ -561,7 +561,12 @@ class _PortalHandler(_Handler):
         if not split.path.startswith("/rest/"):
             self._send_json(404, {"error": "NOT_FOUND", "error_description": "Not a REST path"})
             return
-        method = split.path[len("/rest/") :].strip("/").lower()
+        method = split.path[len("/rest/") :].strip("/")
+        # An inbound webhook (local-integrations/local-webhooks.md): /rest/{user_id}/{webhook_code}/{method}.
+        hook = re.fullmatch(r"(\d+)/([A-Za-z0-9]+)/(.+)", method)
+        if hook is not None:
+            method = hook.group(3)
+        method = method.lower()
         if method.endswith(".json"):
             method = method[: -len(".json")]
         try:
@@ -570,6 +575,14 @@ class _PortalHandler(_Handler):
             portal._log_call(self.command, method, {})
             self._send_json(400, {"error": "INVALID_REQUEST", "error_description": str(exc)})
             return
+        if hook is not None:
+            token = portal.webhook_token(int(hook.group(1)), hook.group(2))
+            if token is None:
+                self._send_json(
+                    401, {"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"}
+                )
+                return
+            params["auth"] = token  # the webhook's own, whatever the caller sent
         portal._log_call(self.command, method, params)
         status, payload = portal._handle(method, params)
         self._send_json(status, payload)
@@ -984,6 +997,7 @@ class FakePortal:
     ) -> None:
         self.standin = standin
         self.member_id = member_id
+        self._webhooks: dict[tuple[int, str], str] = {}
         self.rate = rate
         self.burst = burst
         self.scope = scope
@@ -1235,6 +1249,20 @@ class FakePortal:
                 "AUTH_EXPIRES": str(tokens["expires_in"]),
             }
         raise ValueError(f"unknown command {command!r}")
+
+    def add_webhook(self, user_id: int = 1, *, admin: bool = True) -> str:
+        """An inbound webhook of `user_id` (local-integrations/local-webhooks.md): returns its URL,
+        ``{portal}/rest/{user_id}/{code}/``. It acts as that user, with the app's scope, and does not expire."""
+        code = secrets.token_hex(8)
+        grant = self.standin._issue(self, user_id, admin)
+        grant.access_expires = float("inf")
+        with self._lock:
+            self._webhooks[(user_id, code)] = grant.access_token
+        return f"{self.url}/rest/{user_id}/{code}/"
+
+    def webhook_token(self, user_id: int, code: str) -> str | None:
+        with self._lock:
+            return self._webhooks.get((user_id, code))
 
     def forget_access_token(self, token: str) -> None:
         """The portal no longer knows this access token (the app's frame refreshed it away, say): REST and

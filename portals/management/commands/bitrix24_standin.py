@@ -143,7 +143,12 @@ class Command(BaseCommand):
             f"     {page}\n"
             f"  2. See the portal, its token pairs and the requests it sent in the admin:\n"
             f"     {backend}/admin/portals/portal/\n"
-            "     (no admin login yet? bin/manage createsuperuser)"
+            "     (no admin login yet? bin/manage createsuperuser)\n"
+            f"  3. See the portal as Bitrix24 shows it: what it sent, its bindings, forms to change a deal:\n"
+            f"     {portal.url}/standin/\n"
+            "  4. Call the portal's REST API yourself (an inbound webhook of user 1; fast_bitrix24 and b24pysdk\n"
+            "     take it as they take a real portal's):\n"
+            f"     {portal.add_webhook(options['user_id'])}"
         )
         self.stdout.flush()
         if options["exit_after_install"]:
