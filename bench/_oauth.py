@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from portals.standin.server import FakePortal, StandIn
+from standin.server import FakePortal, StandIn
 
 
 class _NoServer:

@@ -63,7 +63,7 @@ def scratch(
     on a fresh database; drops it afterwards. `also_trust`: more OAuth servers the product may use."""
     from cryptography.fernet import Fernet
 
-    from portals.standin import StandIn
+    from standin import StandIn
 
     base = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
     parts = urlsplit(base)

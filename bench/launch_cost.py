@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     with scratch() as standin:
-        from portals.standin import payloads as bx
+        from standin import payloads as bx
 
         fake = standin.add_portal()
         store_portal(standin, fake, refresh_age_days=1, state="installed")

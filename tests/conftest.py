@@ -15,8 +15,8 @@ from django.conf import settings as django_settings
 from django.db import connection
 
 from portals import clock, registry
-from portals.standin import FakePortal, StandIn
-from portals.standin import payloads as bx
+from standin import FakePortal, StandIn
+from standin import payloads as bx
 from tests.eventapp import bitrix24 as eventapp
 from tests.faults import (
     BackendProcess,

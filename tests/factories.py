@@ -32,7 +32,7 @@ from portals.models import (
     RenewalTrigger,
     TokenPair,
 )
-from portals.standin import FakePortal
+from standin import FakePortal
 
 
 def _token() -> str:

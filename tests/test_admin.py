@@ -33,8 +33,8 @@ from portals.models import (
     WantedAction,
     WantedKind,
 )
-from portals.standin import payloads as bx
 from portals.tasks import carry_out_task, queue_open_actions, renew_pair_task
+from standin import payloads as bx
 from tests.factories import InboundRequestFactory, PortalFactory, RenewalLogFactory
 
 PORTALS = "/admin/portals/portal/"

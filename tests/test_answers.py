@@ -12,8 +12,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from portals import answers, client, errors, registry
-from portals.standin import payloads as bx
 from portals.verification import Refusal, TooManyUnverified, UpstreamUnavailable, VerificationError
+from standin import payloads as bx
 from tests import answers_urls
 
 pytestmark = pytest.mark.django_db(transaction=True)

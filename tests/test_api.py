@@ -413,7 +413,7 @@ def test_frontend_refuses_missing_malformed_and_unknown_portals(backend, b24, in
 def test_frontend_access_ends_with_the_uninstall_even_when_cached(
     backend, b24, installed_portal, wanted_worker
 ):
-    from portals.standin import payloads as bx
+    from standin import payloads as bx
 
     token = b24.issue_tokens(7, admin=False)["access_token"]
     frame = _frame(backend, b24, token)

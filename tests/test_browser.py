@@ -28,7 +28,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from config.celery import app as celery_app
 from install.models import InboundKind, InboundRequest, InboundStatus
 from portals.models import Portal, PortalState
-from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
+from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 
 CHROMIUM = "/usr/bin/chromium"
 # As the machine notes say: without the background-networking flags Chromium keeps trying to reach

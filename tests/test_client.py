@@ -14,8 +14,8 @@ from config.celery import app as celery_app
 from portals import bindings, client
 from portals.client import PortalClient
 from portals.models import Portal, TokenPair, WantedAction, WantedKind
-from portals.standin import payloads as bx
 from portals.tasks import carry_out_task
+from standin import payloads as bx
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent

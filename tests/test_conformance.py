@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from portals.standin import FakePortal, StandIn
-from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
+from standin import FakePortal, StandIn
+from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.test_standin_placements import admin_token, bind, browser_page  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.system

@@ -27,7 +27,7 @@ from events.models import AppEvent, EventSource, EventState, HandlerPace
 from events.tasks import handle_event_task, sweep_events
 from install.models import InboundRequest
 from portals import phpform, registry
-from portals.standin import FakePortal
+from standin import FakePortal
 from tests.eventapp import bitrix24 as eventapp
 from tests.processes import ROOT
 

@@ -25,7 +25,7 @@ from events.models import AppEvent, EventState, OfflineQueue
 from events.tasks import sweep_events
 from example import bitrix24 as example
 from portals import bindings, registry
-from portals.standin import FakePortal, StandIn
+from standin import FakePortal, StandIn
 from tests.eventapp import bitrix24 as eventapp
 from tests.factories import PortalFactory
 from tests.processes import celery_worker

@@ -19,8 +19,8 @@ from config.celery import app as celery_app
 from events.models import AppEvent, EventSource, EventState
 from events.tasks import handle_event_task
 from portals.models import Portal, RenewalLog, RenewalOutcome, RenewalTrigger, TokenPair
-from portals.standin import StandIn
 from portals.tasks import queue_renewals
+from standin import StandIn
 from tests.eventapp import bitrix24 as eventapp
 from tests.factories import PortalFactory, UserFactory
 from tests.processes import celery_worker

@@ -23,9 +23,9 @@ import requests
 
 from events.models import AppEvent, EventState
 from portals.models import AttemptState, Portal, RenewalAttempt, RenewalLog, RenewalOutcome, TokenPair
-from portals.standin import StandIn
-from portals.standin import payloads as bx
 from portals.tasks import renew_pair_task
+from standin import StandIn
+from standin import payloads as bx
 from tests.processes import ROOT
 
 pytestmark = [pytest.mark.system, pytest.mark.needs_postgres, pytest.mark.needs_redis]

@@ -18,7 +18,7 @@ from time_machine import travel
 
 from portals import operations
 from portals.models import PairState, Portal, PortalState, TokenPair, WantedAction, WantedKind
-from portals.standin import payloads as bx
+from standin import payloads as bx
 from tests.factories import PortalFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -15,8 +15,8 @@ from django.utils import timezone
 from install.models import InboundRequest, InboundStatus
 from portals import phpform, registry
 from portals.models import Portal, PortalState, TokenPair
-from portals.standin import payloads as bx
 from portals.tasks import payment_hint_task
+from standin import payloads as bx
 from tests.samples import docs_event
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 
 from install.models import InboundRequest, InboundStatus
 from portals.models import TokenPair
-from portals.standin import payloads as bx
+from standin import payloads as bx
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

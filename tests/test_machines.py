@@ -19,8 +19,8 @@ import psycopg
 import pytest
 import requests
 
-from portals.standin import FakePortal, StandIn
-from portals.standin import payloads as bx
+from standin import FakePortal, StandIn
+from standin import payloads as bx
 from tests import machines
 from tests.faults import PrivatePostgres, PrivateRedis
 from tests.processes import seed_pairs

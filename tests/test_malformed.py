@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from install.models import InboundRequest, InboundStatus
 from install.parsing import BadRequest, decode_php_form
 from portals.models import Portal, TokenPair
-from portals.standin import payloads as bx
+from standin import payloads as bx
 
 FORM = "application/x-www-form-urlencoded"
 

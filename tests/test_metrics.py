@@ -27,7 +27,7 @@ from config.celery import app as celery_app
 from portals import governor, metrics, phpform, tasks
 from portals.masking import fingerprint
 from portals.models import PairState, PortalState, RenewalAttempt, RenewalLog, RenewalOutcome, RenewalTrigger
-from portals.standin import payloads as bx
+from standin import payloads as bx
 from tests.factories import PortalFactory, TokenPairFactory
 from tests.processes import celery_worker
 

@@ -18,7 +18,7 @@ import requests
 from rest_framework.authtoken.models import Token
 
 from portals.models import Portal, TokenPair, WantedAction, WantedKind
-from portals.standin import payloads as bx
+from standin import payloads as bx
 from tests.factories import PortalFactory, UserFactory
 from tests.processes import celery_worker
 

@@ -19,7 +19,7 @@ from events.models import AppEvent, EventSource
 from events.tasks import handle_event_task
 from example import bitrix24 as example
 from portals import registry
-from portals.standin import FakePortal
+from standin import FakePortal
 from tests.processes import ROOT
 from tests.translations import SOURCES, messages
 

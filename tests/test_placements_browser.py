@@ -16,8 +16,8 @@ import pytest
 
 from example import bitrix24 as example
 from portals import bindings, registry
-from portals.standin import FakePortal
-from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
+from standin import FakePortal
+from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.test_browser import _shot, browser, page  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,8 +20,8 @@ from install.models import DeferredEvent
 from install.tasks import apply_deferred_task
 from portals import sources, spool
 from portals.models import Portal, PortalState, WantedAction, WantedKind
-from portals.standin import payloads as bx
 from portals.verification import VerificationError
+from standin import payloads as bx
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portals import phpform
-from portals.standin import FakePortal, StandIn, payloads
+from standin import FakePortal, StandIn, payloads
 from tests.samples import load_json, load_php_array, load_print_r, shape
 
 TIMEOUT = 5
@@ -626,3 +626,20 @@ _trees = st.recursive(
 @given(st.dictionaries(_keys, _trees, min_size=1, max_size=4))
 def test_phpform_round_trip(nested: dict[str, Any]) -> None:
     assert phpform.decode(phpform.encode(nested)) == nested
+
+
+def test_form_fields_are_read_and_written_as_php_does():
+    """The stand-in's own PHP form handling (standin/form.py), not the product's: http_build_query out,
+    $_POST in."""
+    from standin import form
+
+    pairs = form.encode(
+        {"auth": {"member_id": "m"}, "data": {"FIELDS": {"ID": 7}}, "flag": True, "gone": None}
+    )
+    assert pairs == [("auth[member_id]", "m"), ("data[FIELDS][ID]", "7"), ("flag", "1")]
+    assert form.decode(pairs) == {"auth": {"member_id": "m"}, "data": {"FIELDS": {"ID": "7"}}, "flag": "1"}
+    parsed = form.decode_query("select[]=ID&select[]=TITLE&filter[>ID]=5&order[ID]=DESC&x=1&x=2")
+    assert parsed == {"select": ["ID", "TITLE"], "filter": {">ID": "5"}, "order": {"ID": "DESC"}, "x": "2"}
+    assert form.decode_query("ids[0]=a&ids[1]=b&map[1]=a") == {"ids": ["a", "b"], "map": {"1": "a"}}
+    with pytest.raises(ValueError, match="deeper than 64"):
+        form.decode_query("a" + "[b]" * 64 + "=1")

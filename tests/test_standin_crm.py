@@ -1,4 +1,4 @@
-"""The stand-in answers CRM and user methods in Bitrix24's shapes (portals/standin/crm.py, from the docs'
+"""The stand-in answers CRM and user methods in Bitrix24's shapes (standin/crm.py, from the docs'
 examples): what passes here because the stand-in echoed a caller's types back would fail on a portal."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from portals.client import PortalClient, RestError
-from portals.standin import FakePortal
+from standin import FakePortal
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$")
 

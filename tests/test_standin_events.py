@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from portals import phpform
-from portals.standin import FakePortal, StandIn
-from portals.standin.console import CONSOLE_PATH, FIRE_PATH
-from portals.standin.events import FEATURE_CONNECTOR, FEATURE_EXTENDED
+from standin import FakePortal, StandIn
+from standin.console import CONSOLE_PATH, FIRE_PATH
+from standin.events import FEATURE_CONNECTOR, FEATURE_EXTENDED
 from tests.samples import load_json
 
 TIMEOUT = 5

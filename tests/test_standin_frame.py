@@ -15,8 +15,8 @@ import requests
 from django.core.management import call_command
 
 from portals.models import Portal, TokenPair
-from portals.standin import payloads as bx
-from portals.standin.server import APP_FRAME_PATH
+from standin import payloads as bx
+from standin.server import APP_FRAME_PATH
 
 TIMEOUT = 5
 

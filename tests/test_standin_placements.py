@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from portals import phpform
-from portals.standin import FakePortal, StandIn
-from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR, BX24_JS_PATH
+from standin import FakePortal, StandIn
+from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR, BX24_JS_PATH
 
 TIMEOUT = 5
 APP = "http://127.0.0.1:8000/widgets/deal/"

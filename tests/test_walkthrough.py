@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from config.celery import app as celery_app
-from portals.standin import FakePortal, StandIn
-from portals.standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
+from standin import FakePortal, StandIn
+from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.processes import ROOT, celery_worker
 from tests.test_browser import _shot, browser, page  # noqa: F401  (fixtures)
 

@@ -24,9 +24,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from portals import verification
-from portals.standin import FakePortal, StandIn
-from portals.standin import payloads as bx
-from portals.standin.server import APP_FRAME_PATH
+from standin import FakePortal, StandIn
+from standin import payloads as bx
+from standin.server import APP_FRAME_PATH
 
 DEFAULT_CLIENT_ID = "app.standin"
 DEFAULT_CLIENT_SECRET = "standin-secret"  # noqa: S105 - the stand-in's published development secret

@@ -1,4 +1,4 @@
-"""The requests Bitrix24 sends to an app, built for a :class:`~portals.standin.server.FakePortal`.
+"""The requests Bitrix24 sends to an app, built for a :class:`~standin.server.FakePortal`.
 
 Events are ``application/x-www-form-urlencoded`` POSTs with PHP-style nested keys, so the event builders
 return form pairs (post them with ``requests.post(url, data=pairs)``). The launch / install frame is a POST
@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import phpform
+from . import form as phpform
 
 if TYPE_CHECKING:  # the server builds its app frame with these payloads
     from .server import FakePortal

@@ -1,5 +1,0 @@
-"""`python -m portals.standin`: run the Bitrix24 stand-in on loopback (see docs/standin.md)."""
-
-from .server import main
-
-raise SystemExit(main())
