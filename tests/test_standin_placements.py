@@ -393,8 +393,8 @@ class _LocalApp:
     """An app on its own loopback origin: answers the portal's POST (and GET) with a page that uses the
     portal's JS library; remembers the forms it was posted."""
 
-    def __init__(self, library: str) -> None:
-        body = _APP_PAGE.format(library=library).encode()
+    def __init__(self, library: str, page: str = _APP_PAGE) -> None:
+        body = page.format(library=library).encode()
         posted = self.posted = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -494,3 +494,62 @@ def test_an_app_in_a_deal_tab_reads_the_deal_through_the_js_library(
         assert "installFinish called" in console
     finally:
         app.close()
+
+
+_MORE_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>More of BX24</title></head>
+<body>
+<pre id="out">…</pre>
+<script src="{library}"></script>
+<script>
+BX24.init(function () {{
+  var out = {{}};
+  BX24.callBatch({{deal: ["crm.deal.get", {{id: "{deal}"}}], me: ["user.current", {{}}], bad: ["crm.deal.get", {{id: 999}}]}},
+    function (results) {{
+      out.batch = [results.deal.data().TITLE, results.me.data().ID, String(results.bad.error())];
+      BX24.appOption.set("colour", "teal", function () {{
+        BX24.userOption.set("compact", "Y", function () {{
+          out.options = [BX24.appOption.get("colour"), BX24.userOption.get("compact")];
+          BX24.selectUser(function (user) {{
+            out.user = user.id;
+            BX24.placement.call("reloadData", {{}}, function (answer) {{
+              out.placementCall = answer.called;
+              document.getElementById("out").textContent = JSON.stringify(out);
+              BX24.closeApplication();
+            }});
+          }});
+        }});
+      }});
+    }});
+}});
+</script>
+</body></html>
+"""
+
+
+def test_the_shipped_library_batches_keeps_options_picks_a_user_and_closes(
+    browser_page: Any, portal: FakePortal
+) -> None:
+    """BX24.callBatch, appOption/userOption, selectUser, placement.call and closeApplication, as the docs
+    describe them, against the portal page."""
+    from playwright.sync_api import expect
+
+    deal = portal.edit("crm.deal", "add", fields={"TITLE": "Kitchen renovation"})
+    app = _LocalApp(portal.url + BX24_JS_PATH, page=_MORE_PAGE.replace("{deal}", str(deal)))
+    try:
+        assert bind(portal, admin_token(portal), handler=app.url, TITLE="Orders").json()["result"] is True
+        browser_page.goto(
+            f"{portal.url}{APP_FRAME_PATH}?placement=CRM_DEAL_DETAIL_TAB&options={quote(json.dumps({'ID': deal}))}"
+        )
+        frame = browser_page.frame_locator(APP_FRAME_SELECTOR)
+        frame.locator("#out").filter(has_text="{").wait_for()
+        result = json.loads(frame.locator("#out").text_content() or "{}")
+        expect(browser_page.locator("#standin-status")).to_have_text("closeApplication called")
+    finally:
+        app.close()
+    assert result == {
+        "batch": ["Kitchen renovation", "1", "Not found"],
+        "options": ["teal", "Y"],
+        "user": "1",
+        "placementCall": "reloadData",
+    }

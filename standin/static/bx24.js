@@ -14,7 +14,13 @@
 //                                (bx24-call-method.md)
 //   BX24.installFinish()         tells the page; the portal records it (bx24-install-finish.md)
 //   BX24.fitWindow(cb), BX24.resizeWindow(w, h, cb)   resize the frame (bx24-fit-window.md)
+//   BX24.callBatch(calls, cb, halt)  one `batch` request; cb gets a result per key (or per index) with the
+//                                same methods as callMethod's (bx24-call-batch.md)
 //   BX24.placement.info()        {placement, options} (options parsed from PLACEMENT_OPTIONS)
+//   BX24.placement.call(command, params, cb)   a command of the widget's interface; the page answers
+//   BX24.appOption.get/set, BX24.userOption.get/set   options kept by the portal page for this app/user
+//   BX24.selectUser(cb)          the portal's user picker: the stand-in picks the user who opened the app
+//   BX24.closeApplication()      the page closes the app's slider (it says so)
 //   BX24.getLang(), BX24.getDomain(), BX24.isAdmin()
 (function (global) {
   "use strict";
@@ -195,6 +201,63 @@
     }
   }
 
+  // bx24-call-batch.md: `calls` is an object ({key: [method, params]} or {key: {method, params}}) or an
+  // array; the callback gets the results keyed the same way.
+  function callBatch(calls, callback, halt) {
+    var keys = Object.keys(calls);
+    var cmd = {};
+    var methods = {};
+    keys.forEach(function (key) {
+      var call = calls[key];
+      var method = Array.isArray(call) ? call[0] : call.method;
+      var params = (Array.isArray(call) ? call[1] : call.params) || {};
+      var query = encode(params);
+      methods[key] = method;
+      cmd[key] = method + (query ? "?" + query : "");
+    });
+    callMethod("batch", { halt: halt ? 1 : 0, cmd: cmd }, function (outer) {
+      var body = outer.data() || {};
+      var results = Array.isArray(calls) ? [] : {};
+      keys.forEach(function (key) {
+        var error = body.result_error && body.result_error[key];
+        var answer = error
+          ? error
+          : {
+              result: body.result ? body.result[key] : undefined,
+              total: body.result_total ? body.result_total[key] : undefined,
+              next: body.result_next ? body.result_next[key] : undefined,
+            };
+        var status = outer.error() ? outer.status : error ? 400 : 200;
+        results[key] = new Result(outer.error() ? outer.answer : answer, status, methods[key], {}, undefined);
+      });
+      if (callback) {
+        callback(results);
+      }
+    });
+  }
+
+  function options(kind) {
+    return {
+      get: function (name) {
+        var kept = (data && data[kind]) || {};
+        return name === undefined ? kept : kept[name];
+      },
+      set: function (name, value, callback) {
+        var fields = {};
+        fields[name] = value;
+        if (data) {
+          data[kind] = data[kind] || {};
+          data[kind][name] = value;
+        }
+        send(kind === "APP_OPTIONS" ? "setAppOption" : "setUserOption", { options: fields }, function () {
+          if (callback) {
+            callback();
+          }
+        });
+      },
+    };
+  }
+
   function refreshAuth(callback) {
     send("refreshAuth", {}, function (answer) {
       if (answer.AUTH_ID) {
@@ -266,11 +329,31 @@
     isAdmin: function () {
       return Boolean(data && data.IS_ADMIN);
     },
+    callBatch: callBatch,
+    appOption: options("APP_OPTIONS"),
+    userOption: options("USER_OPTIONS"),
+    selectUser: function (callback) {
+      send("selectUser", {}, function (user) {
+        if (callback) {
+          callback(user);
+        }
+      });
+    },
+    closeApplication: function () {
+      send("closeApplication", {});
+    },
     placement: {
       info: function () {
         return data
           ? { placement: data.PLACEMENT, options: parseOptions(data.PLACEMENT_OPTIONS) }
           : { placement: undefined, options: {} };
+      },
+      call: function (command, params, callback) {
+        send("placementCall", { name: command, params: params || {} }, function (answer) {
+          if (callback) {
+            callback(answer);
+          }
+        });
       },
     },
   };

@@ -150,7 +150,22 @@
       );
     }
     if (message.command === "getInitData") {
-      reply(config.init);
+      reply(Object.assign({}, config.init, { APP_OPTIONS: appOptions, USER_OPTIONS: userOptions }));
+    } else if (message.command === "setAppOption" || message.command === "setUserOption") {
+      var kept = message.command === "setAppOption" ? appOptions : userOptions;
+      var given = message.options || {};
+      for (var key in given) {
+        kept[key] = given[key];
+      }
+      reply({});
+    } else if (message.command === "selectUser") {
+      reply({ id: String(config.init.USER_ID), name: "User" + config.init.USER_ID });
+    } else if (message.command === "closeApplication") {
+      status.textContent = "closeApplication called";
+      reply({});
+    } else if (message.command === "placementCall") {
+      status.textContent = "placement.call " + message.name;
+      reply({ called: message.name });
     } else if (message.command === "resizeWindow") {
       var height = Number(message.height);
       if (height > 0) {
