@@ -111,8 +111,10 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(DeferredEvent)
 class DeferredEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """Install and update events kept while they could not be verified: read-only; the payload (tokens) is
-    never shown."""
+    """Events kept to be handled later (install.deferred): read-only; the payload (tokens) is never shown."""
+
+    class Media:
+        css = {"all": ("portals/admin-lists.css",)}  # fits 1,280 px, as the other logs (portals.admin.display)
 
     list_display = ("received_at", "event", "member_id", "source", "ts", "attempts", "done_at", "outcome")
     list_filter = ("event", ("done_at", admin.EmptyFieldListFilter))

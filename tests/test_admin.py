@@ -690,3 +690,11 @@ def test_staff_set_a_portals_rest_limits_and_nothing_else(admin_client, standin)
     assert response.status_code == 200  # the form again, with its errors
     portal.refresh_from_db()
     assert (portal.rate_limit, portal.rate_burst) == (5.0, 250)
+
+
+@pytest.mark.django_db
+def test_the_index_lists_the_products_sections_first(admin_client):
+    page = admin_client.get(reverse("admin:index")).content.decode()
+    order = [page.find(f'class="app-{label} module') for label in ("portals", "events", "install", "auth")]
+    assert all(index > 0 for index in order), order
+    assert order == sorted(order)  # portals, events, install, then the frameworks' (users and groups)

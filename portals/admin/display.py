@@ -21,7 +21,10 @@ from .palette import PALETTE, days_left_colour, outcome_colour
 
 
 class ReadOnlyMixin:
-    """For what staff only read: logs and what Bitrix24 reported."""
+    """For what staff only read: logs and what Bitrix24 reported. Their lists fit 1,280 px (the stylesheet)."""
+
+    class Media:
+        css = {"all": ("portals/admin-lists.css",)}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
