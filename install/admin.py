@@ -114,7 +114,9 @@ class DeferredEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """Events kept to be handled later (install.deferred): read-only; the payload (tokens) is never shown."""
 
     class Media:
-        css = {"all": ("portals/admin-lists.css",)}  # fits 1,280 px, as the other logs (portals.admin.display)
+        css = {
+            "all": ("portals/admin-lists.css",)
+        }  # fits 1,280 px, as the other logs (portals.admin.display)
 
     list_display = ("received_at", "event", "member_id", "source", "ts", "attempts", "done_at", "outcome")
     list_filter = ("event", ("done_at", admin.EmptyFieldListFilter))
