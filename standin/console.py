@@ -191,7 +191,9 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
 <body>
   <header>Bitrix24 stand-in · portal <b>{domain}</b> · member_id {html.escape(portal.member_id)}
     · app {"installed" if portal.installed else "not installed"}
-    · <span id="install-finish">{"installFinish called" if portal.install_finished else "installFinish not called yet"}</span></header>
+    · <span id="install-finish">{
+        "installFinish called" if portal.install_finished else "installFinish not called yet"
+    }</span></header>
   <main>
   {flash}
   <section id="placements">
@@ -224,15 +226,36 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
   </section>
   <section>
     <h2>Bindings ({len(bindings)})</h2>
-    {_table(["id", "event", "type", "handler", "auth_type", "options"], binding_rows, "No event is bound.")}
+    {
+        _table(
+            ["id", "event", "type", "handler", "auth_type", "options"],
+            binding_rows,
+            "No event is bound: the backend binds its handlers with event.bind after a trusted install or update, "
+            "when it runs with BITRIX24_PUBLIC_URL set; bin/manage bitrix24_sync binds them again.",
+        )
+    }
   </section>
   <section>
     <h2>Offline queue ({len(records)} record{"" if len(records) == 1 else "s"})</h2>
-    {_table(["ID", "source key", "event", "FIELDS.ID", "TIMESTAMP_X", "MESSAGE_ID", "PROCESS_ID", "error"], queue_rows, "The offline queue is empty.")}
+    {
+        _table(
+            ["ID", "source key", "event", "FIELDS.ID", "TIMESTAMP_X", "MESSAGE_ID", "PROCESS_ID", "error"],
+            queue_rows,
+            "The offline queue is empty.",
+        )
+    }
   </section>
   <section>
     <h2>Last deliveries</h2>
-    {_table(["event", "handler", "status", "started", "took"], delivery_rows, "No event was delivered yet.")}
+    {
+        _table(
+            ["event", "handler", "status", "started", "took"],
+            delivery_rows,
+            "No event was delivered yet: a change here (the forms above, or a REST write) is posted to each handler "
+            "bound for its event. The backend binds its handlers after a trusted install only when it runs with "
+            "BITRIX24_PUBLIC_URL set (bin/run: BITRIX24_PUBLIC_URL=http://127.0.0.1:8000 bin/run).",
+        )
+    }
   </section>
   </main>
 </body>

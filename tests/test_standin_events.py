@@ -731,3 +731,12 @@ def test_the_fire_form_refuses_posts_without_the_pages_token_and_reports_mistake
     assert missing.status_code == 303
     shown = http.get(portal.url + missing.headers["Location"], timeout=TIMEOUT).text
     assert "class=problem" in shown and "Not found" in shown
+
+
+def test_the_console_says_why_nothing_was_bound_or_delivered(standin):
+    """A new user's first look at /standin/ before the backend bound anything: the empty tables say why and
+    what to do, not only that they are empty."""
+    portal = standin.add_portal()
+    page = requests.get(f"{portal.url}/standin/", timeout=10).text
+    assert "No event is bound: the backend binds its handlers" in page
+    assert "No event was delivered yet: a change here" in page and "BITRIX24_PUBLIC_URL" in page

@@ -180,3 +180,20 @@ def test_bitrix24_standin_command_says_when_its_ports_are_taken():
         port = taken.getsockname()[1]
         with pytest.raises(CommandError, match="is it running already, in another terminal"):
             call_command("bitrix24_standin", oauth_port=port, portal_port=0, stdout=io.StringIO())
+
+
+def test_a_refused_install_names_the_settings_the_backend_needs():
+    """`bitrix24_standin --backend …` against a backend started with settings of its own: the refusal says
+    which settings make it trust the stand-in (it said "see the settings above", with nothing above)."""
+    import requests
+
+    from portals.management.commands.bitrix24_standin import _refusal
+
+    refused = requests.Response()
+    refused.status_code = 401
+    refused._content = b'{"error": "invalid_token", "error_description": "app.info refused the token"}'
+    message = _refusal(refused, "BITRIX24_OAUTH_SERVERS=http://127.0.0.1:8001 BITRIX24_ALLOW_HTTP=1")
+    assert message == (
+        "the backend answered 401 invalid_token: app.info refused the token. It does not trust this stand-in: "
+        "start it with BITRIX24_OAUTH_SERVERS=http://127.0.0.1:8001 BITRIX24_ALLOW_HTTP=1."
+    )

@@ -117,6 +117,13 @@ class Command(BaseCommand):
             f"Bitrix24 stand-in: OAuth server {standin.oauth_url}, portal {portal.url} "
             f"(member_id {portal.member_id}, client_id {client_id})."
         )
+        # What the backend needs to trust this stand-in, named in every refusal of the install: the backend may
+        # be another process (--backend), started with settings of its own.
+        self._trust_settings = (
+            f"BITRIX24_OAUTH_SERVERS={standin.oauth_url} BITRIX24_PORTAL_DOMAINS={portal.domain} "
+            f"BITRIX24_ALLOW_HTTP=1 BITRIX24_CLIENT_ID={client_id} BITRIX24_CLIENT_SECRET={secret} (bin/run sets "
+            "them itself while BITRIX24_CLIENT_ID is unset)"
+        )
         missing = self._untrusted(standin, portal, client_id)
         if missing:
             self.stdout.write(
@@ -190,7 +197,7 @@ class Command(BaseCommand):
                 )
                 if response.status_code == 200:
                     return
-                problem = _refusal(response)
+                problem = _refusal(response, self._trust_settings)
             except requests.RequestException as exc:
                 problem = f"{backend} does not answer yet ({type(exc).__name__}): is bin/run running?"
             if problem != last:
@@ -202,7 +209,7 @@ class Command(BaseCommand):
             time.sleep(RETRY_SECONDS)
 
 
-def _refusal(response: requests.Response) -> str:
+def _refusal(response: requests.Response, trust: str = "") -> str:
     """The backend's refusal of the install, with what usually causes it."""
     try:
         body = response.json()
@@ -215,5 +222,7 @@ def _refusal(response: requests.Response) -> str:
     if response.status_code == 503:
         return f"{said}. It cannot reach the OAuth server it trusts: not this stand-in's?"
     if response.status_code in (401, 403):
-        return f"{said}. It does not trust this stand-in: see the settings above."
+        return (
+            f"{said}. It does not trust this stand-in: start it with {trust or 'the settings printed above'}."
+        )
     return f"{said}."
