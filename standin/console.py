@@ -166,6 +166,27 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
     ]
     token = html.escape(portal.console_token)
     entities = _options(list(CRM_EVENTS), "crm.deal")
+    # Each deal with its timeline: what an app wrote there (crm.timeline.comment.add) shows here, as the
+    # deal's page in Bitrix24 shows it.
+    comments = portal.items.get("crm.timeline.comment", [])
+    deal_rows = []
+    for deal in list(reversed(portal.items.get("crm.deal", [])))[:QUEUE_ROWS]:
+        notes = [
+            note
+            for note in comments
+            if str(note.get("ENTITY_ID")) == str(deal["ID"])
+            and str(note.get("ENTITY_TYPE", "")).lower() == "deal"
+        ]
+        latest = str(notes[-1].get("COMMENT", "")) if notes else ""
+        deal_rows.append(
+            [
+                deal["ID"],
+                str(deal.get("TITLE") or ""),
+                str(deal.get("STAGE_ID") or ""),
+                str(len(notes)),
+                latest,
+            ]
+        )
     flash = ""
     if notice:
         flash += f"<p class=notice>{html.escape(notice)}</p>"
@@ -223,6 +244,16 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
       <label>User <input name="user_id" size="4" value="1"></label>
       <button type="submit">Raise</button>
     </form>
+  </section>
+  <section id="deals">
+    <h2>Deals and their timeline</h2>
+    {
+        _table(
+            ["ID", "title", "stage", "timeline notes", "latest note"],
+            deal_rows,
+            "No deal yet: add one with the form above, or with crm.deal.add.",
+        )
+    }
   </section>
   <section>
     <h2>Bindings ({len(bindings)})</h2>

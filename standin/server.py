@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-id", default="app.standin")
     parser.add_argument("--client-secret", default="standin-secret")
     parser.add_argument("--portals", type=int, default=1)
+    parser.add_argument(
+        "--access-ttl",
+        type=int,
+        default=3600,
+        help="seconds an access token lives (Bitrix24: 3600); shorter, to see renewals without waiting an hour",
+    )
     parser.add_argument("--seed", type=int, default=120, help="crm.contact items per portal")
     # Fixed ports let a backend keep trusting the stand-in across restarts (bin/run trusts 8001 and 8002).
     parser.add_argument("--oauth-port", type=int, default=0, help="OAuth server port (default: any free)")
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the first portal's port, the next ones' follow (default: any free)",
     )
     args = parser.parse_args(argv)
-    with StandIn(args.client_id, args.client_secret, oauth_port=args.oauth_port) as standin:
+    with StandIn(
+        args.client_id, args.client_secret, oauth_port=args.oauth_port, access_ttl=args.access_ttl
+    ) as standin:
         print(f"OAuth server: {standin.oauth_url}  (client_id={standin.client_id})")
         for index in range(args.portals):
             portal = standin.add_portal(port=args.portal_port + index if args.portal_port else 0)

@@ -740,3 +740,23 @@ def test_the_console_says_why_nothing_was_bound_or_delivered(standin):
     page = requests.get(f"{portal.url}/standin/", timeout=10).text
     assert "No event is bound: the backend binds its handlers" in page
     assert "No event was delivered yet: a change here" in page and "BITRIX24_PUBLIC_URL" in page
+
+
+def test_the_console_shows_each_deals_timeline(standin):
+    """What an app writes on a deal's timeline (the example app's note) shows on /standin/, as the deal's
+    page shows it in Bitrix24."""
+    portal = standin.add_portal()
+    token = portal.issue_tokens(1)["access_token"]
+
+    def call(method, **params):
+        answer = requests.post(f"{portal.url}/rest/{method}.json", json={**params, "auth": token}, timeout=10)
+        return answer.json()["result"]
+
+    deal = call("crm.deal.add", fields={"TITLE": "Kitchen renovation"})
+    call(
+        "crm.timeline.comment.add",
+        fields={"ENTITY_ID": deal, "ENTITY_TYPE": "deal", "COMMENT": "Called back"},
+    )
+    page = requests.get(f"{portal.url}/standin/", timeout=10).text
+    deals = page.split('id="deals"', 1)[1].split("</section>", 1)[0]
+    assert "Kitchen renovation" in deals and "Called back" in deals and "<td>1</td>" in deals

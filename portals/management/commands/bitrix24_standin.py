@@ -76,6 +76,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--exit-after-install", action="store_true", help="stop once installed (for scripts and tests)"
         )
+        parser.add_argument(
+            "--access-ttl",
+            type=int,
+            default=3600,
+            help="seconds the stand-in's access tokens live (Bitrix24: 3600); shorter, to watch renewals happen",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         backend = str(options["backend"]).rstrip("/")
@@ -83,7 +89,11 @@ class Command(BaseCommand):
             raise CommandError(f"--backend must be an http(s) URL, not {backend!r}")
         client_id = settings.BITRIX24_CLIENT_ID or DEFAULT_CLIENT_ID
         secret = settings.BITRIX24_CLIENT_SECRET or DEFAULT_CLIENT_SECRET
-        standin = StandIn(client_id, secret, oauth_port=options["oauth_port"])
+        if options["access_ttl"] < 60:
+            raise CommandError("--access-ttl must be at least 60 seconds")
+        standin = StandIn(
+            client_id, secret, oauth_port=options["oauth_port"], access_ttl=options["access_ttl"]
+        )
         try:
             standin.start()
             port = options["portal_port"]
