@@ -64,10 +64,12 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str, proc: subproc
 class Terminal:
     """A command as a terminal runs it: in a process group of its own, its output collected as it comes."""
 
-    def __init__(self, command: str, cwd: Path, env: dict[str, str]) -> None:
-        assert command in README, f"the README does not say {command!r}"
+    def __init__(self, command: str, cwd: Path, env: dict[str, str], doc: str = README) -> None:
+        assert command in doc, f"the page does not say {command!r}"
+        # `NAME=value command` as a shell runs it; a plain command word for word.
+        argv = ["bash", "-c", command] if "=" in command.split()[0] else command.split()
         self.proc = subprocess.Popen(
-            command.split(),
+            argv,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -116,8 +118,8 @@ class Terminal:
 
 
 @contextmanager
-def _terminal(command: str, cwd: Path, env: dict[str, str]) -> Iterator[Terminal]:
-    terminal = Terminal(command, cwd, env)
+def _terminal(command: str, cwd: Path, env: dict[str, str], doc: str = README) -> Iterator[Terminal]:
+    terminal = Terminal(command, cwd, env, doc)
     try:
         yield terminal
     finally:
@@ -270,6 +272,79 @@ def test_the_readme_from_bin_run_through_the_standin_to_the_admin(tmp_path):
         assert not noisy, tail
         for program in ("web", "beat", "worker-custody", "worker-app"):
             assert re.search(rf"INFO stopped: {program} \(exit status [01]\)", tail), tail
+
+
+def test_build_your_app_from_bin_run_as_the_page_writes_it(tmp_path):
+    """docs/build-your-app.md, its commands word for word, in a fresh copy of the checkout: the app written
+    where step 1 says, `BITRIX24_APPS=myapp bin/run` (the example app stays off: both register the deal tab),
+    the stand-in, `bin/manage bitrix24_sync`, the deal tab opened as the portal opens it, and a deal added so
+    that bin/run's own worker writes the note. The other walkthrough test runs `manage.py` pieces by hand;
+    this one is what a reader types."""
+    from tests.test_walkthrough import walkthrough, write_the_app
+
+    clone = _fresh_clone(tmp_path / "checkout")
+    assert write_the_app(clone)
+    doc = walkthrough()
+    port, oauth_port, portal_port = _free_port(), _free_port(), _free_port()
+    named = {
+        "PORT": str(port),
+        "BITRIX24_STANDIN_OAUTH_PORT": str(oauth_port),
+        "BITRIX24_STANDIN_PORTAL_PORT": str(portal_port),
+    }
+    env = {name: os.environ[name] for name in SYSTEM_VARIABLES if name in os.environ} | named
+    base = f"http://127.0.0.1:{port}"
+    portal = f"http://127.0.0.1:{portal_port}"
+
+    with _terminal("BITRIX24_APPS=myapp bin/run", clone, env, doc) as run:
+        _wait(lambda: _answers(f"{base}/healthz"), STARTUP_SECONDS, "/healthz to answer 200", run.proc)
+        assert "Traceback" not in run.output and "ImproperlyConfigured" not in run.output
+        with _terminal("bin/manage bitrix24_standin", clone, env) as standin:
+            _wait(lambda: "Ctrl-C stops the stand-in" in standin.output, 120, "the install", standin.proc)
+            hook = re.search(rf"({re.escape(portal)}/rest/1/\w+/)", standin.output)
+            assert hook, standin.output
+
+            def rest(method: str, **params: Any) -> Any:
+                return requests.post(f"{hook.group(1)}{method}.json", json=params, timeout=30).json()[
+                    "result"
+                ]
+
+            # Step 5, as the page writes it.
+            sync_env = env | {"BITRIX24_APPS": "myapp", "BITRIX24_PUBLIC_URL": base}
+            assert "`bin/manage bitrix24_sync`" in doc
+            sync = subprocess.run(
+                ["bin/manage", "bitrix24_sync"],
+                cwd=clone,
+                env=sync_env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert sync.returncode == 0, sync.stdout + sync.stderr
+            bound = [row["handler"] for row in rest("placement.get")]
+            assert bound == [f"{base}/app/"], bound
+
+            # Step 6: the Deal notes tab for a deal, as the portal opens it ...
+            deal = rest("crm.deal.add", fields={"TITLE": "Forty chairs for the canteen"})
+            frame_page = requests.get(
+                f"{portal}/app-frame/?placement=CRM_DEAL_DETAIL_TAB&id={deal}&user_id=1", timeout=30
+            )
+            form = _Form()
+            form.feed(frame_page.text)
+            tab = requests.post(form.action, data=form.fields, headers={"Accept": "text/html"}, timeout=30)
+            assert tab.status_code == 200, tab.text[:500]
+            assert '<h1 id="title">Forty chairs for the canteen</h1>' in tab.text
+
+            # ... and a deal added there: bin/run's worker runs the app's handler, which writes the note.
+            added = rest("crm.deal.add", fields={"TITLE": "Six tables"})
+
+            def note() -> Any:
+                return rest("crm.timeline.comment.list", filter={"ENTITY_ID": added, "ENTITY_TYPE": "deal"})
+
+            notes = _wait(note, 120, "the handler's note", run.proc)
+            assert [n["COMMENT"] for n in notes] == ["Seen by myapp"]
+            assert "Seen by myapp" in requests.get(f"{portal}/standin/", timeout=30).text
+            assert standin.ctrl_c(timeout=30) == 0, standin.output
+        assert run.ctrl_c(timeout=120) == 0, run.output
 
 
 def _answers(url: str) -> bool:
