@@ -32,16 +32,22 @@ def _ts(portal: FakePortal) -> str:
 
 
 def _token_auth(portal: FakePortal, tokens: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``auth`` block of an event that carries tokens, in the order of the docs' install example."""
+    """The ``auth`` block of an event that carries tokens. The docs' install example leaves out ``expires``
+    (when the access token expires, UNIX time) and ``user_id`` (the installing user); portals send both, as
+    ONAPPINSTALL requests captured from live portals show (``auth[expires]=1579689753``,
+    ``auth[user_id]=1``), in this order."""
+    expires_in = int(tokens.get("expires_in", portal.standin.access_ttl))
     return {
         "access_token": tokens["access_token"],
-        "expires_in": str(tokens.get("expires_in", portal.standin.access_ttl)),
+        "expires": str(tokens.get("expires", int(portal.standin.now()) + expires_in)),
+        "expires_in": str(expires_in),
         "scope": tokens.get("scope", portal.scope),
         "domain": portal.domain,
         "server_endpoint": portal.standin.server_endpoint,
         "status": portal.status,
         "client_endpoint": portal.client_endpoint,
         "member_id": portal.member_id,
+        "user_id": str(tokens.get("user_id", 1)),
         "refresh_token": tokens["refresh_token"],
         "application_token": portal.application_token,
     }

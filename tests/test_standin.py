@@ -487,6 +487,7 @@ def test_install_event_payload(portal: FakePortal) -> None:
         "data[LANGUAGE_ID]",
         "ts",
         "auth[access_token]",
+        "auth[expires]",
         "auth[expires_in]",
         "auth[scope]",
         "auth[domain]",
@@ -494,18 +495,25 @@ def test_install_event_payload(portal: FakePortal) -> None:
         "auth[status]",
         "auth[client_endpoint]",
         "auth[member_id]",
+        "auth[user_id]",
         "auth[refresh_token]",
         "auth[application_token]",
     ]
-    # The same fields in the same order as the docs' install event (settings/oauth/simple-way.md).
-    assert [key for key, _ in pairs] == [
+    # The docs' install event (settings/oauth/simple-way.md), with the two fields live portals add: when the
+    # access token expires and who installed (requests captured from portals carry both).
+    live_only = {"auth[expires]", "auth[user_id]"}
+    assert [key for key, _ in pairs if key not in live_only] == [
         key for key, _ in load_php_array("onappinstall-docs-2025-phparray.txt")
     ]
+    auth_fields = dict(pairs)
+    assert auth_fields["auth[user_id]"] == "1"
+    expected = portal.standin.now() + int(auth_fields["auth[expires_in]"])
+    assert abs(int(auth_fields["auth[expires]"]) - expected) <= 2
     # The event page's version carries the same auth block, and more in data than the builder sends.
     documented = load_json("onappinstall-docs.json")
     decoded = phpform.decode(pairs)
     assert set(decoded) == set(documented)
-    assert set(decoded["auth"]) == set(documented["auth"])
+    assert set(decoded["auth"]) == set(documented["auth"]) | {"expires", "user_id"}
     assert set(decoded["data"]) < set(documented["data"])
     auth = phpform.decode(pairs)["auth"]
     assert auth["domain"] == portal.domain
@@ -533,7 +541,9 @@ def test_other_event_payloads(portal: FakePortal) -> None:
     # Each builder sends exactly the fields of the docs' page for its event.
     assert _key_tree(uninstall) == _key_tree(load_json("onappuninstall-docs.json"))
     assert _key_tree(payment) == _key_tree(load_json("onapppayment-docs.json"))
-    assert _key_tree(update) == _key_tree(load_json("onappupdate-docs.json"))
+    documented_update = _key_tree(load_json("onappupdate-docs.json"))
+    documented_update["auth"] |= {"expires": None, "user_id": None}  # as live portals send (see the install's)
+    assert _key_tree(update) == documented_update
     for name, built in (("onappuninstall", uninstall), ("onapppayment", payment), ("onappupdate", update)):
         assert built["event"] == load_json(f"{name}-docs.json")["event"]
 
