@@ -542,7 +542,10 @@ def test_other_event_payloads(portal: FakePortal) -> None:
     assert _key_tree(uninstall) == _key_tree(load_json("onappuninstall-docs.json"))
     assert _key_tree(payment) == _key_tree(load_json("onapppayment-docs.json"))
     documented_update = _key_tree(load_json("onappupdate-docs.json"))
-    documented_update["auth"] |= {"expires": None, "user_id": None}  # as live portals send (see the install's)
+    documented_update["auth"] |= {
+        "expires": None,
+        "user_id": None,
+    }  # as live portals send (see the install's)
     assert _key_tree(update) == documented_update
     for name, built in (("onappuninstall", uninstall), ("onapppayment", payment), ("onappupdate", update)):
         assert built["event"] == load_json(f"{name}-docs.json")["event"]
