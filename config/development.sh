@@ -20,6 +20,10 @@ if [ -z "${BITRIX24_CLIENT_ID:-}" ] && [ "$debugging" = 1 ]; then
   export BITRIX24_OAUTH_SERVERS=${BITRIX24_OAUTH_SERVERS:-http://127.0.0.1:$BITRIX24_STANDIN_OAUTH_PORT}
   export BITRIX24_PORTAL_DOMAINS=${BITRIX24_PORTAL_DOMAINS:-127.0.0.1:$BITRIX24_STANDIN_PORTAL_PORT}
   export BITRIX24_ALLOW_HTTP=${BITRIX24_ALLOW_HTTP:-1}
+  # Event handlers and widgets are bound on the stand-in's portal at each install, as on a real one (the
+  # stand-in reaches this backend on loopback). While the stand-in is stopped a binding waits: it is retried
+  # with backoff, warned about once, and the install after the stand-in's restart binds again.
+  export BITRIX24_PUBLIC_URL=${BITRIX24_PUBLIC_URL:-http://127.0.0.1:$PORT}
   # Bitrix24's JS library as the stand-in serves it, so the app's pages work offline against it.
   export BITRIX24_JS_URL=${BITRIX24_JS_URL:-http://127.0.0.1:$BITRIX24_STANDIN_PORTAL_PORT/api/v1/}
   # The example app (a deal tab, event handlers, a frontend endpoint) on the stand-in's portal only, while

@@ -266,8 +266,12 @@ def carry_out_task(action_id: int, kind: str = "") -> str:
             return _failed(action, str(exc))
         note = f"refused: {exc}"
     except Exception as exc:  # a portal or broker failure: the sweep retries it later
-        logger.warning("Wanted %s for portal %s failed: %s", action.kind, action.portal.member_id, exc)
-        return _failed(action, f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        # Once per outage, not once per retry: a portal that stays unreachable (the stand-in stopped while
+        # developing, a portal down for hours) says so when it starts failing, then quietly backs off.
+        log = logger.warning if action.last_error[:500] != error[:500] else logger.info
+        log("Wanted %s for portal %s failed: %s", action.kind, action.portal.member_id, exc)
+        return _failed(action, error)
     closed = WantedAction.objects.filter(pk=action.pk, generation=action.generation).update(
         done_at=timezone.now(), note=note[:500], last_error=""
     )

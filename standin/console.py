@@ -262,7 +262,7 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
             ["id", "event", "type", "handler", "auth_type", "options"],
             binding_rows,
             "No event is bound: the backend binds its handlers with event.bind after a trusted install or update, "
-            "when it runs with BITRIX24_PUBLIC_URL set; bin/manage bitrix24_sync binds them again.",
+            "when it runs with BITRIX24_PUBLIC_URL set (bin/run sets it); bin/manage bitrix24_sync binds them again.",
         )
     }
   </section>
@@ -284,7 +284,7 @@ def page(portal: FakePortal, *, notice: str = "", problem: str = "") -> str:
             delivery_rows,
             "No event was delivered yet: a change here (the forms above, or a REST write) is posted to each handler "
             "bound for its event. The backend binds its handlers after a trusted install only when it runs with "
-            "BITRIX24_PUBLIC_URL set (bin/run: BITRIX24_PUBLIC_URL=http://127.0.0.1:8000 bin/run).",
+            "BITRIX24_PUBLIC_URL set (bin/run sets it), once a worker has run the bindings.",
         )
     }
   </section>

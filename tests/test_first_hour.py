@@ -243,6 +243,16 @@ def test_the_readme_from_bin_run_through_the_standin_to_the_admin(tmp_path):
                 assert app.status_code == 200, app.text[:500]
                 assert f"Connected to {portal_domain}" in app.text
 
+                # bin/run binds the app's handlers on the stand-in's portal by itself, after each install.
+                console = f"http://{portal_domain}/standin/"
+                _wait(
+                    lambda console=console: "No event is bound" not in requests.get(console, timeout=30).text,
+                    120,
+                    "bindings",
+                    run.proc,
+                )
+                assert f"127.0.0.1:{port}/events/" in requests.get(console, timeout=30).text
+
                 assert standin.ctrl_c(timeout=30) == 0, standin.output
                 assert "Stopped." in standin.output
                 assert "Traceback" not in standin.output

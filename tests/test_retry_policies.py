@@ -213,3 +213,31 @@ def test_deferred_work_backs_off_by_the_one_rule(settings):
     settings.BITRIX24_EVENT_RETRY_SECONDS = 30
     assert [retry_delay(n) for n in (1, 2, 3)] == [timedelta(seconds=s) for s in (30, 60, 120)]
     assert http.Backoff(base=0.5, cap=4.0).ceiling(4) == 4.0
+
+
+@pytest.mark.django_db
+def test_a_wanted_action_that_keeps_failing_the_same_way_warns_once(
+    installed_portal, settings, caplog, fake_clock
+):
+    """The stand-in stopped while developing (or a portal down for hours): the bindings sync fails at every
+    retry; the log says so once, then quietly (INFO) while the action backs off."""
+    import logging
+
+    from portals.models import Portal, WantedAction, WantedKind
+    from portals.tasks import carry_out_task
+    from tests.faults import free_port
+
+    settings.BITRIX24_PUBLIC_URL = "http://127.0.0.1:8000"
+    Portal.objects.filter(pk=installed_portal.pk).update(domain=f"127.0.0.1:{free_port()}")  # nothing listens
+    action = WantedAction.objects.create(portal=installed_portal, kind=WantedKind.BIND_EVENTS)
+    caplog.set_level(logging.INFO, logger="portals.tasks")
+    for _ in range(3):
+        assert carry_out_task.apply(args=(action.pk,)).get().startswith("failed: ")
+    said = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("Wanted bind_events")
+    ]
+    assert [level for level, _ in said] == ["WARNING", "INFO", "INFO"], said
+    action.refresh_from_db()
+    assert action.attempts == 3 and action.done_at is None and action.next_attempt_at is not None
