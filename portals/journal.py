@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import redis
 from django.conf import settings
 
-from . import crypto
+from . import crypto, stores
 from .oauth import TokenGrant
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,8 @@ def _redis_key(attempt_id: int) -> str:
     return f"{settings.CELERY_TASK_DEFAULT_QUEUE}:renewal-grant:{attempt_id}"
 
 
-@lru_cache(maxsize=4)
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+def _redis(url: str) -> Any:
+    return stores.redis_client(url)
 
 
 def _encode(grant: TokenGrant, pair_id: int, old_fingerprint: str) -> str:
@@ -167,19 +166,7 @@ def _keep_file(attempt_id: int, blob: str) -> bool:
     folder = _folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{attempt_id}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(0o600)
-        tmp.replace(folder / f"{attempt_id}.grant")
-        # The rename is durable only once the folder itself is synced.
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        stores.write_durably(folder / f"{attempt_id}.grant", blob)
     except OSError as exc:
         logger.error("Cannot write the second copy of renewal %s to %s: %s", attempt_id, folder, exc)
         return False

@@ -26,7 +26,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import redis
 from django.conf import settings
 from django.utils.crypto import constant_time_compare, salted_hmac
 
-from . import crypto
+from . import crypto, stores
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +96,8 @@ def _parts(key: str) -> tuple[float, str, str, int, str]:
 # --- Redis -----------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
 def _redis(url: str) -> Any:
-    # Any: redis-py types every answer as "maybe awaitable"; this client is the synchronous one.
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    return stores.redis_client(url)
 
 
 def _prefix() -> str:
@@ -185,22 +182,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    # The rename is durable only once the folder itself is synced.
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _file_keys() -> list[str]:
     where = folder()
     if not where.is_dir():
@@ -225,7 +206,7 @@ def _put_file(key: str, blob: str) -> str:
             return "source"
         if total + size > settings.BITRIX24_SPOOL_MAX_BYTES:
             return "bytes"
-        _write_durably(folder() / f"{key}.spool", blob)
+        stores.write_durably(folder() / f"{key}.spool", blob)
     return "ok"
 
 
@@ -375,7 +356,7 @@ def mirror_replace(tokens: dict[str, str]) -> None:
         except redis.RedisError as exc:
             logger.warning("Cannot write the application-token mirror to Redis: %s", exc)
     with _locked(folder() / ".mirror.lock"):
-        _write_durably(folder() / MIRROR_FILE, json.dumps(digests))
+        stores.write_durably(folder() / MIRROR_FILE, json.dumps(digests))
 
 
 def mirror_set(member_id: str, application_token: str) -> None:
@@ -399,7 +380,7 @@ def mirror_set(member_id: str, application_token: str) -> None:
                 current[member_id] = digest
             else:
                 current.pop(member_id, None)
-            _write_durably(path, json.dumps(current))
+            stores.write_durably(path, json.dumps(current))
     except (OSError, ValueError) as exc:
         logger.warning("Cannot update the application-token mirror on disk: %s", exc)
 

@@ -236,6 +236,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _defaults(entity: str, new_id: int, user_id: int, now: datetime) -> JSON:
+    """The documented defaults of `add`; the flags that follow other fields (CLOSED, HAS_PHONE …) are
+    `_derived`."""
     stamp, user = _iso(now), str(user_id)
     common: JSON = {
         "ASSIGNED_BY_ID": user,
@@ -254,7 +256,6 @@ def _defaults(entity: str, new_id: int, user_id: int, now: datetime) -> JSON:
             "TYPE_ID": "SALE",
             "CATEGORY_ID": "0",
             "STAGE_ID": "NEW",
-            "STAGE_SEMANTIC_ID": "P",
             "IS_NEW": "Y",
             "IS_RECURRING": "N",
             "IS_RETURN_CUSTOMER": "N",
@@ -265,7 +266,6 @@ def _defaults(entity: str, new_id: int, user_id: int, now: datetime) -> JSON:
             "TAX_VALUE": "0.00",
             "BEGINDATE": _iso(now),
             "CLOSEDATE": _iso(now + timedelta(days=7)),
-            "CLOSED": "N",
             "SOURCE_ID": "CALL",
             "MOVED_BY_ID": user,
             "MOVED_TIME": stamp,
@@ -277,9 +277,6 @@ def _defaults(entity: str, new_id: int, user_id: int, now: datetime) -> JSON:
             "TYPE_ID": "CLIENT",
             "SOURCE_ID": "CALL",
             "EXPORT": "Y",
-            "HAS_PHONE": "N",
-            "HAS_EMAIL": "N",
-            "HAS_IMOL": "N",
         }
     if entity == "crm.company":
         return {
@@ -291,24 +288,17 @@ def _defaults(entity: str, new_id: int, user_id: int, now: datetime) -> JSON:
             "REVENUE": "0",
             "CURRENCY_ID": "USD",
             "IS_MY_COMPANY": "N",
-            "HAS_PHONE": "N",
-            "HAS_EMAIL": "N",
-            "HAS_IMOL": "N",
         }
     return {
         **common,
         "TITLE": f"Lead #{new_id}",
         "NAME": "",
         "STATUS_ID": "NEW",
-        "STATUS_SEMANTIC_ID": "P",
         "SOURCE_ID": "CALL",
         "CURRENCY_ID": "USD",
         "OPPORTUNITY": "0.00",
         "IS_MANUAL_OPPORTUNITY": "N",
         "IS_RETURN_CUSTOMER": "N",
-        "HAS_PHONE": "N",
-        "HAS_EMAIL": "N",
-        "HAS_IMOL": "N",
         "MOVED_BY_ID": user,
         "MOVED_TIME": stamp,
     }

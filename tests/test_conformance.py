@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,18 @@ import pytest
 
 from standin import FakePortal, StandIn
 from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
-from tests.test_standin_placements import admin_token, bind, browser_page  # noqa: F401 - fixtures
+from tests.test_standin_placements import (  # noqa: F401 - fixtures: a stand-in of its own, no Django settings
+    admin_token,
+    bind,
+    bitrix24_settings,
+    browser_page,
+    standin,
+)
 
 pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
 JSSDK = ROOT / "var" / "conformance" / "node_modules" / "@bitrix24" / "b24jssdk"
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def bitrix24_settings(standin: StandIn) -> StandIn:
-    """Overrides the conftest's autouse fixture: no Django settings are needed here."""
-    return standin
 
 
 @pytest.fixture
@@ -132,8 +125,8 @@ class _SdkApp:
 
 
 def test_the_official_js_sdk_starts_in_the_frame_and_calls_the_portal(
-    browser_page: Any,  # noqa: F811 - the fixture imported above
-    standin: StandIn,
+    browser_page: Any,  # noqa: F811 - the fixtures imported above
+    standin: StandIn,  # noqa: F811
     jssdk_bundle: bytes,
     tmp_path: Path,
 ) -> None:
@@ -189,7 +182,7 @@ def _run_checks(python: Path, script: str, config: dict[str, Any]) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) -> None:
+def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) -> None:  # noqa: F811
     python = _sdk_python("b24pysdk")
     portal = standin.add_portal()
     tokens = portal.issue_tokens(1, admin=True)
@@ -218,7 +211,7 @@ def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) ->
     assert result["new_refresh"] in standin._refresh  # the SDK holds the live pair now
 
 
-def test_fast_bitrix24_works_against_the_stand_ins_webhook(standin: StandIn) -> None:
+def test_fast_bitrix24_works_against_the_stand_ins_webhook(standin: StandIn) -> None:  # noqa: F811
     python = _sdk_python("fast-bitrix24")
     portal = standin.add_portal()
     for number in range(55):

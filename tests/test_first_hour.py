@@ -357,6 +357,18 @@ def test_build_your_app_from_bin_run_as_the_page_writes_it(tmp_path):
         assert run.ctrl_c(timeout=120) == 0, run.output
 
 
+def _sourced(env: dict[str, str]) -> str:
+    """The environment bin/run and bin/manage give their commands: config/development.sh sourced in `env`."""
+    return subprocess.run(
+        ["bash", "-c", "source config/development.sh && env"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=2).status_code == 200
@@ -368,14 +380,7 @@ def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on(tmp_path):
     """config/development.sh (bin/run, bin/manage) and the stand-in's defaults (config/settings.py)
     name the same ports."""
     env = {name: os.environ[name] for name in SYSTEM_VARIABLES if name in os.environ}
-    printed = subprocess.run(
-        ["bash", "-c", "source config/development.sh && env"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    printed = _sourced(env)
     exported = dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)
     oauth_port = exported["BITRIX24_STANDIN_OAUTH_PORT"]
     portal_port = exported["BITRIX24_STANDIN_PORTAL_PORT"]
@@ -389,46 +394,16 @@ def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on(tmp_path):
     assert (exported["DJANGO_DEBUG"], exported["PORT"]) == ("1", "8000")
 
     # The app's own credentials: nothing of the stand-in is trusted.
-    printed = subprocess.run(
-        ["bash", "-c", "source config/development.sh && env"],
-        cwd=ROOT,
-        env=env | {"BITRIX24_CLIENT_ID": "app.real"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    printed = _sourced(env | {"BITRIX24_CLIENT_ID": "app.real"})
     assert "BITRIX24_OAUTH_SERVERS" not in printed and "BITRIX24_ALLOW_HTTP" not in printed
 
     # An app of one's own named (docs: Build your app): the example, which registers the same deal tab, is off.
-    printed = subprocess.run(
-        ["bash", "-c", "source config/development.sh && env"],
-        cwd=ROOT,
-        env=env | {"BITRIX24_APPS": "myapp"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    printed = _sourced(env | {"BITRIX24_APPS": "myapp"})
     assert "BITRIX24_EXAMPLE_APP" not in printed and "BITRIX24_CLIENT_ID=app.standin" in printed
-    assert (
-        "BITRIX24_EXAMPLE_APP=1"
-        in subprocess.run(
-            ["bash", "-c", "source config/development.sh && env"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    assert "BITRIX24_EXAMPLE_APP=1" in _sourced(env)
 
     # Debug off: nothing of the stand-in is trusted either, and a server given its credentials refuses to start.
-    printed = subprocess.run(
-        ["bash", "-c", "source config/development.sh && env"],
-        cwd=ROOT,
-        env=env | {"DJANGO_DEBUG": "0"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    printed = _sourced(env | {"DJANGO_DEBUG": "0"})
     assert "BITRIX24_CLIENT_ID" not in printed and "BITRIX24_OAUTH_SERVERS" not in printed
     refused = subprocess.run(
         [sys.executable, "manage.py", "check"],
