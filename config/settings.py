@@ -284,6 +284,14 @@ BITRIX24_PORTAL_DOMAINS = env_list(
     "*.bitrix24.shop,*.bitrix24.tech",
 )
 BITRIX24_ALLOW_HTTP = env_bool("BITRIX24_ALLOW_HTTP", False)
+# The certificate authorities trusted for Bitrix24 hosts, a PEM file, instead of the system's bundle (the
+# stand-in's local CA in development with HTTPS; a company's proxy CA on some on-premise portals). Proxy and
+# CA variables of the environment are never read for this traffic, so this is the one way to change it.
+BITRIX24_CA_BUNDLE = env_str("BITRIX24_CA_BUNDLE")
+if BITRIX24_CA_BUNDLE and not Path(BITRIX24_CA_BUNDLE).is_file():
+    raise ImproperlyConfigured(
+        f"BITRIX24_CA_BUNDLE={BITRIX24_CA_BUNDLE!r} is not a file (a PEM bundle of CAs)"
+    )
 BITRIX24_PUBLIC_URL = env_str("BITRIX24_PUBLIC_URL").rstrip("/")
 BITRIX24_TOKEN_KEYS = env_list("BITRIX24_TOKEN_KEYS") or [
     dev_secret("BITRIX24_TOKEN_KEYS", "token_keys", lambda: Fernet.generate_key().decode())
@@ -393,6 +401,9 @@ BITRIX24_OFFLINE_PULL_SECONDS = env_int("BITRIX24_OFFLINE_PULL_SECONDS", 300)
 # so either side can be restarted without new settings.
 BITRIX24_STANDIN_OAUTH_PORT = env_int("BITRIX24_STANDIN_OAUTH_PORT", 8001)
 BITRIX24_STANDIN_PORTAL_PORT = env_int("BITRIX24_STANDIN_PORTAL_PORT", 8002)
+# The stand-in serves HTTPS with a local CA kept under DJANGO_VAR_DIR/standin/tls (bin/run then trusts that CA
+# through BITRIX24_CA_BUNDLE, config/development.sh).
+BITRIX24_STANDIN_HTTPS = env_bool("BITRIX24_STANDIN_HTTPS", False)
 
 # --- Celery ---------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")

@@ -321,7 +321,10 @@ def send(method: str, url: str, **kwargs: Any) -> requests.Response:
     sess = session()
     prepared = sess.prepare_request(requests.Request(method.upper(), url, **kwargs))
     setattr(prepared, _DESTINATION, destination)
-    return sess.send(prepared, timeout=timeout, allow_redirects=False)
+    # The session ignores the environment's CA variables (trust_env is off): BITRIX24_CA_BUNDLE, or the
+    # system's authorities.
+    verify: bool | str = settings.BITRIX24_CA_BUNDLE or True
+    return sess.send(prepared, timeout=timeout, allow_redirects=False, verify=verify)
 
 
 # --- retry policies -------------------------------------------------------------------------------

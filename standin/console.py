@@ -22,7 +22,7 @@ from .events import CRM_EVENTS
 from .placements import title_in, with_id
 
 if TYPE_CHECKING:  # the portal serves this page; only its type is named here
-    from .server import FakePortal
+    from .portal import FakePortal
 
 __all__ = ["CONSOLE_PATH", "FIRE_PATH", "page", "submit"]
 

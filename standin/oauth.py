@@ -4,14 +4,19 @@ it knows."""
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
+import ssl
 import threading
 import time
 from collections import Counter
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
+from .base import iso
 from .common import (
+    _HTML_502,
     CODE_TTL,
     EXPIRED_TOKEN,
     INVALID_CLIENT,
@@ -27,8 +32,13 @@ from .common import (
 from .events import (
     Courier,
 )
+from .pages import PortalHandler
 from .portal import FakePortal
-from .transport import _OAuthHandler, _Server
+from .state import PortalState
+from .transport import _Handler, _Server
+
+if TYPE_CHECKING:
+    from .tls import LocalCA
 
 # --------------------------------------------------------------------------------------------------------
 # The OAuth server
@@ -46,11 +56,22 @@ class StandIn:
         oauth_latency: float = 0.0,
         access_ttl: int = 3600,
         oauth_port: int = 0,
+        tls_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``tls_dir``: serve HTTPS, as Bitrix24 does, with a certificate of the local authority kept there
+        (``tls.LocalCA``: made on first use, its ``ca.pem`` is what clients must trust). Plain HTTP without."""
         self.client_id = client_id
         self.oauth_port = oauth_port  # 0: any free port
         self.client_secret = client_secret
         self.host = host
+        self.tls: LocalCA | None = None
+        if tls_dir is not None:
+            # Imported for HTTPS only: it needs `cryptography`, the rest of the stand-in the standard library.
+            from .tls import LocalCA  # noqa: PLC0415
+
+            self.tls = LocalCA(tls_dir)
+        self.tls_context: ssl.SSLContext | None = self.tls.server_context(host) if self.tls else None
+        self.scheme = "https" if self.tls else "http"
         self.oauth_latency = oauth_latency
         # settings/oauth/index.md: access tokens live 1 hour.
         self.access_ttl = access_ttl
@@ -84,7 +105,7 @@ class StandIn:
 
     def start(self) -> StandIn:
         if self._server is None:
-            self._server = _Server((self.host, self.oauth_port), _OAuthHandler, self)
+            self._server = _Server((self.host, self.oauth_port), OAuthHandler, self, self.tls_context)
         return self
 
     def stop(self) -> None:
@@ -109,10 +130,11 @@ class StandIn:
 
     @property
     def oauth_url(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash); the token endpoint is ``oauth_url + "/oauth/token/"``."""
+        """``http://127.0.0.1:PORT`` (``https://`` with ``tls_dir``; no trailing slash); the token endpoint is
+        ``oauth_url + "/oauth/token/"``."""
         if self._server is None:
             raise RuntimeError("StandIn is not started: call start() or use it as a context manager")
-        return f"http://{self.host}:{self._server.port}"
+        return f"{self.scheme}://{self.host}:{self._server.port}"
 
     @property
     def oauth_domain(self) -> str:
@@ -168,6 +190,7 @@ class StandIn:
                 scope=scope,
                 status=status,
                 license_family=license_family,
+                handler=PortalHandler,
                 port=port,
             )
             self._portals[member_id] = portal
@@ -186,7 +209,7 @@ class StandIn:
         with self._lock:
             self.stats[name] += by
 
-    def _issue(self, portal: FakePortal, user_id: int, admin: bool) -> _Grant:
+    def _issue(self, portal: PortalState, user_id: int, admin: bool) -> _Grant:
         with self._lock:
             now = self.now()
             grant = _Grant(
@@ -202,7 +225,7 @@ class StandIn:
             self._refresh[grant.refresh_token] = grant
         return grant
 
-    def _token_answer(self, portal: FakePortal, grant: _Grant) -> JSON:
+    def _token_answer(self, portal: PortalState, grant: _Grant) -> JSON:
         # Field for field refresh-response-docs.json (settings/oauth/auto-renewal.md), same key order.
         return {
             "access_token": grant.access_token,
@@ -231,7 +254,7 @@ class StandIn:
                     del self._codes[code]
 
     def _check_access(
-        self, token: Any, portal: FakePortal | None = None
+        self, token: Any, portal: PortalState | None = None
     ) -> tuple[_Grant | None, Answer | None]:
         """Judge an access token: the grant, or the 401 answer a portal / the OAuth server would give."""
         if not isinstance(token, str) or not token:
@@ -320,8 +343,10 @@ class StandIn:
     def _oauth_app_info(self, params: JSON) -> Answer:
         """``{oauth_server}/rest/app.info?auth=…``: the trusted answer about a token (docs/bitrix24-protocol §5).
 
-        Shape as parsed by ``bitrix24/b24pysdk`` (``bitrix_app_info_response.py``). ``expires`` is a unix
-        timestamp here; b24pysdk parses it as an ISO date, so a client should accept both.
+        Bitrix24's docs describe only the portal's own ``app.info``; this answer's shape is the one the official
+        Python SDK (``bitrix24/b24pysdk``, ``bitrix_app_info_response.py`` and its tests) reads: ``expires``
+        is an ISO 8601 date with its offset (not a unix time, as in token answers), ``install.scope`` a
+        comma-separated string.
         """
         started = self.now()
         self._bump("app_info")
@@ -336,7 +361,7 @@ class StandIn:
         result = {
             "client_id": self.client_id,
             "scope": portal.scope,
-            "expires": int(grant.access_expires),
+            "expires": iso(grant.access_expires),
             "user_id": grant.user_id,
             "install": {
                 "installed": portal.installed,
@@ -352,3 +377,60 @@ class StandIn:
         }
         finished = self.now()
         return 200, {"result": result, "time": _time_block(started, finished, finished - started)}
+
+
+class OAuthHandler(_Handler):
+    """The OAuth server's requests: ``/oauth/token/`` and ``/rest/app.info``, through its fault modes."""
+
+    def _dispatch(self) -> None:
+        standin = cast(StandIn, self._server.owner)
+        split = urlsplit(self.path)
+        body = self._read_body()
+        standin._bump("oauth_requests")
+        if standin.oauth_latency > 0:
+            time.sleep(standin.oauth_latency)
+        mode = standin.oauth_mode
+        if mode == "down":
+            # Close without a byte: the client sees "connection closed without response".
+            standin._bump("oauth_faults")
+            self.close_connection = True
+            return
+        if mode == "500":
+            standin._bump("oauth_faults")
+            self._send_json(500, {"error": "internal", "error_description": "Internal server error"})
+            return
+        if mode == "html":
+            # settings/how-to-call-rest-api: "some error bodies are HTML, not JSON" (a proxy's error page).
+            standin._bump("oauth_faults")
+            self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
+            return
+        if mode == "slow":
+            time.sleep(standin.slow_seconds)
+        if mode == "hang":
+            # Takes the request and never answers nor acts on it (until released or hang_seconds pass),
+            # as a server that stalled before doing anything.
+            standin._bump("oauth_faults")
+            standin.release.wait(standin.hang_seconds)
+            self.close_connection = True
+            return
+        try:
+            params = self._params(split.query, body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._send_json(400, {"error": "invalid_request", "error_description": str(exc)})
+            return
+        path = split.path
+        if path in ("/oauth/token/", "/oauth/token"):
+            status, payload = standin._token_endpoint(params)
+            if mode == "rotate_drop":
+                # The server carried the refresh out, and its answer is lost on the way back.
+                standin._bump("oauth_faults")
+                self.close_connection = True
+                return
+        elif path in ("/rest/app.info", "/rest/app.info.json", "/rest/app.info/"):
+            status, payload = standin._oauth_app_info(params)
+        else:
+            status, payload = 404, {"error": "NOT_FOUND", "error_description": f"No such endpoint {path}"}
+        if mode == "late":
+            # The server acted at once; its answer takes slow_seconds on the way back.
+            time.sleep(standin.slow_seconds)
+        self._send_json(status, payload)

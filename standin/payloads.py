@@ -1,4 +1,4 @@
-"""The requests Bitrix24 sends to an app, built for a :class:`~standin.server.FakePortal`.
+"""The requests Bitrix24 sends to an app, built for a :class:`~standin.portal.FakePortal`.
 
 Events are ``application/x-www-form-urlencoded`` POSTs with PHP-style nested keys, so the event builders
 return form pairs (post them with ``requests.post(url, data=pairs)``). The launch / install frame is a POST
@@ -19,19 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from . import form as phpform
 
-if TYPE_CHECKING:  # the server builds its app frame with these payloads
-    from .server import FakePortal
+if TYPE_CHECKING:  # a portal builds its app frame and events with these payloads
+    from .state import PortalState
 
 __all__ = ["event", "launch", "onappinstall", "onapppayment", "onappuninstall", "onappupdate"]
 
 Pairs = list[tuple[str, str]]
 
 
-def _ts(portal: FakePortal) -> str:
+def _ts(portal: PortalState) -> str:
     return str(int(portal.standin.now()))
 
 
-def _token_auth(portal: FakePortal, tokens: Mapping[str, Any]) -> dict[str, Any]:
+def _token_auth(portal: PortalState, tokens: Mapping[str, Any]) -> dict[str, Any]:
     """The ``auth`` block of an event that carries tokens. The docs' install example leaves out ``expires``
     (when the access token expires, UNIX time) and ``user_id`` (the installing user); portals send both, as
     ONAPPINSTALL requests captured from live portals show (``auth[expires]=1579689753``,
@@ -53,7 +53,7 @@ def _token_auth(portal: FakePortal, tokens: Mapping[str, Any]) -> dict[str, Any]
     }
 
 
-def onappinstall(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
+def onappinstall(portal: PortalState, tokens: Mapping[str, Any]) -> Pairs:
     """ONAPPINSTALL for an API-only app (settings/oauth/simple-way.md, "Application Installation Event";
     api-reference/common/events/on-app-install.md). The only routine event carrying a refresh token."""
     return phpform.encode(
@@ -66,7 +66,7 @@ def onappinstall(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
     )
 
 
-def onappuninstall(portal: FakePortal, clean: bool = False) -> Pairs:
+def onappuninstall(portal: PortalState, clean: bool = False) -> Pairs:
     """ONAPPUNINSTALL (api-reference/common/events/on-app-uninstall.md): no tokens in ``auth``, only the
     domain, endpoints, member_id and the application token — the one thing that verifies it.
 
@@ -88,7 +88,7 @@ def onappuninstall(portal: FakePortal, clean: bool = False) -> Pairs:
     )
 
 
-def onappupdate(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
+def onappupdate(portal: PortalState, tokens: Mapping[str, Any]) -> Pairs:
     """ONAPPUPDATE (api-reference/common/events/on-app-update.md): tokens and a NEW application token.
 
     Side effect, as on a real portal: the app version goes up, the application token rotates and event
@@ -109,7 +109,7 @@ def onappupdate(portal: FakePortal, tokens: Mapping[str, Any]) -> Pairs:
     )
 
 
-def onapppayment(portal: FakePortal) -> Pairs:
+def onapppayment(portal: PortalState) -> Pairs:
     """ONAPPPAYMENT (api-reference/common/events/on-app-payment.md): ``auth`` holds only the domain,
     endpoints and member_id — nothing to verify it with; the app must ask ``app.info``."""
     return phpform.encode(
@@ -134,7 +134,7 @@ def onapppayment(portal: FakePortal) -> Pairs:
     )
 
 
-def _event_auth(portal: FakePortal, tokens: Mapping[str, Any] | None) -> dict[str, Any]:
+def _event_auth(portal: PortalState, tokens: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``auth`` block of an ordinary event: the docs' order, without a refresh token.
 
     The event pages' examples (e.g. api-reference/crm/deals/events/on-crm-deal-add.md) print a
@@ -166,7 +166,7 @@ def _event_auth(portal: FakePortal, tokens: Mapping[str, Any] | None) -> dict[st
 
 
 def event(
-    portal: FakePortal, name: str, data: Any, tokens: Mapping[str, Any] | None, *, handler_id: int | str
+    portal: PortalState, name: str, data: Any, tokens: Mapping[str, Any] | None, *, handler_id: int | str
 ) -> Pairs:
     """An event as the queue server posts it to a handler bound with ``event.bind``:
     ``event``, ``event_handler_id``, ``data``, ``ts`` (when it is sent), ``auth`` with a token of the user
@@ -193,7 +193,7 @@ def _php_json(value: Any) -> str:
 
 
 def launch(
-    portal: FakePortal,
+    portal: PortalState,
     tokens: Mapping[str, Any],
     placement: str = "DEFAULT",
     options: Mapping[str, Any] | None = None,

@@ -17,8 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from .base import RestError
+from .common import _Grant, _require_loopback_url, _split_scope
+from .state import PortalState
 
 __all__ = [
     "PLACEMENT_SCOPES",
@@ -160,3 +163,89 @@ def title_in(binding: Mapping[str, Any], lang: str) -> str:
     that language, else TITLE. What a portal shows when both are empty is not documented: the code here."""
     localized = binding["lang_all"].get(lang.lower(), {}).get("TITLE", "")
     return str(localized or binding["title"] or binding["placement"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# A portal's widgets (api-reference/widgets/placement-bind.md, placement-get.md, placement-unbind.md)
+
+
+class PlacementsMixin(PortalState):
+    """placement.* methods over the portal's bound"""
+
+    def _placement_method(self, method: str, params: JSON, grant: _Grant) -> Any:
+        """placement.bind / .get / .unbind / .list. All need the ``placement`` scope (answered like any
+        method outside the app's scope); all but .list are for administrators ("Who can execute the method:
+        administrator"; placement-unbind.md: 403 ACCESS_DENIED "Access denied!")."""
+        scopes = _split_scope(self.scope)
+        if "placement" not in scopes:
+            raise RestError(
+                403, "insufficient_scope", "The request requires higher privileges than provided."
+            )
+        if method == "placement.list":
+            # placement-list.md: the codes this app may bind, given its scopes.
+            return [code for code in PLACEMENT_SCOPES if known(code, scopes)]
+        if method not in ("placement.bind", "placement.get", "placement.unbind"):
+            raise RestError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        if not grant.admin:
+            raise RestError(403, "ACCESS_DENIED", "Access denied!")
+        if method == "placement.get":
+            with self._lock:
+                return [for_get(binding) for binding in self.placements]
+        if method == "placement.unbind":
+            return self._placement_unbind(params)
+        binding = bind_params(params, scopes)
+        handler = binding["handler"]
+        parts = urlsplit(handler)
+        if parts.scheme.lower() not in ("http", "https"):
+            # Not documented for placement.bind: event-bind.md's answer for the same mistake.
+            raise RestError(400, "ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol")
+        try:
+            # placement-bind.md wants a handler on the app's own domain, reachable from outside; the
+            # stand-in opens only loopback apps, so that is what it accepts (not documented: the code).
+            _require_loopback_url(handler)
+        except ValueError:
+            raise RestError(400, "ERROR_WRONG_HANDLER_URL", "Wrong handler URL") from None
+        with self._lock:
+            if any(
+                existing["placement"] == binding["placement"] and existing["handler"] == handler
+                for existing in self.placements
+            ):
+                # The answer user-field-type binding documents for the same placement table
+                # (api-reference/widgets/user-field/userfieldtype-add.md); apps look for "already binded".
+                raise RestError(400, "ERROR_CORE", "Unable to set placement handler: Handler already binded")
+            binding["id"] = self._next_placement
+            self._next_placement += 1
+            self.placements.append(binding)
+        return True
+
+    def _placement_unbind(self, params: JSON) -> JSON:
+        """placement-unbind.md: removes the app's handlers of ``PLACEMENT`` (all of them without ``HANDLER``).
+        ``count`` follows the page's current wording: "+1 for each found handler record before the removal
+        call, +1 after each successful removal" — two per removed handler (its example answers 4). An
+        older version of the page said "the number of removed handlers"; an app should test ``count > 0``."""
+        code, handler = unbind_params(params)
+        with self._lock:
+            removed = [
+                binding
+                for binding in self.placements
+                if binding["placement"] == code and (not handler or binding["handler"] == handler)
+            ]
+            self.placements[:] = [binding for binding in self.placements if binding not in removed]
+        return {"count": 2 * len(removed)}
+
+    def is_bound(self, placement: str, handler: str) -> bool:
+        try:
+            self.bound_handler(placement, handler)
+        except ValueError:
+            return False
+        return True
+
+    def bound_handler(self, placement: str, handler: str = "") -> JSON:
+        """The binding that opens ``placement`` (the first bound, or the one of ``handler``); ValueError if
+        none."""
+        code = placement.strip().upper()
+        with self._lock:
+            for binding in self.placements:
+                if binding["placement"] == code and (not handler or binding["handler"] == handler):
+                    return dict(binding)
+        raise ValueError(f"no handler is bound to {code} on this portal (placement.bind)")

@@ -74,11 +74,30 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the first portal's port, the next ones' follow (default: any free)",
     )
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="serve HTTPS, as Bitrix24 does, with a certificate of a local authority (see --tls-dir)",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        default="var/standin/tls",
+        help="where the local authority is made once and kept; trust its ca.pem (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     with StandIn(
-        args.client_id, args.client_secret, oauth_port=args.oauth_port, access_ttl=args.access_ttl
+        args.client_id,
+        args.client_secret,
+        oauth_port=args.oauth_port,
+        access_ttl=args.access_ttl,
+        tls_dir=args.tls_dir if args.https else None,
     ) as standin:
         print(f"OAuth server: {standin.oauth_url}  (client_id={standin.client_id})")
+        if standin.tls is not None:
+            ca = standin.tls.ca_path.resolve()
+            print(
+                f"HTTPS: trust {ca} (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, BITRIX24_CA_BUNDLE)"
+            )
         for index in range(args.portals):
             portal = standin.add_portal(port=args.portal_port + index if args.portal_port else 0)
             portal.seed("crm.contact", args.seed)

@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -169,8 +171,13 @@ def _sdk_python(name: str) -> Path:
     return python
 
 
-def _run_checks(python: Path, script: str, config: dict[str, Any]) -> dict[str, Any]:
+def _run_checks(python: Path, script: str, config: dict[str, Any], ca: Path | None = None) -> dict[str, Any]:
     env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+    if ca is not None:
+        # The stand-in's authority, the one the SDK's HTTP client trusts: requests reads the first, Python's
+        # ssl (aiohttp) the second.
+        env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = str(ca)
+        env.pop("CURL_CA_BUNDLE", None)
     done = subprocess.run(
         [str(python), str(ROOT / "tests" / "conformance" / script), json.dumps(config)],
         capture_output=True,
@@ -182,22 +189,31 @@ def _run_checks(python: Path, script: str, config: dict[str, Any]) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) -> None:  # noqa: F811
+@pytest.fixture(params=["https", "http"])
+def sdk_standin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StandIn]:
+    """Bitrix24's scheme with the stand-in's local authority, and plain HTTP (where the SDK allows it)."""
+    tls_dir = tmp_path / "tls" if request.param == "https" else None
+    with StandIn(client_id="app.sdk", client_secret="sdk-secret", tls_dir=tls_dir) as server:
+        yield server
+
+
+def test_the_official_python_sdk_works_against_the_stand_in(sdk_standin: StandIn) -> None:
+    server = sdk_standin
     python = _sdk_python("b24pysdk")
-    portal = standin.add_portal()
+    portal = server.add_portal()
     tokens = portal.issue_tokens(1, admin=True)
-    standin._access[tokens["access_token"]].access_expires = 0  # the portal says it has expired
+    server._access[tokens["access_token"]].access_expires = 0  # the portal says it has expired
     config = {
         "domain": portal.domain,
-        "oauth": standin.oauth_url,
+        "oauth": server.oauth_url,
         "webhook": portal.add_webhook(1).split("/rest/", 1)[1].strip("/"),
-        "client_id": standin.client_id,
-        "client_secret": standin.client_secret,
+        "client_id": server.client_id,
+        "client_secret": server.client_secret,
         "access": tokens["access_token"],
         "refresh": tokens["refresh_token"],
     }
-    result = _run_checks(python, "b24pysdk_checks.py", config)
-    print("b24pysdk 1.3.2 against the stand-in:", result)
+    result = _run_checks(python, "b24pysdk_checks.py", config, ca=server.tls.ca_path if server.tls else None)
+    print(f"b24pysdk 1.3.2 against the stand-in ({server.scheme}):", result)
     assert result["deal"] == ["Forty chairs", "100.00", "NEW", "N"]
     assert result["list"] == 61 and result["fast"] == 61  # pages of 50, both ways of paging
     assert result["filtered"] == ["Forty chairs"]
@@ -208,16 +224,25 @@ def test_the_official_python_sdk_works_against_the_stand_in(standin: StandIn) ->
     )
     assert (result["me"], result["fields"]) == ("1", "integer")
     assert result["oauth_profile"] == "1" and result["refreshed"] is True
-    assert result["new_refresh"] in standin._refresh  # the SDK holds the live pair now
+    assert result["new_refresh"] in server._refresh  # the SDK holds the live pair now
+    client_id, member_id, expires, user_id = result["app_info"]
+    assert (client_id, member_id, user_id) == (server.client_id, portal.member_id, 1)
+    assert datetime.fromisoformat(expires).timestamp() == pytest.approx(server.now() + 3600, abs=60)
 
 
-def test_fast_bitrix24_works_against_the_stand_ins_webhook(standin: StandIn) -> None:  # noqa: F811
+def test_fast_bitrix24_works_against_the_stand_ins_webhook(sdk_standin: StandIn) -> None:
+    server = sdk_standin
     python = _sdk_python("fast-bitrix24")
-    portal = standin.add_portal()
+    portal = server.add_portal()
     for number in range(55):
         portal.edit("crm.deal", "add", fields={"TITLE": f"Chair {number}"})
-    result = _run_checks(python, "fast_bitrix24_checks.py", {"webhook_url": portal.add_webhook(1)})
-    print("fast_bitrix24 1.8.14 against the stand-in:", result)
+    result = _run_checks(
+        python,
+        "fast_bitrix24_checks.py",
+        {"webhook_url": portal.add_webhook(1)},
+        ca=server.tls.ca_path if server.tls else None,
+    )
+    print(f"fast_bitrix24 1.8.14 against the stand-in ({server.scheme}):", result)
     assert result["added"] == 3 and result["got"] == ["Table 0", "Table 1", "Table 2"]
     assert result["all"] == 58  # over two pages, through batch
     assert result["filtered"] == ["Table 1", "Table 2"]  # OPPORTUNITY 0 ("0.00") is not > 0

@@ -425,6 +425,27 @@ def test_bin_run_trusts_the_standin_on_the_ports_it_listens_on(tmp_path):
         and "BITRIX24_CLIENT_ID=app.standin is the Bitrix24 stand-in's" in refused.stderr
     )
 
+    # BITRIX24_STANDIN_HTTPS=1: the stand-in's HTTPS, its authority made in DJANGO_VAR_DIR before the backend
+    # starts (the backend checks the bundle at start), and no plain HTTP trusted.
+    https_env = env | {"BITRIX24_STANDIN_HTTPS": "1", "DJANGO_VAR_DIR": str(tmp_path / "https")}
+    exported = dict(line.split("=", 1) for line in _sourced(https_env).splitlines() if "=" in line)
+    bundle = tmp_path / "https" / "standin" / "tls" / "ca.pem"
+    assert exported["BITRIX24_OAUTH_SERVERS"] == f"https://127.0.0.1:{oauth_port}"
+    assert exported["BITRIX24_CA_BUNDLE"] == str(bundle) and bundle.is_file()
+    assert "BITRIX24_ALLOW_HTTP" not in exported
+    checked = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=ROOT, env=exported, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    wrong = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=exported | {"BITRIX24_CA_BUNDLE": str(tmp_path / "nowhere.pem")},
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode != 0 and "BITRIX24_CA_BUNDLE=" in wrong.stderr and "is not a file" in wrong.stderr
+
 
 @pytest.mark.django_db
 def test_the_start_page_says_what_this_is(client, settings):

@@ -296,7 +296,7 @@ def _certificate(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("certified", [NAME, "other.portal.test"])
 def test_https_to_a_pinned_address_verifies_the_name_not_the_ip(
-    wildcard, dns, monkeypatch, tmp_path, certified
+    wildcard, dns, monkeypatch, tmp_path, certified, settings
 ):
     _loopback_plays_public(monkeypatch)
     ca, cert, key = _certificate(tmp_path, certified)
@@ -304,7 +304,7 @@ def test_https_to_a_pinned_address_verifies_the_name_not_the_ip(
     context.load_cert_chain(cert, key)
     sni: list[str | None] = []
     context.sni_callback = lambda sock, server_name, ctx: sni.append(server_name)
-    monkeypatch.setattr(http.session(), "verify", str(ca))
+    settings.BITRIX24_CA_BUNDLE = str(ca)  # the one certificate authority trusted for Bitrix24's hosts
     dns.set(NAME, ["127.0.0.1"])
     with _serve(context) as server:
         url = f"https://{NAME}:{server.server_port}/rest/profile.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -211,6 +212,10 @@ def test_app_info_on_the_oauth_server_get_post_and_json(
         assert install["domain"] == portal.domain
         assert install["client_endpoint"] == portal.url + "/rest/"
         assert install["installed"] is True
+        # An ISO date with its offset, as the official Python SDK reads it (datetime.fromisoformat).
+        expires = datetime.fromisoformat(result["expires"])
+        assert expires.utcoffset() is not None
+        assert expires.timestamp() == pytest.approx(standin.now() + 3600, abs=5)
         assert "time" in answer.json()
     unknown = http.get(url, params={"auth": "nope"}, timeout=TIMEOUT)
     assert unknown.status_code == 401
@@ -656,3 +661,22 @@ def test_form_fields_are_read_and_written_as_php_does():
     assert form.decode_query("ids[0]=a&ids[1]=b&map[1]=a") == {"ids": ["a", "b"], "map": {"1": "a"}}
     with pytest.raises(ValueError, match="deeper than 64"):
         form.decode_query("a" + "[b]" * 64 + "=1")
+
+
+def test_the_stand_ins_modules_import_each_other_in_one_direction_even_for_type_hints() -> None:
+    """A circle of imports, even one made only of annotations, would tie the stand-in's jobs back into one
+    room; the import-linter contracts skip type-only imports, so this counts them."""
+    import grimp
+
+    graph = grimp.build_graph("standin", exclude_type_checking_imports=False)
+    modules = sorted(graph.modules)
+    circles = [
+        (first, second)
+        for first in modules
+        for second in modules
+        if first < second
+        and graph.find_shortest_chain(first, second)
+        and graph.find_shortest_chain(second, first)
+    ]
+    assert circles == []
+    assert "standin.portal" in modules and "standin.records" in modules  # the graph is the real one

@@ -197,3 +197,40 @@ def test_a_refused_install_names_the_settings_the_backend_needs():
         "the backend answered 401 invalid_token: app.info refused the token. It does not trust this stand-in: "
         "start it with BITRIX24_OAUTH_SERVERS=http://127.0.0.1:8001 BITRIX24_ALLOW_HTTP=1."
     )
+
+
+@pytest.mark.system
+@pytest.mark.django_db(transaction=True)
+def test_bitrix24_standin_command_over_https_names_the_authority_and_installs_once_it_is_trusted(
+    live_server, settings, tmp_path
+):
+    """`bitrix24_standin --https`: Bitrix24's scheme, with a local authority under DJANGO_VAR_DIR. A backend
+    that does not trust the authority yet keeps the install for later and the command says what to set;
+    trusted (BITRIX24_CA_BUNDLE, no plain HTTP allowed), the install goes through."""
+    from django.core.management import CommandError
+
+    settings.VAR_DIR = tmp_path
+    settings.BITRIX24_ALLOW_HTTP = False
+    oauth_port, portal_port = _free_port(), _free_port()
+    settings.BITRIX24_OAUTH_SERVERS = [f"https://127.0.0.1:{oauth_port}"]
+    options = {
+        "backend": live_server.url,
+        "oauth_port": oauth_port,
+        "portal_port": portal_port,
+        "https": True,
+    }
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="kept the install for later"):
+        call_command("bitrix24_standin", wait=1, exit_after_install=True, stdout=out, **options)
+    ca = tmp_path / "standin" / "tls" / "ca.pem"
+    assert f"export BITRIX24_CA_BUNDLE={ca}" in out.getvalue()
+    assert "BITRIX24_ALLOW_HTTP" not in out.getvalue()  # HTTPS needs no plain HTTP
+
+    settings.BITRIX24_CA_BUNDLE = str(ca)  # the authority is kept: the next run's certificate chains to it
+    out = io.StringIO()
+    call_command("bitrix24_standin", wait=30, exit_after_install=True, stdout=out, **options)
+    text = out.getvalue()
+    assert "export " not in text
+    portal = Portal.objects.get(domain=f"127.0.0.1:{portal_port}")
+    assert portal.oauth_server == f"https://127.0.0.1:{oauth_port}"
+    assert f"https://{portal.domain}{APP_FRAME_PATH}?handler=" in text

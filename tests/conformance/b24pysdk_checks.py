@@ -1,6 +1,7 @@
 """Run by tests/test_conformance.py in the official Python SDK's own venv (var/conformance/b24pysdk): the SDK,
-unchanged, against a stand-in portal. Only its hard-coded Bitrix24 host and scheme are pointed at the
-stand-in (plain HTTP on loopback): the REST base URL and the OAuth server's. Prints one JSON object."""
+unchanged, against a stand-in portal. Over HTTPS (the stand-in's local authority trusted through
+REQUESTS_CA_BUNDLE) only the OAuth server's hard-coded URLs are pointed at the stand-in; a plain-HTTP stand-in
+needs the REST base URL's scheme changed too. Prints one JSON object."""
 
 import importlib
 import json
@@ -9,8 +10,10 @@ import sys
 from b24pysdk import BitrixApp, BitrixToken, BitrixWebhook, Client
 
 config = json.loads(sys.argv[1])
-caller = importlib.import_module("b24pysdk.api.callers.call_method")._MethodCaller
-caller._base_url = property(lambda self: f"http://{self._domain}/rest")
+if not config["oauth"].startswith("https://"):
+    # A plain-HTTP stand-in: the SDK's REST base is https://{domain}/rest, hard-coded.
+    caller = importlib.import_module("b24pysdk.api.callers.call_method")._MethodCaller
+    caller._base_url = property(lambda self: f"http://{self._domain}/rest")
 requester = importlib.import_module("b24pysdk.api.requesters.bitrix_oauth_requester").BitrixOAuthRequester
 requester._OAUTH_TOKEN_URL = config["oauth"] + "/oauth/token/"
 requester._APP_INFO_URL = config["oauth"] + "/rest/app.info/"
@@ -45,4 +48,7 @@ token = BitrixToken(
 out["oauth_profile"] = token.call_method("profile")["result"]["ID"]
 out["refreshed"] = token.auth_token != config["access"] and token.refresh_token != config["refresh"]
 out["new_refresh"] = token.refresh_token
+# The OAuth server's app.info, parsed by the SDK's own response class (its `expires` is an ISO date).
+info = token.get_app_info().result
+out["app_info"] = [info.client_id, info.install.member_id, info.expires.isoformat(), info.user_id]
 print(json.dumps(out))

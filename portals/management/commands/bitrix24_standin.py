@@ -13,9 +13,11 @@ Runs until Ctrl-C; the portal's tokens live as long as the command.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -77,6 +79,13 @@ class Command(BaseCommand):
             "--exit-after-install", action="store_true", help="stop once installed (for scripts and tests)"
         )
         parser.add_argument(
+            "--https",
+            action=argparse.BooleanOptionalAction,
+            default=settings.BITRIX24_STANDIN_HTTPS,
+            help="serve HTTPS with a local certificate authority kept under DJANGO_VAR_DIR/standin/tls "
+            "(default: BITRIX24_STANDIN_HTTPS, %(default)s); the backend trusts it through BITRIX24_CA_BUNDLE",
+        )
+        parser.add_argument(
             "--access-ttl",
             type=int,
             default=3600,
@@ -92,7 +101,11 @@ class Command(BaseCommand):
         if options["access_ttl"] < 60:
             raise CommandError("--access-ttl must be at least 60 seconds")
         standin = StandIn(
-            client_id, secret, oauth_port=options["oauth_port"], access_ttl=options["access_ttl"]
+            client_id,
+            secret,
+            oauth_port=options["oauth_port"],
+            access_ttl=options["access_ttl"],
+            tls_dir=Path(settings.VAR_DIR) / "standin" / "tls" if options["https"] else None,
         )
         try:
             standin.start()
@@ -129,10 +142,11 @@ class Command(BaseCommand):
         )
         # What the backend needs to trust this stand-in, named in every refusal of the install: the backend may
         # be another process (--backend), started with settings of its own.
+        trust = self._trust(standin, portal, client_id, secret)
         self._trust_settings = (
-            f"BITRIX24_OAUTH_SERVERS={standin.oauth_url} BITRIX24_PORTAL_DOMAINS={portal.domain} "
-            f"BITRIX24_ALLOW_HTTP=1 BITRIX24_CLIENT_ID={client_id} BITRIX24_CLIENT_SECRET={secret} (bin/run sets "
-            "them itself while BITRIX24_CLIENT_ID is unset)"
+            " ".join(f"{name}={value}" for name, value in trust)
+            + " (bin/run sets them itself while BITRIX24_CLIENT_ID is unset"
+            + (", with BITRIX24_STANDIN_HTTPS=1)" if standin.tls else ")")
         )
         missing = self._untrusted(standin, portal, client_id)
         if missing:
@@ -140,13 +154,7 @@ class Command(BaseCommand):
                 "This backend's settings do not trust it yet (" + "; ".join(missing) + "). Start the "
                 "backend with these (bin/run sets them itself while BITRIX24_CLIENT_ID is unset):"
             )
-            for name, value in (
-                ("BITRIX24_OAUTH_SERVERS", standin.oauth_url),
-                ("BITRIX24_PORTAL_DOMAINS", portal.domain),
-                ("BITRIX24_ALLOW_HTTP", "1"),
-                ("BITRIX24_CLIENT_ID", client_id),
-                ("BITRIX24_CLIENT_SECRET", secret),
-            ):
+            for name, value in trust:
                 self.stdout.write(f"  export {name}={value}")
         self.stdout.write(f"Installing the app on {backend} …")
         self.stdout.flush()
@@ -177,6 +185,19 @@ class Command(BaseCommand):
         while True:
             time.sleep(3600)
 
+    @staticmethod
+    def _trust(standin: StandIn, portal: FakePortal, client_id: str, secret: str) -> list[tuple[str, str]]:
+        """The settings with which a backend trusts this stand-in."""
+        trust = [
+            ("BITRIX24_OAUTH_SERVERS", standin.oauth_url),
+            ("BITRIX24_PORTAL_DOMAINS", portal.domain),
+        ]
+        if standin.tls is not None:
+            trust.append(("BITRIX24_CA_BUNDLE", str(standin.tls.ca_path)))
+        else:
+            trust.append(("BITRIX24_ALLOW_HTTP", "1"))
+        return [*trust, ("BITRIX24_CLIENT_ID", client_id), ("BITRIX24_CLIENT_SECRET", secret)]
+
     def _untrusted(self, standin: StandIn, portal: FakePortal, client_id: str) -> list[str]:
         """What, in the settings this command runs with, keeps the backend from trusting the stand-in.
 
@@ -186,8 +207,10 @@ class Command(BaseCommand):
             missing.append(f"BITRIX24_OAUTH_SERVERS does not name {standin.oauth_url}")
         if not verification.is_portal_domain(portal.domain):
             missing.append(f"BITRIX24_PORTAL_DOMAINS does not admit {portal.domain}")
-        if not settings.BITRIX24_ALLOW_HTTP:
+        if standin.tls is None and not settings.BITRIX24_ALLOW_HTTP:
             missing.append("BITRIX24_ALLOW_HTTP is off")
+        if standin.tls is not None and not _same_file(settings.BITRIX24_CA_BUNDLE, standin.tls.ca_path):
+            missing.append(f"BITRIX24_CA_BUNDLE does not name {standin.tls.ca_path}")
         if client_id != settings.BITRIX24_CLIENT_ID:
             missing.append("BITRIX24_CLIENT_ID is not set")
         return missing
@@ -205,9 +228,16 @@ class Command(BaseCommand):
                     timeout=30,
                     allow_redirects=False,
                 )
-                if response.status_code == 200:
+                if response.status_code == 200 and _body(response).get("result") != "deferred":
                     return
-                problem = _refusal(response, self._trust_settings)
+                if response.status_code == 200:
+                    # Taken and kept, not applied: the backend could not ask this stand-in's OAuth server.
+                    problem = (
+                        "the backend kept the install for later: it cannot ask the stand-in's OAuth server "
+                        f"(does it trust it? {self._trust_settings})."
+                    )
+                else:
+                    problem = _refusal(response, self._trust_settings)
             except requests.RequestException as exc:
                 problem = f"{backend} does not answer yet ({type(exc).__name__}): is bin/run running?"
             if problem != last:
@@ -217,6 +247,21 @@ class Command(BaseCommand):
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(f"the backend did not accept the install: {problem}")
             time.sleep(RETRY_SECONDS)
+
+
+def _body(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _same_file(configured: str, path: Path) -> bool:
+    try:
+        return bool(configured) and Path(configured).resolve() == path.resolve()
+    except OSError:
+        return False
 
 
 def _refusal(response: requests.Response, trust: str = "") -> str:
