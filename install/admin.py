@@ -57,6 +57,9 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     admin accepts without a list filter for it.
     """
 
+    # Said under an empty list (config/templates/admin/change_list_results.html).
+    empty_hint = "Every install, launch and event Bitrix24 sends is logged here."
+
     list_display = (
         "created_at",
         "kind",
@@ -112,6 +115,9 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 @admin.register(DeferredEvent)
 class DeferredEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """Events kept to be handled later (install.deferred): read-only; the payload (tokens) is never shown."""
+
+    # Said under an empty list (config/templates/admin/change_list_results.html).
+    empty_hint = "Deliveries that could not be verified or stored at once (the OAuth server or the database away) wait here."
 
     class Media:
         css = {

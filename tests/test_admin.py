@@ -665,6 +665,9 @@ def test_staff_set_a_portals_rest_limits_and_nothing_else(admin_client, standin)
     page = admin_client.get(url).content.decode()
     assert 'name="rate_limit"' in page and 'name="rate_burst"' in page
     assert 'name="domain"' not in page and 'name="state"' not in page
+    # It reads as a page about the installation, its one button as what it saves.
+    assert f"<h1>Portal {portal.domain}</h1>" in page and "Change portal" not in page
+    assert 'value="Save REST limits"' in page and 'value="Save"' not in page
 
     # The read-only inlines still carry their formsets' management fields, as a browser would send them.
     management = dict(
@@ -698,3 +701,14 @@ def test_the_index_lists_the_products_sections_first(admin_client):
     order = [page.find(f'class="app-{label} module') for label in ("portals", "events", "install", "auth")]
     assert all(index > 0 for index in order), order
     assert order == sorted(order)  # portals, events, install, then the frameworks' (users and groups)
+
+
+@pytest.mark.django_db
+def test_an_empty_list_says_so_and_how_rows_come(admin_client, standin):
+    page = admin_client.get(PORTALS).content.decode()
+    assert "No portals yet. A portal appears when Bitrix24 installs the app on it" in page
+    users = admin_client.get(reverse("admin:auth_group_changelist")).content.decode()
+    assert "No groups yet." in users  # third-party lists too, without a hint of ours
+    PortalFactory.for_standin(standin.add_portal())
+    searched = admin_client.get(PORTALS + "?q=nowhere.example").content.decode()
+    assert "No portals match this search or filter (1 in all)." in searched

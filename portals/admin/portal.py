@@ -152,6 +152,8 @@ def _all_but(fieldsets: Any, *, editable: tuple[str, ...]) -> tuple[str, ...]:
 
 @admin.register(Portal)
 class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    # Said under an empty list (config/templates/admin/change_list_results.html).
+    empty_hint = "A portal appears when Bitrix24 installs the app on it (the install event or the install page); in development, bin/manage bitrix24_standin installs one."
     list_display = (
         "domain",
         "member",
@@ -340,6 +342,10 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "palette": PALETTE,
             "dashboard_url": reverse("admin_dashboard"),
         }
+        portal = self.get_object(request, object_id)
+        if portal is not None:
+            # A page to look at an installation, with one small form (the REST limits): not "Change portal".
+            context.setdefault("title", f"Portal {portal.domain}")
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
