@@ -47,7 +47,7 @@ class LocalCA:
 
     def server_context(self, host: str) -> ssl.SSLContext:
         """A server-side TLS context with a fresh certificate for ``host``, ``127.0.0.1`` and ``localhost``."""
-        key_path, cert_path = self._server_certificate(host)
+        key_path, cert_path = self.server_certificate(host)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert_path, key_path)
@@ -103,7 +103,8 @@ class LocalCA:
         self.ca_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         return key, certificate
 
-    def _server_certificate(self, host: str) -> tuple[Path, Path]:
+    def server_certificate(self, host: str) -> tuple[Path, Path]:
+        """A new key and certificate for ``host`` (and ``127.0.0.1``, ``localhost``): their paths."""
         ca_key, ca_certificate = self._authority()
         names: list[x509.GeneralName] = [
             x509.DNSName("localhost"),

@@ -7,7 +7,6 @@ wildcard pattern resolves to whatever the test says, and every other name (127.0
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import json
 import socket
@@ -22,6 +21,7 @@ import pytest
 import requests
 
 from portals import http
+from standin.tls import LocalCA
 
 NAME = "shop.portal.test"
 
@@ -233,65 +233,11 @@ def test_the_connection_goes_to_the_checked_address_without_a_second_lookup(
 
 
 def _certificate(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for `name` signed by it: (ca.pem, cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def build(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if ca:
-            builder = builder.add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            builder = builder.add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-        else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
-            )
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca = build("Test CA", "Test CA", ca_key, ca_key, ca=True)
-    cert = build(name, "Test CA", key, ca_key, ca=False)
-    paths = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
+    """A CA and a server certificate for `name` (and 127.0.0.1, which must not be what is checked) signed by
+    it: (ca.pem, cert.pem, key.pem). The stand-in's local authority makes them."""
+    authority = LocalCA(tmp_path / "ca")
+    key, cert = authority.server_certificate(name)
+    return authority.ca_path, cert, key
 
 
 @pytest.mark.parametrize("certified", [NAME, "other.portal.test"])
