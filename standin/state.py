@@ -40,6 +40,9 @@ class Authority(Protocol):
     _courier: Courier
 
     @property
+    def oauth_url(self) -> str: ...
+
+    @property
     def server_endpoint(self) -> str: ...
 
     def now(self) -> float: ...

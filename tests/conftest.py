@@ -37,6 +37,23 @@ def standin() -> Iterator[StandIn]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test database, and before it is dropped, no session left on it: a machine killed whole
+    (tests/test_machines.py) leaves its connections open on the server until TCP gives up, and the database
+    could not be dropped then; on a shared server every run left one behind."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 @pytest.fixture(autouse=True)
 def bitrix24_settings(settings: Any, standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
     """Trust the stand-in's OAuth server and its loopback portals, and nothing else. Each test's requests
