@@ -9,22 +9,26 @@ import json
 import os
 import subprocess
 import threading
+from base64 import b64encode
 from collections.abc import Iterator
 from datetime import datetime
+from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from standin import FakePortal, StandIn
 from standin.server import APP_FRAME_PATH, APP_FRAME_SELECTOR
 from tests.test_standin_placements import (  # noqa: F401 - fixtures: a stand-in of its own, no Django settings
     admin_token,
-    bind,
     bitrix24_settings,
-    browser_page,
+    chromium_page,
     standin,
 )
 
@@ -126,17 +130,41 @@ class _SdkApp:
         self.server.server_close()
 
 
+@pytest.fixture(params=["https", "http"])
+def js_standin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[StandIn, Any]]:
+    """A stand-in and a Chromium page: over HTTPS the browser trusts exactly the stand-in's server key
+    (Chromium's SPKI list: real trust of that certificate, not errors ignored), and over plain HTTP."""
+    tls_dir = tmp_path / "tls" if request.param == "https" else None
+    with StandIn(client_id="app.jssdk", client_secret="jssdk-secret", tls_dir=tls_dir) as server:
+        flags = []
+        if server.tls is not None:
+            certificate = x509.load_pem_x509_certificate((server.tls.directory / "server.pem").read_bytes())
+            spki = certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            flags.append(f"--ignore-certificate-errors-spki-list={b64encode(sha256(spki).digest()).decode()}")
+        with chromium_page(*flags) as page:
+            yield server, page
+
+
 def test_the_official_js_sdk_starts_in_the_frame_and_calls_the_portal(
-    browser_page: Any,  # noqa: F811 - the fixtures imported above
-    standin: StandIn,  # noqa: F811
-    jssdk_bundle: bytes,
-    tmp_path: Path,
+    js_standin: tuple[StandIn, Any], jssdk_bundle: bytes, tmp_path: Path
 ) -> None:
-    portal: FakePortal = standin.add_portal()
+    server, browser_page = js_standin
+    portal: FakePortal = server.add_portal()
     deal = portal.edit("crm.deal", "add", fields={"TITLE": "Kitchen renovation"})
     app = _SdkApp(jssdk_bundle)
     try:
-        assert bind(portal, admin_token(portal), handler=app.url, TITLE="Orders").json()["result"] is True
+        bound = requests.post(
+            f"{portal.url}/rest/placement.bind.json",
+            json={
+                "PLACEMENT": "CRM_DEAL_DETAIL_TAB",
+                "HANDLER": app.url,
+                "TITLE": "Orders",
+                "auth": admin_token(portal),
+            },
+            timeout=10,
+            verify=str(server.tls.ca_path) if server.tls else True,
+        )
+        assert bound.json()["result"] is True
         options = quote(json.dumps({"ID": deal}))
         browser_page.goto(f"{portal.url}{APP_FRAME_PATH}?placement=CRM_DEAL_DETAIL_TAB&options={options}")
         frame = browser_page.frame_locator(APP_FRAME_SELECTOR)
@@ -145,7 +173,7 @@ def test_the_official_js_sdk_starts_in_the_frame_and_calls_the_portal(
         browser_page.screenshot(path=str(tmp_path / "jssdk.png"), full_page=True)
     finally:
         app.close()
-    print("the official JS SDK in the stand-in's frame:", result)
+    print(f"the official JS SDK in the stand-in's frame ({server.scheme}):", result)
     assert "error" not in result, result
     assert result["init"] == "ok" and result["member_id"] == portal.member_id and result["valid"] is True
     assert result["admin"] is True

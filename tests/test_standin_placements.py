@@ -5,6 +5,7 @@ No Django: like tests/test_standin.py, this file brings its own stand-in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -426,8 +427,10 @@ class _LocalApp:
         self.server.server_close()
 
 
-@pytest.fixture
-def browser_page() -> Iterator[Any]:
+@contextlib.contextmanager
+def chromium_page(*flags: str) -> Iterator[Any]:
+    """A page of Debian's Chromium with the browser tests' flags and ``flags``; skipped without a browser
+    (failed under CI)."""
     import os
 
     from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, TIMEOUT_MS, _missing
@@ -440,13 +443,19 @@ def browser_page() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_FLAGS, *flags])
         try:
             context = chromium.new_context(viewport={"width": 1200, "height": 900})
             context.set_default_timeout(TIMEOUT_MS)
             yield context.new_page()
         finally:
             chromium.close()
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    with chromium_page() as page:
+        yield page
 
 
 def test_an_app_in_a_deal_tab_reads_the_deal_through_the_js_library(
