@@ -11,7 +11,7 @@ from django.shortcuts import render
 from django.utils import translation
 
 from events import tasks as event_tasks
-from portals import licence, registry, services, spool, tasks, verification
+from portals import licence, outage, registry, services, spool, tasks, verification
 from portals.client import PortalClient
 from portals.errors import TooManyEvents
 from portals.models import Portal
@@ -311,6 +311,7 @@ def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
         member_id, result = _handle_event(inbound, name, params, auth, data)
     except (OperationalError, InterfaceError):
         # The database went away while the event was handled (its transaction rolled back): spooled too.
+        outage.database_failed()
         inbound.spooled = True
         return _spooled(params)
     answer = {"result": result, "event": name}

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone, translation
 
-from portals import answers, metrics, sources, statements
+from portals import answers, metrics, outage, sources, statements
 from portals.masking import fingerprint, redact
 from portals.verification import TooManyUnverified, VerificationError
 
@@ -392,7 +392,14 @@ def record_request(inbound: Inbound, *, query: dict[str, Any], body: dict[str, A
     if row.pk is not None:
         row.save()
         return
+    if outage.skip_database():
+        # It failed moments ago: asking again would cost this request the connect timeout (portals.outage).
+        raise LogUnavailable("the database failed moments ago")
     try:
         statements.insert(row)  # the request's first write
+    except (OperationalError, InterfaceError) as exc:
+        outage.database_failed()
+        raise LogUnavailable from exc
     except DatabaseError as exc:
         raise LogUnavailable from exc
+    outage.database_answered()

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connection
 
-from . import crypto, spool
+from . import crypto, outage, spool
 from .models import TokenPair
 
 
@@ -93,8 +93,11 @@ def _ask_database() -> tuple[bool, str, str | None]:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         # In the same thread, so the wait below bounds it too.
-        return True, connection.vendor, sample_ciphertext()
+        sample = sample_ciphertext()
+        outage.database_answered()  # a probe that reached it ends this process's outage at once
+        return True, connection.vendor, sample
     except Exception as exc:  # any database failure means "not ready"
+        outage.database_failed()
         # A broken connection is not reused by the next check; closing what broke may fail too.
         with contextlib.suppress(Exception):
             connection.close()

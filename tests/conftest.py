@@ -55,6 +55,17 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
 
 
 @pytest.fixture(autouse=True)
+def no_outage_carried_over() -> None:
+    """A test that made the database fail must not leave the next one skipping it (portals.outage)."""
+    from django.apps import apps
+
+    if apps.ready:
+        from portals import outage
+
+        outage.database_answered()
+
+
+@pytest.fixture(autouse=True)
 def bitrix24_settings(settings: Any, standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
     """Trust the stand-in's OAuth server and its loopback portals, and nothing else. Each test's requests
     come from 127.0.0.1: each test gets budgets of its own for them (portals.verification.BUDGET_KEYS)."""

@@ -239,6 +239,54 @@ def test_healthz_postgres_not_answering(
     assert_degraded(backend)
 
 
+def test_events_while_postgres_does_not_answer_wait_for_it_once_a_window_not_each(
+    private_postgres: PrivatePostgres,
+    private_redis: PrivateRedis,
+    fault_proxy: ProxyFactory,
+    backend_process: BackendFactory,
+) -> None:
+    """A database host that takes connections and never answers: each event on a connection of its own (as
+    Bitrix24's queue servers post) waited the connect timeout (5 s) before it went to the spool. Now one
+    failure makes the web process skip the database for portals.outage.RETRY_SECONDS; the first event
+    after that window asks it again."""
+    proxy = fault_proxy(private_postgres)
+    backend = backend_process(proxy.url_for(private_postgres.url), private_redis.url)
+    assert_healthy(backend)
+    proxy.blackhole()
+
+    def post(member_id: str) -> tuple[requests.Response, float]:
+        # A connection of its own: a new server thread, with a database connection to make.
+        with requests.Session() as fresh:
+            fresh.trust_env = False
+            started = time.monotonic()
+            answer = fresh.post(
+                backend.url + "/events/",
+                data={"event": "ONAPPINSTALL", "auth[member_id]": member_id, "auth[access_token]": "b" * 32},
+                timeout=30,
+            )
+            return answer, round(time.monotonic() - started, 2)
+
+    waits = []
+    for number in range(8):
+        answer, waited = post(f"{number:032x}")
+        waits.append(waited)
+        assert (answer.status_code, answer.json()["result"]) == (200, "spooled"), answer.text
+    print("seconds each event waited, the database not answering:", waits)
+    # One runserver process: only its first event waits for the connect timeout.
+    assert waits[0] >= 4.0 and all(wait < 2.0 for wait in waits[1:]), waits
+
+    # The database back: once the window is over an event is handled with it again, not spooled.
+    proxy.pass_through()
+    deadline = time.monotonic() + 30
+    for number in range(100, 1000):
+        answer, waited = post(f"{number:032x}")
+        if answer.status_code not in (429, 503) and answer.json().get("result") != "spooled":
+            break
+        assert time.monotonic() < deadline, "the database was not asked again"
+        time.sleep(0.5)
+    print("after the window the database answered:", answer.status_code, answer.text[:100])
+
+
 # --- The proxy in front of Redis and PostgreSQL ---------------------------------------------
 
 

@@ -199,3 +199,33 @@ def test_what_waited_is_moved_in_and_handled_once(
     outcomes = dict(DeferredEvent.objects.values_list("event", "outcome"))
     assert outcomes == {"ONCRMDEALADD": "applied", "ONAPPUNINSTALL": "applied", "ONAPPINSTALL": "applied"}
     assert set(DeferredEvent.objects.values_list("payload", flat=True)) == {""}  # tokens not kept past it
+
+
+def test_after_the_database_failed_events_go_to_the_spool_without_asking_it_until_it_is_tried_again(
+    store: str, installed_portal: Portal, client: Any, fake_clock: Any, django_assert_num_queries: Any
+) -> None:
+    """A database host that does not answer costs each request the connect timeout: after one failure the
+    next events are spooled at once, and after RETRY_SECONDS the database is asked again."""
+    from urllib.parse import urlencode
+
+    from portals import outage
+
+    deferred.sync_mirror(force=True)
+    body = {
+        "event": "ONCRMDEALADD",
+        "auth[member_id]": installed_portal.member_id,
+        "auth[application_token]": installed_portal.application_token,
+        "data[FIELDS][ID]": "7",
+    }
+    form = "application/x-www-form-urlencoded"
+    outage.database_failed()  # as a failed insert or /healthz's probe records it
+    with django_assert_num_queries(0):
+        for _ in range(3):
+            answer = client.post("/events/", urlencode(body), content_type=form)
+            assert (answer.status_code, answer.json()["result"]) == (200, "spooled")
+    assert spool.depth().entries == 3
+
+    fake_clock.advance(outage.RETRY_SECONDS + 1)
+    answer = client.post("/events/", urlencode(body), content_type=form)
+    assert answer.status_code == 200 and answer.json()["result"] != "spooled"  # asked, and it answered
+    assert not outage.skip_database()
