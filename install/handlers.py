@@ -311,7 +311,7 @@ def event(request: HttpRequest, inbound: Inbound) -> HttpResponse:
         member_id, result = _handle_event(inbound, name, params, auth, data)
     except (OperationalError, InterfaceError):
         # The database went away while the event was handled (its transaction rolled back): spooled too.
-        outage.database_failed()
+        outage.failed_if_lost()
         inbound.spooled = True
         return _spooled(params)
     answer = {"result": result, "event": name}

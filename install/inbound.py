@@ -398,7 +398,7 @@ def record_request(inbound: Inbound, *, query: dict[str, Any], body: dict[str, A
     try:
         statements.insert(row)  # the request's first write
     except (OperationalError, InterfaceError) as exc:
-        outage.database_failed()
+        outage.failed_if_lost()
         raise LogUnavailable from exc
     except DatabaseError as exc:
         raise LogUnavailable from exc

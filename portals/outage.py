@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import threading
 
+from django.db import connection
+
 from . import clock
 
-__all__ = ["RETRY_SECONDS", "database_answered", "database_failed", "skip_database"]
+__all__ = ["RETRY_SECONDS", "database_answered", "database_failed", "failed_if_lost", "skip_database"]
 
 RETRY_SECONDS = 10.0
 
@@ -27,6 +29,15 @@ def database_failed() -> None:
     global _skip_until
     with _lock:
         _skip_until = clock.monotonic() + RETRY_SECONDS
+
+
+def failed_if_lost() -> None:
+    """After a database error: skip the database only if the connection is gone (never made, or broken).
+    A deadlock, a serialization failure or a lock timeout is an OperationalError too, on a database that
+    answers: one of those must not send a process's launches to 503 for the window."""
+    raw = connection.connection
+    if raw is None or getattr(raw, "broken", False) or getattr(raw, "closed", False):
+        database_failed()
 
 
 def database_answered() -> None:

@@ -229,3 +229,38 @@ def test_after_the_database_failed_events_go_to_the_spool_without_asking_it_unti
     answer = client.post("/events/", urlencode(body), content_type=form)
     assert answer.status_code == 200 and answer.json()["result"] != "spooled"  # asked, and it answered
     assert not outage.skip_database()
+
+
+def test_a_deadlock_on_a_database_that_answers_does_not_make_the_process_skip_it(
+    store: str, installed_portal: Portal, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OperationalError also means a deadlock or a lock timeout: that delivery goes to the spool, and the
+    next one asks the database as usual (the connection is alive)."""
+    from urllib.parse import urlencode
+
+    from django.db import OperationalError
+
+    from portals import outage, statements
+
+    deferred.sync_mirror(force=True)
+    body = {
+        "event": "ONCRMDEALADD",
+        "auth[member_id]": installed_portal.member_id,
+        "auth[application_token]": installed_portal.application_token,
+        "data[FIELDS][ID]": "7",
+    }
+    real_insert = statements.insert
+
+    def deadlocked(row: Any) -> None:
+        from django.db import connection
+
+        connection.ensure_connection()  # the connection is up: the database answered, with an error
+        raise OperationalError("deadlock detected")
+
+    monkeypatch.setattr(statements, "insert", deadlocked)
+    answer = client.post("/events/", urlencode(body), content_type="application/x-www-form-urlencoded")
+    assert (answer.status_code, answer.json()["result"]) == (200, "spooled")
+    assert not outage.skip_database()
+    monkeypatch.setattr(statements, "insert", real_insert)
+    answer = client.post("/events/", urlencode(body), content_type="application/x-www-form-urlencoded")
+    assert answer.status_code == 200 and answer.json()["result"] != "spooled"
