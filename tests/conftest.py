@@ -38,20 +38,39 @@ def standin() -> Iterator[StandIn]:
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
     """pytest-django's test database, and before it is dropped, no session left on it: a machine killed whole
     (tests/test_machines.py) leaves its connections open on the server until TCP gives up, and the database
-    could not be dropped then; on a shared server every run left one behind."""
+    could not be dropped then; on a shared server every run left one behind. A connection of its own: the
+    test that ends the session may have no database access."""
     yield
     from django.db import connection
 
     if connection.vendor != "postgresql":
         return
-    with django_db_blocker.unblock(), connection.cursor() as cursor:
-        cursor.execute(
+    import psycopg
+
+    with psycopg.connect(**connection.get_connection_params(), autocommit=True) as own:
+        own.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+
+
+@pytest.fixture
+def own_redis_namespace(settings: Any) -> Iterator[str]:
+    """Keys of this test's own in Redis (the renewal copies kept for `recover_after_restore`, the spool), gone
+    after it: a command that reads every kept copy must not meet another test's, or a previous run's, whose
+    pair ids the recreated test database hands out again."""
+    namespace = f"test-{secrets.token_hex(4)}"
+    settings.CELERY_TASK_DEFAULT_QUEUE = namespace
+    yield namespace
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        for key in [*client.scan_iter(match=f"{namespace}:*"), *client.scan_iter(match=f"{{{namespace}:*")]:
+            client.delete(key)
 
 
 @pytest.fixture(autouse=True)

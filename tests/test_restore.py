@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.django_db
 def test_a_restored_row_gets_its_latest_tokens_back_from_the_kept_copy(
-    installed_portal, standin, settings, tmp_path
+    installed_portal, standin, settings, tmp_path, own_redis_namespace
 ):
     settings.VAR_DIR = tmp_path
     pair = installed_portal.token_pairs.get(user_id=1)
@@ -56,7 +56,9 @@ def test_a_restored_row_gets_its_latest_tokens_back_from_the_kept_copy(
 
 
 @pytest.mark.django_db
-def test_an_unreadable_copy_names_its_pair_and_exits_1(installed_portal, settings, tmp_path, capsys):
+def test_an_unreadable_copy_names_its_pair_and_exits_1(
+    installed_portal, settings, tmp_path, capsys, own_redis_namespace
+):
     settings.VAR_DIR = tmp_path
     settings.REDIS_URL = ""
     pair = installed_portal.token_pairs.get(user_id=1)

@@ -48,7 +48,7 @@ def test_database_holds_no_token_in_clear(backend, b24):
     assert crypto.decrypt(stored) == tokens["refresh_token"]
 
 
-def test_rotate_token_keys_re_encrypts_with_the_new_key(backend, b24, settings, capsys):
+def test_rotate_token_keys_re_encrypts_with_the_new_key(backend, b24, settings, capsys, own_redis_namespace):
     tokens = b24.issue_tokens(1, admin=True)
     backend.install_event(b24, tokens)
     old_key = settings.BITRIX24_TOKEN_KEYS[0]
