@@ -712,3 +712,25 @@ def test_an_empty_list_says_so_and_how_rows_come(admin_client, standin):
     PortalFactory.for_standin(standin.add_portal())
     searched = admin_client.get(PORTALS + "?q=nowhere.example").content.decode()
     assert "No portals match this search or filter (1 in all)." in searched
+
+
+@pytest.mark.django_db
+def test_the_portal_pages_empty_tables_say_so(admin_client, standin):
+    portal = PortalFactory.for_standin(standin.add_portal())
+    url = f"{PORTALS}{portal.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert 'id="token_pairs-group"' in page and "<table" in page  # the pair, in its table
+    assert "None yet. Refresh tokens are renewed before they lapse" in page  # no renewal yet
+    portal.token_pairs.all().delete()
+    page = admin_client.get(url).content.decode()
+    assert "None yet. The install stores the first pair" in page
+    # The page still saves its REST limits with its tables empty: their management fields are sent as a
+    # browser would.
+    management = dict(
+        re.findall(r'name="([\w-]+-(?:TOTAL|INITIAL|MIN_NUM|MAX_NUM)_FORMS)"[^>]*value="(\d*)"', page)
+    )
+    assert len(management) == 8, management
+    response = admin_client.post(url, {**management, "rate_limit": "3", "rate_burst": "90"})
+    assert response.status_code == 302
+    portal.refresh_from_db()
+    assert (portal.rate_limit, portal.rate_burst) == (3.0, 90)

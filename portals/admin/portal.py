@@ -56,6 +56,8 @@ class TokenPairInline(MaskedPairTokensMixin, ReadOnlyMixin, admin.TabularInline)
     extra = 0
     can_delete = False
     show_change_link = True
+    template = "admin/portals/portal/tabular_or_empty.html"
+    empty_hint = "The install stores the first pair; each user who opens the app adds theirs."
     fields = (
         "user_id",
         "is_background",
@@ -109,6 +111,8 @@ class RenewalLogInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type
     verbose_name_plural = f"recent renewals (latest {RECENT_RENEWALS}; the renewal log has them all)"
     extra = 0
     can_delete = False
+    template = "admin/portals/portal/tabular_or_empty.html"
+    empty_hint = "Refresh tokens are renewed before they lapse, and on demand when an access token expires."
     fields = (
         "when",
         "user_id",
