@@ -201,6 +201,16 @@ def test_what_waited_is_moved_in_and_handled_once(
     assert set(DeferredEvent.objects.values_list("payload", flat=True)) == {""}  # tokens not kept past it
 
 
+def _deal_added(portal: Portal) -> dict[str, str]:
+    """ONCRMDEALADD as Bitrix24 posts it to the app, form fields by name."""
+    return {
+        "event": "ONCRMDEALADD",
+        "auth[member_id]": portal.member_id,
+        "auth[application_token]": portal.application_token,
+        "data[FIELDS][ID]": "7",
+    }
+
+
 def test_after_the_database_failed_events_go_to_the_spool_without_asking_it_until_it_is_tried_again(
     store: str, installed_portal: Portal, client: Any, fake_clock: Any, django_assert_num_queries: Any
 ) -> None:
@@ -211,12 +221,7 @@ def test_after_the_database_failed_events_go_to_the_spool_without_asking_it_unti
     from portals import outage
 
     deferred.sync_mirror(force=True)
-    body = {
-        "event": "ONCRMDEALADD",
-        "auth[member_id]": installed_portal.member_id,
-        "auth[application_token]": installed_portal.application_token,
-        "data[FIELDS][ID]": "7",
-    }
+    body = _deal_added(installed_portal)
     form = "application/x-www-form-urlencoded"
     outage.database_failed()  # as a failed insert or /healthz's probe records it
     with django_assert_num_queries(0):
@@ -243,12 +248,7 @@ def test_a_deadlock_on_a_database_that_answers_does_not_make_the_process_skip_it
     from portals import outage, statements
 
     deferred.sync_mirror(force=True)
-    body = {
-        "event": "ONCRMDEALADD",
-        "auth[member_id]": installed_portal.member_id,
-        "auth[application_token]": installed_portal.application_token,
-        "data[FIELDS][ID]": "7",
-    }
+    body = _deal_added(installed_portal)
     real_insert = statements.insert
 
     def deadlocked(row: Any) -> None:
