@@ -33,7 +33,7 @@ def run_again(
 
 @admin.register(AppEvent)
 class AppEventAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Events the app's handlers are bound to arrive here once a portal raises them."
     list_display = (
         "received_at",
@@ -87,7 +87,7 @@ class AppEventAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(OfflineQueue)
 class OfflineQueueAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Portals whose offline events the backend collects appear here."
     list_display = ("portal", "wanted_at", "pulled_at", "pulled", "process_id", "last_error")
     search_fields = ("portal__domain", "=portal__member_id")

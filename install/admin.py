@@ -57,7 +57,7 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     admin accepts without a list filter for it.
     """
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Every install, launch and event Bitrix24 sends is logged here."
 
     list_display = (
@@ -116,7 +116,7 @@ class InboundRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 class DeferredEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """Events kept to be handled later (install.deferred): read-only; the payload (tokens) is never shown."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Deliveries that could not be verified or stored at once (the OAuth server or the database away) wait here."
 
     class Media:

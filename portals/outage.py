@@ -42,6 +42,8 @@ def failed_if_lost() -> None:
 
 def database_answered() -> None:
     global _skip_until
+    if not _skip_until:  # every request that reached the database calls this: no lock when nothing to end
+        return
     with _lock:
         _skip_until = 0.0
 

@@ -53,6 +53,16 @@ def _token_auth(portal: PortalState, tokens: Mapping[str, Any]) -> dict[str, Any
     }
 
 
+def _portal_auth(portal: PortalState) -> dict[str, Any]:
+    """The ``auth`` of the lifecycle events that carry no token: the portal's address and member_id."""
+    return {
+        "domain": portal.domain,
+        "server_endpoint": portal.standin.server_endpoint,
+        "client_endpoint": portal.client_endpoint,
+        "member_id": portal.member_id,
+    }
+
+
 def onappinstall(portal: PortalState, tokens: Mapping[str, Any]) -> Pairs:
     """ONAPPINSTALL for an API-only app (settings/oauth/simple-way.md, "Application Installation Event";
     api-reference/common/events/on-app-install.md). The only routine event carrying a refresh token."""
@@ -77,13 +87,7 @@ def onappuninstall(portal: PortalState, clean: bool = False) -> Pairs:
             "event": "ONAPPUNINSTALL",
             "data": {"LANGUAGE_ID": portal.language_id, "CLEAN": "1" if clean else "0"},
             "ts": _ts(portal),
-            "auth": {
-                "domain": portal.domain,
-                "server_endpoint": portal.standin.server_endpoint,
-                "client_endpoint": portal.client_endpoint,
-                "member_id": portal.member_id,
-                "application_token": portal.application_token,
-            },
+            "auth": {**_portal_auth(portal), "application_token": portal.application_token},
         }
     )
 
@@ -124,12 +128,7 @@ def onapppayment(portal: PortalState) -> Pairs:
                 "LANGUAGE_ID": portal.language_id,
             },
             "ts": _ts(portal),
-            "auth": {
-                "domain": portal.domain,
-                "server_endpoint": portal.standin.server_endpoint,
-                "client_endpoint": portal.client_endpoint,
-                "member_id": portal.member_id,
-            },
+            "auth": _portal_auth(portal),
         }
     )
 

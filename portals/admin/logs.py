@@ -16,7 +16,7 @@ from .display import MaskedPairTokensMixin, ReadOnlyMixin, days_left_html
 class TokenPairAdmin(MaskedPairTokensMixin, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     """Every pair, for finding the failing ones across portals. Tokens masked on the detail page."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "A portal's install stores its first pair; each user who opens the app adds theirs."
 
     list_display = (
@@ -70,7 +70,7 @@ class TokenPairAdmin(MaskedPairTokensMixin, ReadOnlyMixin, admin.ModelAdmin):  #
 class RenewalLogAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     """Every renewal attempt. Fingerprints only: a fingerprint tells two tokens apart, never reveals one."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Each token renewal, on demand or by the beat, writes a line here."
 
     list_display = ("created_at", "portal", "user_id", "trigger", "outcome", "duration_ms", "error")
@@ -87,7 +87,7 @@ class RenewalLogAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
 class RenewalAttemptAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     """The renewal journal: who held each refresh and how it ended (fingerprints only, no tokens)."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "A renewal in flight is recorded here before the OAuth server is asked."
 
     list_display = ("started_at", "portal", "pair", "trigger", "state", "holder_host", "holder_pid", "note")
@@ -102,7 +102,7 @@ class WantedActionAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     """Work recorded before it is queued (bindings, staff renewals, uninstall confirmations, status
     checks): what is still open, how often it was tried, and why it failed."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Nothing is waiting to be retried: work that fails (a renewal, binding events, confirming an uninstall) is kept here until it succeeds."
 
     list_display = (
@@ -137,7 +137,7 @@ class StaffCallAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     """The audit of Bitrix24 calls staff made through the API with a portal's pair: who, which portal,
     which method, and whether it was let through (refused writes are kept too)."""
 
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "Operations staff run from a portal's page are recorded here."
 
     list_display = ("called_at", "username", "portal", "method", "commands", "allowed")

@@ -156,7 +156,7 @@ def _all_but(fieldsets: Any, *, editable: tuple[str, ...]) -> tuple[str, ...]:
 
 @admin.register(Portal)
 class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    # Said under an empty list (config/templates/admin/change_list_results.html).
+    # Said under an empty list (config/templates/admin/change_list.html).
     empty_hint = "A portal appears when Bitrix24 installs the app on it (the install event or the install page); in development, bin/manage bitrix24_standin installs one."
     list_display = (
         "domain",
@@ -346,11 +346,22 @@ class PortalAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "palette": PALETTE,
             "dashboard_url": reverse("admin_dashboard"),
         }
-        portal = self.get_object(request, object_id)
-        if portal is not None:
-            # A page to look at an installation, with one small form (the REST limits): not "Change portal".
-            context.setdefault("title", f"Portal {portal.domain}")
         return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> Any:
+        # A page to look at an installation, with one small form (the REST limits): not "Change portal". The
+        # object is the one change_view already read.
+        if obj is not None:
+            context["title"] = f"Portal {obj.domain}"
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
         return super().changelist_view(
